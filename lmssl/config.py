@@ -1,0 +1,196 @@
+"""Every knob of an lmssl run, declared once, plus the size table and validation.
+
+Config files in `configs/` start from `base_config()` and set objective-specific defaults;
+`--config.x.y=v` overrides any of these on the command line.
+"""
+
+import ml_collections
+
+# name: (num_layers, d_model, num_heads, mlp_dim). base/large are BERT-base/large shaped,
+# which is also GPT-2 small/medium (12x768x12, 24x1024x16).
+SIZES = {
+    "tiny": (2, 128, 2, 512),
+    "mini": (4, 256, 4, 1024),
+    "small": (4, 512, 8, 2048),
+    "base": (12, 768, 12, 3072),
+    "large": (24, 1024, 16, 4096),
+}
+
+OBJECTIVES = ("mlm", "clm")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.objective = "mlm"  # "mlm" (bidirectional encoder) or "clm" (causal decoder)
+  c.seed = 0
+
+  c.model = m = ml_collections.ConfigDict()
+  m.size = "base"  # the SIZES row chosen by the `size=` variant (a label; the fields below rule)
+  m.num_layers = 12
+  m.d_model = 768
+  m.num_heads = 12
+  m.mlp_dim = 3072
+  m.vocab_size = 0  # 0: taken from the tokenizer
+  m.max_len = 512  # rows of the learned position table
+  m.type_vocab_size = 2  # token-type embeddings (BERT: 2); 0 turns them off
+  m.norm = "post"  # "post" (BERT) or "pre" (GPT-2, adds a final LayerNorm)
+  m.ln_eps = 1e-12
+  m.gelu = "erf"  # "erf" (exact, BERT) or "tanh" (GPT-2)
+  m.position = "learned"  # "learned" or "rope"
+  m.rope_theta = 10000.0
+  m.tie_embeddings = True
+  m.output_bias = True  # bias on the tied output projection (BERT yes, GPT-2 no)
+  m.dropout = 0.0
+  m.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
+  m.param_dtype = "float32"
+  m.remat = "none"  # "none", "full", "dots", "dots_no_batch"
+  m.attention = "auto"  # "auto" (cuDNN flash on GPU when it applies), "xla", "cudnn"
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "builtin"  # builtin | text:GLOB | jsonl:GLOB:FIELD | tfds:NAME[/CONFIG]:SPLIT:FEATURE
+  d.val_source = ""  # same forms; empty: hold out val_fraction of `source` by document hash
+  d.val_fraction = 0.05
+  d.builtin_max_chars = 6_000_000  # cap on the built-in docstring corpus
+  d.tokenizer = ""  # a sentencepiece .model to use as is; empty: train one into the workdir
+  d.vocab_size = 8000  # for a trained tokenizer
+  d.tokenizer_type = "unigram"  # sentencepiece model type: unigram | bpe
+  d.tokenizer_max_sentences = 300_000
+  d.seq_len = 128
+  d.cache_dir = ""  # prepared data cache; empty: ~/.cache/lmssl
+  d.mask_rate = 0.15
+  d.mask_token_frac = 0.8  # of the chosen positions: [MASK]
+  d.random_token_frac = 0.1  # of the chosen positions: a random token (the rest kept)
+  d.max_predictions = 20  # masked positions predicted per sequence
+  d.whole_word_mask = False
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # one axis may be -1: it takes the remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 10_000
+  t.batch_size = 256  # global, in sequences
+  t.microbatches = 1  # gradient accumulation
+  t.lr = 1e-4
+  t.warmup_steps = 1000
+  t.schedule = "linear"  # decay after warmup: "linear" or "cosine" (to end_lr_frac * lr)
+  t.end_lr_frac = 0.0
+  t.weight_decay = 0.01
+  t.b1 = 0.9
+  t.b2 = 0.999
+  t.eps = 1e-6
+  t.grad_clip = 1.0
+  t.log_every = 50
+  t.peak_flops_per_device = 0.0  # 0: looked up from the device kind (MFU omitted if unknown)
+
+  c.eval = e = ml_collections.ConfigDict()
+  e.every_steps = 1000
+  e.steps = 20  # batches per evaluation
+  e.batch_size = 64
+
+  c.checkpoint = k = ml_collections.ConfigDict()
+  k.every_steps = 1000
+  k.keep = 3
+  k.async_save = True
+  return c
+
+
+def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
+  """Parses "size=tiny,smoke" into {"size": "tiny", "smoke": True} over `defaults`."""
+  out = dict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, _, value = item.partition("=")
+    if key not in out:
+      raise ValueError(f"unknown config variant {key!r}; known: {sorted(out)}")
+    out[key] = value if value or "=" in item else True
+  return ml_collections.ConfigDict(out)
+
+
+def apply_size(c: ml_collections.ConfigDict, size: str) -> None:
+  if size not in SIZES:
+    raise ValueError(f"unknown model size {size!r}; known: {list(SIZES)}")
+  c.model.size = size
+  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = SIZES[size]
+
+
+def set_vocab(c: ml_collections.ConfigDict, tokenizer_vocab: int) -> None:
+  """Takes the vocabulary size from the tokenizer unless the config fixes one that matches."""
+  if c.model.vocab_size and c.model.vocab_size != tokenizer_vocab:
+    raise ValueError(f"model.vocab_size={c.model.vocab_size} but the tokenizer has "
+                     f"{tokenizer_vocab} pieces; set --config.model.vocab_size=0 to follow it")
+  c.model.vocab_size = tokenizer_vocab
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
+def _one_of(value, name: str, known) -> None:
+  _check(value in known, f"{name}={value!r} is not known; use one of {list(known)}")
+
+
+def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int = 1) -> None:
+  """Fails at start, naming the fix, on values that would otherwise fail deep inside a run."""
+  m, d, t = c.model, c.data, c.train
+  _one_of(c.objective, "objective", OBJECTIVES)
+  _one_of(m.norm, "model.norm", ("post", "pre"))
+  _one_of(m.gelu, "model.gelu", ("erf", "tanh"))
+  _one_of(m.position, "model.position", ("learned", "rope"))
+  _one_of(m.remat, "model.remat", ("none", "full", "dots", "dots_no_batch"))
+  _one_of(m.attention, "model.attention", ("auto", "xla", "cudnn"))
+  _one_of(t.schedule, "train.schedule", ("linear", "cosine"))
+  _check(m.d_model % m.num_heads == 0,
+         f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+         "choose heads that divide d_model")
+  _check(m.position != "rope" or (m.d_model // m.num_heads) % 2 == 0,
+         "rope needs an even head dimension (d_model / num_heads)")
+  _check(m.position != "learned" or d.seq_len <= m.max_len,
+         f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len} learned positions; "
+         f"raise --config.model.max_len to at least {d.seq_len}")
+  _check(d.vocab_size >= 100 or d.tokenizer,
+         f"data.vocab_size={d.vocab_size} is too small: 5 ids are reserved "
+         "(pad, unk, cls/bos, sep/eos, mask); use at least 100")
+  _check(0 < d.mask_rate < 1 and d.mask_token_frac + d.random_token_frac <= 1,
+         f"masking rates mask_rate={d.mask_rate}, mask_token_frac={d.mask_token_frac}, "
+         f"random_token_frac={d.random_token_frac}: need 0 < mask_rate < 1 and the two "
+         "fractions to sum to at most 1")
+  _check(0 < d.max_predictions <= d.seq_len,
+         f"data.max_predictions={d.max_predictions} must be in [1, seq_len={d.seq_len}]")
+  _check(t.steps > 0 and t.log_every > 0 and c.eval.every_steps > 0 and c.eval.steps > 0,
+         "train.steps, train.log_every, eval.every_steps and eval.steps must be positive")
+  _check(c.checkpoint.every_steps > 0 and c.checkpoint.keep > 0,
+         "checkpoint.every_steps and checkpoint.keep must be positive")
+  for name, batch in (("train.batch_size", t.batch_size), ("eval.batch_size", c.eval.batch_size)):
+    shards = max(batch_shards, process_count)
+    _check(batch > 0 and batch % shards == 0,
+           f"{name}={batch} is not divisible by {shards} data shards (mesh data x fsdp, "
+           f"and {process_count} processes); use a multiple of {shards}")
+  _check(t.microbatches > 0 and (t.batch_size // t.microbatches) % batch_shards == 0
+         and t.batch_size % t.microbatches == 0,
+         f"train.batch_size={t.batch_size} must split into train.microbatches="
+         f"{t.microbatches} microbatches each divisible by {batch_shards} data shards; use a "
+         f"batch size that is a multiple of {t.microbatches * batch_shards}")
+
+
+def apply_run(c: ml_collections.ConfigDict, steps: int, batch: int, seq_len: int,
+              lr: float) -> None:
+  """A run length for a size: warmup 10% (capped at 10k), eval and checkpoint 10 times."""
+  c.train.steps, c.train.batch_size, c.data.seq_len, c.train.lr = steps, batch, seq_len, lr
+  c.train.warmup_steps = min(steps // 10, 10_000)
+  c.train.log_every = max(1, min(steps // 30, 100))
+  c.eval.every_steps = c.checkpoint.every_steps = max(1, min(steps // 3, 10_000))
+  c.eval.batch_size = batch
+
+
+def apply_smoke(c: ml_collections.ConfigDict) -> None:
+  """Seconds, not minutes: every piece runs (tokenizer, prepare, train, eval, checkpoint)."""
+  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 2, 64, 2, 128
+  c.data.builtin_max_chars = 200_000
+  c.data.vocab_size = 500
+  c.data.seq_len = 64
+  c.data.max_predictions = 10
+  c.train.steps, c.train.batch_size, c.train.warmup_steps = 4, 8, 1
+  c.train.log_every = c.eval.every_steps = c.checkpoint.every_steps = 2
+  c.eval.steps, c.eval.batch_size = 2, 8

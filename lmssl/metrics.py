@@ -1,0 +1,116 @@
+"""Metrics out: a JSONL file, TensorBoard event files and a console line; analytic FLOPs for MFU.
+
+Only process 0 writes. TensorBoard files are written with the `tensorboard` package's own
+writer, so nothing here imports TensorFlow.
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+import jax
+
+# Dense bf16 peak FLOP/s per device, by `device_kind` prefix. CPUs have none listed: their MFU
+# needs `train.peak_flops_per_device` (a measured large-matmul rate).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops_per_device(configured: float) -> float | None:
+  if configured:
+    return configured
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+
+
+def train_flops_per_sequence(model_cfg, objective: str, seq_len: int, max_predictions: int):
+  """Matmul FLOPs of forward + backward (3x forward) for one sequence; attention counted full."""
+  m = model_cfg
+  per_layer = 2 * seq_len * (4 * m.d_model ** 2 + 2 * m.d_model * m.mlp_dim)
+  per_layer += 2 * 2 * seq_len * seq_len * m.d_model
+  if objective == "mlm":
+    head = 2 * max_predictions * (m.d_model ** 2 + m.d_model * m.vocab_size)
+  else:
+    head = 2 * seq_len * m.d_model * m.vocab_size
+  return 3 * (m.num_layers * per_layer + head)
+
+
+class Writer:
+  """Writes scalars to `metrics.jsonl` and TensorBoard event files in the workdir."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._jsonl = open(self.path, "a", encoding="utf-8")
+    self._events = EventFileWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.active:
+      return
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self._jsonl.flush()
+    summary = summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])
+    self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                           summary=summary))
+    self._events.flush()
+
+  def close(self) -> None:
+    if self.active:
+      self._jsonl.close()
+      self._events.close()
+
+
+class Throughput:
+  """Tokens/s, MFU and ETA between two log points."""
+
+  def __init__(self, tokens_per_step: int, flops_per_step: float, peak_flops: float | None,
+               start_step: int, total_steps: int):
+    self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
+    self.peak = peak_flops * jax.device_count() if peak_flops else None
+    self.total_steps = total_steps
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def update(self, step: int) -> dict:
+    now = time.perf_counter()
+    steps, seconds = step - self.last_step, max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    out = {"tokens_per_s": steps * self.tokens_per_step / seconds,
+           "step_time_s": seconds / max(steps, 1)}
+    if self.peak:
+      out["mfu"] = steps * self.flops_per_step / seconds / self.peak
+    out["eta_s"] = out["step_time_s"] * (self.total_steps - step)
+    return out
+
+
+def console_line(step: int, total: int, scalars: dict) -> str:
+  parts = [f"step {step}/{total}"]
+  for key, fmt in (("loss", "{:.4f}"), ("accuracy", "{:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
+                   ("mfu", "MFU {:.1%}"), ("eta_s", "ETA {:.0f}s")):
+    if key in scalars:
+      parts.append((f"{key} " if key in ("loss", "accuracy") else "") + fmt.format(scalars[key]))
+  evals = " ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k.startswith("eval_"))
+  return " | ".join(parts + ([evals] if evals else []))
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    logging.info(message)
+    print(message, flush=True)

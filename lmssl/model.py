@@ -1,0 +1,204 @@
+"""The Transformer stack shared by both objectives (heads live in `heads.py`).
+
+The MLM encoder and the CLM decoder are the same modules; they differ only in the attention mask,
+which is built from `causal` and the packing segment ids. Options cover BERT (post-LN, erf GELU,
+token types, embedding LayerNorm) and GPT-2 (pre-LN, tanh GELU, final LayerNorm) exactly.
+
+Shape letters: B batch, L length (queries), S length (keys), D d_model, H heads, K head dim,
+F mlp hidden, V vocab, T token types, N layers.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+init_normal = nn.initializers.normal(stddev=0.02)
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ATTENTION_IMPLS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
+
+
+def logical_init(names, init=init_normal):
+  return nn.with_logical_partitioning(init, names)
+
+
+def layer_norm(cfg, name):
+  return nn.LayerNorm(
+      epsilon=cfg.ln_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+      scale_init=logical_init(("norm",), nn.initializers.ones),
+      bias_init=logical_init(("norm",), nn.initializers.zeros))
+
+
+def gelu(cfg, x):
+  return nn.gelu(x, approximate=cfg.gelu == "tanh")
+
+
+def attention_mask(segment_ids_BxL, causal: bool):
+  """[B, 1, L, S] bool: attend only within a document (segment), and to the past if causal."""
+  same_B1LS = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
+  mask_B1LS = same_B1LS & (segment_ids_BxL[:, None, None, :] != 0)
+  if causal:
+    length = segment_ids_BxL.shape[1]
+    mask_B1LS &= jnp.tril(jnp.ones((length, length), bool))[None, None]
+  return mask_B1LS
+
+
+def rope(x_BxLxHxK, positions_BxL, theta: float):
+  half = x_BxLxHxK.shape[-1] // 2
+  freq_K = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freq_K
+  sin, cos = jnp.sin(angle_BxLxK)[:, :, None], jnp.cos(angle_BxLxK)[:, :, None]
+  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+class Embedder(nn.Module):
+  cfg: Any
+
+  def setup(self):
+    cfg = self.cfg
+    embed = functools.partial(nn.Embed, features=cfg.d_model, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype)
+    self.tokens = embed(cfg.vocab_size, embedding_init=logical_init(("vocab", "embed")))
+    if cfg.position == "learned":
+      self.positions = embed(cfg.max_len, embedding_init=logical_init(("pos", "embed")))
+    if cfg.type_vocab_size:
+      self.token_types = embed(cfg.type_vocab_size, embedding_init=logical_init(("types", "embed")))
+
+  def __call__(self, tokens_BxL, positions_BxL, token_types_BxL):
+    x_BxLxD = self.tokens(tokens_BxL)
+    if self.cfg.position == "learned":
+      x_BxLxD += self.positions(positions_BxL)
+    if self.cfg.type_vocab_size:
+      x_BxLxD += self.token_types(token_types_BxL)
+    return x_BxLxD
+
+  def table(self):
+    return self.tokens.embedding
+
+
+class Projection(nn.Module):
+  """`einsum(eq, x, kernel) + bias` with logically named kernel and bias axes."""
+  cfg: Any
+  eq: str
+  kernel_shape: tuple
+  kernel_axes: tuple
+  bias_axes: tuple
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    kernel = self.param("kernel", logical_init(self.kernel_axes), self.kernel_shape,
+                        cfg.param_dtype)
+    bias_shape = self.kernel_shape[-len(self.bias_axes):]
+    bias = self.param("bias", logical_init(self.bias_axes, nn.initializers.zeros), bias_shape,
+                      cfg.param_dtype)
+    return jnp.einsum(self.eq, x.astype(cfg.dtype), kernel.astype(cfg.dtype)) + bias.astype(
+        cfg.dtype)
+
+
+class Attention(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask_B1LS, positions_BxL):
+    cfg = self.cfg
+    shape = (cfg.d_model, cfg.num_heads, cfg.d_model // cfg.num_heads)
+    q_BxLxHxK, k_BxSxHxK, v_BxSxHxK = (
+        Projection(cfg, "bld,dhk->blhk", shape, ("embed", "heads", "kv"), ("heads", "kv"),
+                   name=n)(x_BxLxD) for n in ("query", "key", "value"))
+    if cfg.position == "rope":
+      q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
+      k_BxSxHxK = rope(k_BxSxHxK, positions_BxL, cfg.rope_theta)
+    q_BxLxHxK = nn.with_logical_constraint(q_BxLxHxK, ("batch", "length", "heads", "kv"))
+    out_BxLxHxK = jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_B1LS,
+        implementation=ATTENTION_IMPLS[cfg.attention])
+    return Projection(cfg, "blhk,hkd->bld", shape[1:] + shape[:1], ("heads", "kv", "embed"),
+                      ("embed",), name="out")(out_BxLxHxK)
+
+
+class Mlp(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    h_BxLxF = nn.Dense(cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                       kernel_init=logical_init(("embed", "mlp")),
+                       bias_init=logical_init(("mlp",), nn.initializers.zeros), name="wi")(x_BxLxD)
+    h_BxLxF = nn.with_logical_constraint(gelu(cfg, h_BxLxF), ("batch", "length", "mlp"))
+    return nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                    kernel_init=logical_init(("mlp", "embed")),
+                    bias_init=logical_init(("embed",), nn.initializers.zeros), name="wo")(h_BxLxF)
+
+
+class Block(nn.Module):
+  """One layer; post-LN: x = LN(x + f(x)) (BERT); pre-LN: x = x + f(LN(x)) (GPT-2)."""
+  cfg: Any
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask_B1LS, positions_BxL):
+    cfg = self.cfg
+    drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+    for name, sublayer in (("attn", Attention(cfg, name="attn")), ("mlp", Mlp(cfg, name="mlp"))):
+      args = (mask_B1LS, positions_BxL) if name == "attn" else ()
+      if cfg.norm == "pre":
+        x_BxLxD = x_BxLxD + drop(sublayer(layer_norm(cfg, f"{name}_norm")(x_BxLxD), *args))
+      else:
+        x_BxLxD = layer_norm(cfg, f"{name}_norm")(x_BxLxD + drop(sublayer(x_BxLxD, *args)))
+      x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+    return x_BxLxD, None
+
+
+class Transformer(nn.Module):
+  """Embeddings and N scanned Blocks. Returns hidden states and the token embedding table."""
+  cfg: Any
+  deterministic: bool = True
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedder = Embedder(cfg)
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    self.layers = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, self.deterministic, name="layers")
+    # BERT normalizes the embeddings; GPT-2 (pre-LN) normalizes the stack's output instead.
+    self.final_norm = layer_norm(cfg, "embed_norm" if cfg.norm == "post" else "final_norm")
+    self.drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+
+  def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL, token_types_BxL=None,
+               *, causal: bool):
+    if token_types_BxL is None:
+      token_types_BxL = jnp.zeros_like(tokens_BxL)
+    x_BxLxD = self.embedder(tokens_BxL, positions_BxL, token_types_BxL)
+    if self.cfg.norm == "post":
+      x_BxLxD = self.final_norm(x_BxLxD)
+    x_BxLxD = nn.with_logical_constraint(self.drop(x_BxLxD), ("batch", "length", "embed"))
+    mask_B1LS = attention_mask(segment_ids_BxL, causal)
+    x_BxLxD, _ = self.layers(x_BxLxD, mask_B1LS, positions_BxL)
+    if self.cfg.norm == "pre":
+      x_BxLxD = self.final_norm(x_BxLxD)
+    return x_BxLxD, self.embedder.table()
+
+
+def module_config(model_cfg):
+  """The model ConfigDict as a frozen, hashable view with dtypes resolved."""
+  d = model_cfg.to_dict()
+  d["dtype"], d["param_dtype"] = jnp.dtype(d["dtype"]), jnp.dtype(d["param_dtype"])
+  return ml_collections.FrozenConfigDict(d)

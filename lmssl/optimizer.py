@@ -1,0 +1,37 @@
+"""AdamW with warmup then linear or cosine decay, global-norm clipping, and no weight decay on
+biases and LayerNorm parameters (as BERT)."""
+
+import jax
+import optax
+
+SCHEDULES = ("linear", "cosine")
+
+
+def learning_rate(train_cfg) -> optax.Schedule:
+  t = train_cfg
+  decay_steps = max(t.steps - t.warmup_steps, 1)
+  end = t.lr * t.end_lr_frac
+  if t.schedule == "linear":
+    decay = optax.linear_schedule(t.lr, end, decay_steps)
+  else:
+    decay = optax.cosine_decay_schedule(t.lr, decay_steps, alpha=t.end_lr_frac)
+  warmup = optax.linear_schedule(0.0, t.lr, max(t.warmup_steps, 1))
+  return optax.join_schedules([warmup, decay], [t.warmup_steps])
+
+
+def decay_mask(params):
+  """True where weight decay applies: kernels and embeddings, not biases or norms."""
+  def decays(path, _):
+    # Boxed (logically partitioned) leaves add a trailing "value" to the path.
+    names = [n for n in (getattr(k, "key", getattr(k, "name", str(k))) for k in path) if n != "value"]
+    return names[-1] not in ("bias", "scale") and not any("norm" in n for n in names)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make(train_cfg) -> optax.GradientTransformation:
+  t = train_cfg
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(learning_rate(t), b1=t.b1, b2=t.b2, eps=t.eps,
+                  weight_decay=t.weight_decay, mask=decay_mask),
+  )

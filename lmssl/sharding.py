@@ -1,0 +1,75 @@
+"""The device mesh, the one table of logical-axis rules, and shardings derived from it.
+
+Model code names axes logically (`embed`, `mlp`, ...); only this table says where they go. A
+logical axis may appear in several rules: flax takes the first whose mesh axes are still free in
+that array, so activations (batch on data+fsdp) keep `embed` replicated while weights shard it.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("layers", None),
+    ("pos", None),
+    ("types", None),
+    ("norm", None),
+)
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """Resolves the config's (data, fsdp, tensor), where one may be -1, against the devices."""
+  shape = [mesh_cfg[a] for a in MESH_AXES]
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} is invalid: sizes must be positive "
+                     "and at most one may be -1 (it takes the remaining devices)")
+  known = math.prod(s for s in shape if s != -1)
+  if num_devices % known:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} does not divide {num_devices} "
+                     f"devices; choose axis sizes whose product divides {num_devices}")
+  shape = [num_devices // known if s == -1 else s for s in shape]
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} devices but "
+                     f"{num_devices} are present; set one axis to -1 to take the rest")
+  return tuple(shape)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_shardings(abstract_tree, mesh):
+  """NamedShardings for a tree whose leaves are boxed with logical names (others replicate)."""
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  axes = nn.logical_to_mesh_axes(("batch",), LOGICAL_AXIS_RULES)
+  return NamedSharding(mesh, P(*axes))
+
+
+def batch_shards(mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch(local_batch: dict, mesh) -> dict:
+  """Assembles each host's slice into global arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}

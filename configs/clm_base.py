@@ -14,7 +14,7 @@ from lmssl import config as config_lib
 
 # Run settings that make each size a sensible default: (steps, global batch, seq_len, lr).
 RUNS = {
-    "tiny": (300, 16, 256, 1e-3),
+    "tiny": (1_000, 16, 256, 1e-3),
     "mini": (2_000, 32, 256, 5e-4),
     "small": (20_000, 64, 512, 3e-4),
     "base": (600_000, 512, 1024, 6e-4),

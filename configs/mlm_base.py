@@ -14,7 +14,7 @@ from lmssl import config as config_lib
 
 # Run settings that make each size a sensible default: (steps, global batch, seq_len, lr).
 RUNS = {
-    "tiny": (300, 32, 128, 1e-3),
+    "tiny": (1_000, 32, 128, 1e-3),
     "mini": (2_000, 64, 128, 5e-4),
     "small": (20_000, 128, 128, 3e-4),
     "base": (1_000_000, 256, 128, 1e-4),

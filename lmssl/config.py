@@ -186,6 +186,7 @@ def apply_run(c: ml_collections.ConfigDict, steps: int, batch: int, seq_len: int
 
 def apply_smoke(c: ml_collections.ConfigDict) -> None:
   """Seconds, not minutes: every piece runs (tokenizer, prepare, train, eval, checkpoint)."""
+  c.model.size = "smoke"
   c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 2, 64, 2, 128
   c.data.builtin_max_chars = 200_000
   c.data.vocab_size = 500

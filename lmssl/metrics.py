@@ -86,7 +86,10 @@ class Throughput:
     self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
     self.peak = peak_flops * jax.device_count() if peak_flops else None
     self.total_steps = total_steps
-    self.last_step, self.last_time = start_step, time.perf_counter()
+    self.restart(start_step)
+
+  def restart(self, step: int) -> None:
+    self.last_step, self.last_time = step, time.perf_counter()
 
   def update(self, step: int) -> dict:
     now = time.perf_counter()

@@ -1,0 +1,59 @@
+"""Configs: variants parse, every knob is validated at start with a message naming the fix."""
+
+import pytest
+
+from conftest import load_config
+from lmssl import config as config_lib
+from lmssl import sharding
+
+
+@pytest.mark.parametrize("name", ["mlm_base", "clm_base"])
+@pytest.mark.parametrize("size", list(config_lib.SIZES))
+def test_every_size_variant_is_valid(name, size):
+  cfg = load_config(name, f"size={size}")
+  assert (cfg.model.num_layers, cfg.model.d_model, cfg.model.num_heads,
+          cfg.model.mlp_dim) == config_lib.SIZES[size]
+  config_lib.validate(cfg, batch_shards=8)
+
+
+def test_base_sizes_are_bert_and_gpt2_shaped():
+  bert_base = load_config("mlm_base", "size=base").model
+  gpt2_medium = load_config("clm_base", "size=large").model
+  assert (bert_base.num_layers, bert_base.d_model, bert_base.norm, bert_base.gelu) == (
+      12, 768, "post", "erf")
+  assert (gpt2_medium.num_layers, gpt2_medium.d_model, gpt2_medium.norm, gpt2_medium.gelu) == (
+      24, 1024, "pre", "tanh")
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("size=huge", "unknown model size 'huge'; known: ['tiny', 'mini', 'small', 'base', 'large']"),
+    ("smoke,colour=red", "unknown config variant 'colour'"),
+])
+def test_bad_variants_name_the_known_ones(arg, message):
+  with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    load_config("mlm_base", arg)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: setattr(c.train, "batch_size", 30),
+     "train.batch_size=30 is not divisible by 8 data shards .* use a multiple of 8"),
+    (lambda c: setattr(c.model, "norm", "sandwich"),
+     r"model.norm='sandwich' is not known; use one of \['post', 'pre'\]"),
+    (lambda c: setattr(c.data, "vocab_size", 4), "data.vocab_size=4 is too small"),
+    (lambda c: setattr(c.data, "seq_len", 1024), "raise --config.model.max_len to at least 1024"),
+    (lambda c: setattr(c.model, "num_heads", 3), "not divisible by model.num_heads=3"),
+    (lambda c: setattr(c.train, "microbatches", 3), "split into train.microbatches=3"),
+])
+def test_invalid_values_fail_with_the_fix(change, message):
+  cfg = load_config("mlm_base", "size=tiny")
+  change(cfg)
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(cfg, batch_shards=8)
+
+
+def test_mesh_takes_the_rest_and_refuses_what_does_not_divide():
+  assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
+  with pytest.raises(ValueError, match="does not divide 8 devices"):
+    sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+  with pytest.raises(ValueError, match="at most one may be -1"):
+    sharding.mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)

@@ -82,3 +82,20 @@ def test_weight_decay_skips_biases_and_norms():
   assert mask["layers"]["attn"]["query"] == {"kernel": True, "bias": False}
   assert mask["layers"]["attn_norm"]["scale"] is False
   assert mask["embedder"]["tokens"]["embedding"] is True
+
+
+def test_remat_changes_memory_not_results():
+  _, plain = _run(_config("clm"), (1, 1, 1))
+  cfg = _config("clm")
+  cfg.model.remat = "full"
+  _, remat = _run(cfg, (1, 1, 1))
+  np.testing.assert_allclose(remat, plain, rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  _, fp32 = _run(_config("mlm"), (1, 1, 1), num_steps=1)
+  cfg = _config("mlm")
+  cfg.model.dtype = "bfloat16"
+  state, bf16 = _run(cfg, (1, 1, 1), num_steps=1)
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+  assert abs(bf16[0] - fp32[0]) < 0.05 and bf16[0] != fp32[0]

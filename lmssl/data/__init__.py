@@ -1,0 +1,1 @@
+"""Data: sources -> tokenizer -> prepare (offline, cached) -> pipeline (tf.data, per host)."""

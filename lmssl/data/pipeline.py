@@ -1,0 +1,178 @@
+"""The tf.data input pipeline: per-host batches whose content is a pure function of (seed, step).
+
+Row r of the global batch at step s is global row g = s * global_batch + r; it reads example
+`shuffle(g % N)` of epoch g // N, where the permutation is seeded by (seed, epoch). Host p of P
+reads rows [p * b, (p + 1) * b) with b = global_batch // P. MLM masks are seeded by (seed, g).
+So a resumed run starts at any step without replaying the stream, and the global batch does not
+depend on how many hosts read it.
+
+Shapes: B = per-host batch, L = seq_len, P = max_predictions.
+"""
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from lmssl.data import tokenizer as tok
+
+try:  # The data pipeline runs on the host CPU; leave accelerators to JAX.
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:
+  pass  # TF was already initialised by someone else; their setting stands.
+
+_SHUFFLE_STREAM = 0x5EED  # third word of the shuffle's seed
+OBJECTIVES = ("mlm", "clm")
+
+
+def _check_args(objective, global_batch, process_index, process_count, num_rows, cfg,
+                vocab_size):
+  if objective not in OBJECTIVES:
+    raise ValueError(f"unknown objective {objective!r}; known: {list(OBJECTIVES)}")
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(f"global batch {global_batch} is not a positive multiple of "
+                     f"{process_count} processes; use a multiple of {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
+  if num_rows == 0:
+    raise ValueError("the prepared split has no rows; use a larger corpus")
+  if objective == "mlm":
+    fracs = (cfg.mask_token_frac, cfg.random_token_frac)
+    if min(fracs) < 0 or sum(fracs) > 1:
+      raise ValueError(f"mask_token_frac {fracs[0]} + random_token_frac {fracs[1]} must be "
+                       f"non-negative and sum to at most 1 (e.g. 0.8 and 0.1)")
+    if not 0 < cfg.mask_rate <= 1 or cfg.max_predictions < 1:
+      raise ValueError(f"mask_rate {cfg.mask_rate} must be in (0, 1] and max_predictions "
+                       f"{cfg.max_predictions} at least 1")
+    if vocab_size <= tok.NUM_RESERVED:
+      raise ValueError(f"vocab_size {vocab_size} leaves no ids to draw random tokens from; "
+                       f"pass the tokenizer's vocab size")
+
+
+def _step_rows(step, *, global_batch, first_row, batch, num_rows, seed, shuffle):
+  """Global row ids g [B] and the example index each reads, for one step on this host."""
+  g_B = step * global_batch + tf.range(first_row, first_row + batch, dtype=tf.int64)
+  if not shuffle:
+    return g_B, g_B % num_rows
+  epoch_B = g_B // num_rows
+  seeds_Bx3 = tf.stack([tf.fill([batch], tf.constant(seed, tf.int64)), epoch_B,
+                        tf.fill([batch], tf.constant(_SHUFFLE_STREAM, tf.int64))], axis=1)
+  # The raw op, because tf.random.experimental.index_shuffle mis-pads [n, 2] seeds here.
+  index_B = tf.raw_ops.RandomIndexShuffle(index=g_B % num_rows, seed=seeds_Bx3,
+                                          max_index=tf.constant(num_rows - 1, tf.int64), rounds=4)
+  return g_B, index_B
+
+
+def positions_from_segments(segment_ids_BxL):
+  """TF twin of prepare.positions_from_segments: 0 at each segment start and on padding."""
+  # Segment ids rise 1, 2, 3... along a row, so a segment starts after all tokens of the
+  # lower ids: the exclusive cumsum of per-id counts.
+  length = tf.shape(segment_ids_BxL)[1]
+  counts_BxS = tf.math.bincount(segment_ids_BxL, minlength=length + 1, maxlength=length + 1,
+                                axis=-1)
+  counts_BxS = tf.concat([tf.zeros_like(counts_BxS[:, :1]), counts_BxS[:, 1:]], axis=1)
+  start_BxS = tf.cumsum(counts_BxS, axis=1, exclusive=True)
+  start_BxL = tf.gather(start_BxS, segment_ids_BxL, batch_dims=1)
+  cols_BxL = tf.range(length)[None, :]
+  return tf.where(segment_ids_BxL > 0, cols_BxL - start_BxL, 0)
+
+
+def mask_row(ids_L, g, *, seed, cfg, vocab_size, word_start):
+  """BERT-style dynamic masking of one row, seeded by (seed, global row g).
+
+  Candidates are non-reserved ids. k = min(P, max(1, round(mask_rate * candidates))) pieces are
+  chosen; with whole_word_mask whole words are taken in a random order while they fit in k, so
+  a word is never split (and fewer than k may be chosen). Of the chosen: mask_token_frac become
+  [MASK], random_token_frac a random non-reserved id below vocab_size, the rest stay.
+  """
+  length, num_predictions = ids_L.shape[0], cfg.max_predictions
+  # Independent of the shuffle's randomness: that op keys a different cipher with 3 words.
+  row_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(g, tf.int64)])
+  order_seed, action_seed, random_seed = tf.unstack(
+      tf.random.experimental.stateless_split(row_seed, 3))
+  cand_L = ids_L >= tok.NUM_RESERVED
+  num_cand = tf.reduce_sum(tf.cast(cand_L, tf.int32))
+  k = tf.cast(tf.floor(cfg.mask_rate * tf.cast(num_cand, tf.float32) + 0.5), tf.int32)
+  k = tf.where(num_cand > 0, tf.clip_by_value(k, 1, num_predictions), 0)
+
+  # Words are runs of candidates; without whole-word masking every candidate is its own word.
+  begins_L = cand_L
+  if cfg.whole_word_mask:
+    prev_cand_L = tf.concat([[False], cand_L[:-1]], axis=0)
+    begins_L = cand_L & (tf.gather(word_start, ids_L) | ~prev_cand_L)
+  word_L = tf.cumsum(tf.cast(begins_L, tf.int32)) * tf.cast(cand_L, tf.int32)  # 0: no word
+  # Visit words in a random order: one key per word, a stable sort keeps each word's pieces
+  # together (words are contiguous, so even tied keys cannot interleave them).
+  key_L = tf.where(cand_L, tf.gather(tf.random.stateless_uniform([length + 1], order_seed),
+                                     word_L), 2.0)
+  order_L = tf.argsort(key_L, stable=True)
+  word_sorted_L = tf.gather(word_L, order_L)
+  taken_L = tf.cumsum(tf.cast(tf.gather(cand_L, order_L), tf.int32))  # pieces so far
+  word_end_W = tf.math.unsorted_segment_max(taken_L, word_sorted_L, length + 1)
+  chosen_sorted_L = (word_sorted_L > 0) & (tf.gather(word_end_W, word_sorted_L) <= k)
+  chosen_L = tf.gather(chosen_sorted_L, tf.math.invert_permutation(order_L))
+
+  action_L = tf.random.stateless_uniform([length], action_seed)
+  random_ids_L = tf.random.stateless_uniform([length], random_seed, minval=tok.NUM_RESERVED,
+                                             maxval=vocab_size, dtype=tf.int32)
+  to_mask_L = chosen_L & (action_L < cfg.mask_token_frac)
+  to_random_L = chosen_L & ~to_mask_L & (action_L < cfg.mask_token_frac + cfg.random_token_frac)
+  input_ids_L = tf.where(to_mask_L, tok.MASK_ID, tf.where(to_random_L, random_ids_L, ids_L))
+
+  positions_N = tf.cast(tf.where(chosen_L)[:, 0], tf.int32)  # ascending, N <= k <= P
+  pad = [[0, num_predictions - tf.shape(positions_N)[0]]]
+  masked_positions_P = tf.ensure_shape(tf.pad(positions_N, pad), [num_predictions])
+  masked_ids_P = tf.ensure_shape(tf.pad(tf.gather(ids_L, positions_N), pad), [num_predictions])
+  weights_P = tf.ensure_shape(tf.pad(tf.ones_like(positions_N, tf.float32), pad),
+                              [num_predictions])
+  return input_ids_L, masked_positions_P, masked_ids_P, weights_P
+
+
+def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_step: int,
+                 process_index: int, process_count: int, cfg: ml_collections.ConfigDict,
+                 vocab_size: int, word_start: np.ndarray, shuffle: bool = True,
+                 num_steps=None) -> tf.data.Dataset:
+  """Per-host batches {input_ids, segment_ids, positions [B, L] (+ MLM targets [B, P])}.
+
+  `arrays`: {"tokens", "segment_ids"} int32 [N, L], e.g. `prepare.load_prepared`; they are
+  copied into memory. Steps run from `start_step`, forever or for `num_steps`. For evaluation
+  use shuffle=False, start_step=0 and a fixed num_steps: the same rows and masks every time.
+  `vocab_size` bounds random replacement ids (pass the tokenizer's); `word_start` is
+  `Tokenizer.word_start`.
+  """
+  num_rows, seq_len = arrays["tokens"].shape
+  _check_args(objective, global_batch, process_index, process_count, num_rows, cfg, vocab_size)
+  batch = global_batch // process_count
+  if num_steps is None:
+    steps = tf.data.Dataset.counter(start_step)
+  else:
+    steps = tf.data.Dataset.range(start_step, start_step + num_steps)
+  # Rows live in host memory as tensors (8 bytes per token). Reading the memmaps through
+  # tf.numpy_function instead would save that memory, but a live iterator then hangs
+  # interpreter exit (TF background threads wait on the GIL), seen with TF 2.21.
+  tokens_NxL = tf.constant(np.asarray(arrays["tokens"], dtype=np.int32))
+  segment_ids_NxL = tf.constant(np.asarray(arrays["segment_ids"], dtype=np.int32))
+
+  def read_step(step):
+    g_B, index_B = _step_rows(step, global_batch=global_batch, first_row=process_index * batch,
+                              batch=batch, num_rows=num_rows, seed=seed, shuffle=shuffle)
+    segment_ids_BxL = tf.gather(segment_ids_NxL, index_B)
+    features = dict(input_ids=tf.gather(tokens_NxL, index_B), segment_ids=segment_ids_BxL,
+                    positions=positions_from_segments(segment_ids_BxL))
+    return features, g_B
+
+  ds = steps.map(read_step, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if objective == "clm":
+    ds = ds.map(lambda features, g_B: features)
+  else:
+    word_start_tf = tf.constant(np.asarray(word_start, dtype=bool))
+
+    def mask(features, g):
+      input_ids, positions, ids, weights = mask_row(
+          features["input_ids"], g, seed=seed, cfg=cfg, vocab_size=vocab_size,
+          word_start=word_start_tf)
+      return dict(features, input_ids=input_ids, masked_positions=positions, masked_ids=ids,
+                  masked_weights=weights)
+
+    ds = ds.unbatch().map(mask, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE)

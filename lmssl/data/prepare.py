@@ -1,0 +1,228 @@
+"""Offline preparation: documents -> tokenizer -> packed int32 rows in a content-addressed cache.
+
+A prepared directory holds, per split ("train", "validation"), `SPLIT/tokens.npy` and
+`SPLIT/segment_ids.npy` (int32 [N, seq_len]) plus `meta.json`. Its name is a hash of everything
+that determines its content, so a second run with the same inputs reuses it and changing any
+input (text, tokenizer, seq_len) builds a new one next to it.
+
+Usage:
+  python -m lmssl.data.prepare --config configs/mlm_base.py:size=tiny --workdir /tmp/run \
+      [--config.data.source=text:corpus/*.txt]
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterable, Optional, Sequence
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from lmssl.data import sources
+from lmssl.data import tokenizer as tok
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation")
+ARRAYS = ("tokens", "segment_ids")
+_ENCODE_BATCH = 2048  # documents per sentencepiece call
+
+
+def pack(docs_token_ids: Iterable[Sequence[int]], seq_len: int) -> dict[str, np.ndarray]:
+  """Frames each document as `[CLS] ids [SEP]`, concatenates them and cuts rows of seq_len.
+
+  A document crossing a row boundary continues in the next row as a new segment. Segment ids
+  count 1, 2, 3... within each row; padding (only at the end of the last row) is PAD_ID with
+  segment 0.
+  """
+  docs = [np.asarray(d, dtype=np.int32) for d in docs_token_ids]
+  if not docs:
+    raise sources.DataError("pack got no documents; the source must yield at least one")
+  framed = np.array([len(d) + 2 for d in docs], dtype=np.int64)
+  ends = np.cumsum(framed)
+  starts = ends - framed
+  total = int(ends[-1])
+  num_rows = -(-total // seq_len)
+  flat = np.full(num_rows * seq_len, tok.PAD_ID, dtype=np.int32)
+  doc_of = np.full(num_rows * seq_len, -1, dtype=np.int64)
+  doc_of[:total] = np.repeat(np.arange(len(docs)), framed)
+  is_body = np.ones(total, dtype=bool)
+  is_body[starts] = False
+  is_body[ends - 1] = False
+  flat[:total][is_body] = np.concatenate(docs)
+  flat[starts] = tok.CLS_ID
+  flat[ends - 1] = tok.SEP_ID
+  doc_of = doc_of.reshape(num_rows, seq_len)
+  new_segment = np.ones_like(doc_of, dtype=bool)
+  new_segment[:, 1:] = doc_of[:, 1:] != doc_of[:, :-1]
+  segment_ids = np.cumsum(new_segment, axis=1, dtype=np.int32)
+  segment_ids[doc_of < 0] = 0
+  return dict(tokens=flat.reshape(num_rows, seq_len), segment_ids=segment_ids)
+
+
+def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
+  """Position of each token within its segment: 0 at every segment start and on padding."""
+  segment_ids = np.asarray(segment_ids)
+  cols = np.broadcast_to(np.arange(segment_ids.shape[-1]), segment_ids.shape)
+  starts = np.ones(segment_ids.shape, dtype=bool)
+  starts[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
+  start_col = np.maximum.accumulate(np.where(starts, cols, 0), axis=-1)
+  return np.where(segment_ids > 0, cols - start_col, 0).astype(np.int32)
+
+
+def _cache_key(model_bytes: bytes, seq_len: int, splits: dict[str, list[str]]) -> str:
+  h = hashlib.sha256()
+  h.update(f"lmssl-prepared-v{FORMAT_VERSION}:seq_len={seq_len}:".encode())
+  h.update(hashlib.sha256(model_bytes).digest())
+  for name, docs in splits.items():
+    h.update(f"{name}:{len(docs)}:".encode())
+    for doc in docs:
+      data = doc.encode("utf-8")
+      h.update(len(data).to_bytes(8, "little"))  # Length prefixes keep boundaries unambiguous.
+      h.update(data)
+  return h.hexdigest()
+
+
+def _resolve_tokenizer(cfg, tokenizer_path: Optional[str], workdir: str,
+                       train_docs: list[str]) -> str:
+  # 1. an explicit path, 2. config.data.tokenizer, 3. one trained earlier into the workdir
+  # (resume), 4. train one there now.
+  path = tokenizer_path or cfg.tokenizer
+  if path:
+    return path
+  path = os.path.join(workdir, "tokenizer.model")
+  if os.path.exists(path):
+    logging.info("Reusing tokenizer %s", path)
+    return path
+  logging.info("Training a %s tokenizer (vocab %d) on %d documents into %s",
+               cfg.tokenizer_type, cfg.vocab_size, len(train_docs), path)
+  tok.train(train_docs, path, cfg.vocab_size, cfg.tokenizer_type, cfg.tokenizer_max_sentences)
+  return path
+
+
+def prepare(cfg: ml_collections.ConfigDict, tokenizer_path: Optional[str],
+            workdir: str) -> tuple[str, str]:
+  """Reads, tokenizes and packs config.data's corpus; returns (tokenizer_path, prepared_dir).
+
+  The tokenizer is `tokenizer_path` if given, else cfg.tokenizer, else `{workdir}/
+  tokenizer.model` (trained from the training documents when it does not exist yet).
+  """
+  train_docs, val_docs = sources.train_and_val_documents(cfg)
+  tokenizer_path = _resolve_tokenizer(cfg, tokenizer_path, workdir, train_docs)
+  tokenizer = tok.Tokenizer.load(tokenizer_path)
+  splits = dict(train=train_docs, validation=val_docs)
+  key = _cache_key(tokenizer.model_bytes, cfg.seq_len, splits)
+  cache_dir = os.path.expanduser(cfg.cache_dir or "~/.cache/lmssl")
+  prepared_dir = os.path.join(cache_dir, "prepared", key[:16])
+  if os.path.isdir(prepared_dir):
+    try:
+      for split in SPLITS:
+        load_prepared(prepared_dir, split)
+      logging.info("Reusing prepared data %s", prepared_dir)
+      return tokenizer_path, prepared_dir
+    except sources.DataError as e:
+      logging.warning("Rebuilding invalid prepared data: %s", e)
+      shutil.rmtree(prepared_dir)
+  meta = dict(format_version=FORMAT_VERSION, seq_len=cfg.seq_len,
+              vocab_size=tokenizer.vocab_size, source=cfg.source, val_source=cfg.val_source,
+              tokenizer_sha256=hashlib.sha256(tokenizer.model_bytes).hexdigest(), splits={})
+  arrays = {}
+  for name, docs in splits.items():
+    ids = [i for b in range(0, len(docs), _ENCODE_BATCH)
+           for i in tokenizer.encode_batch(docs[b:b + _ENCODE_BATCH])]
+    arrays[name] = pack(ids, cfg.seq_len)
+    meta["splits"][name] = dict(num_documents=len(docs), num_examples=len(arrays[name]["tokens"]),
+                                num_tokens=int(sum(map(len, ids))))
+  _write_atomically(prepared_dir, arrays, meta)
+  logging.info("Prepared %s into %s", json.dumps(meta["splits"]), prepared_dir)
+  return tokenizer_path, prepared_dir
+
+
+def _write_atomically(prepared_dir: str, arrays: dict, meta: dict) -> None:
+  """Builds the directory under a temporary name next to it, then renames it into place."""
+  parent = os.path.dirname(prepared_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(prepared_dir)}.tmp-")
+  try:
+    for split, split_arrays in arrays.items():
+      os.makedirs(os.path.join(tmp, split))
+      for name, array in split_arrays.items():
+        np.save(os.path.join(tmp, split, f"{name}.npy"), array)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+      json.dump(meta, f, indent=2)
+    os.rename(tmp, prepared_dir)
+  except OSError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.isdir(prepared_dir):  # Else another process won the race with the same data.
+      raise
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _corrupt(path: str, problem: str, prepared_dir: str) -> sources.DataError:
+  return sources.DataError(f"prepared data file {path} {problem}; delete {prepared_dir} and "
+                           f"run again to rebuild it")
+
+
+def read_meta(prepared_dir: str) -> dict:
+  path = os.path.join(prepared_dir, "meta.json")
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise _corrupt(path, "is missing", prepared_dir) from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise _corrupt(path, f"is not valid JSON ({e})", prepared_dir) from None
+  try:
+    ok = (meta["format_version"] == FORMAT_VERSION and meta["seq_len"] > 0
+          and all(meta["splits"][s]["num_examples"] >= 0 for s in SPLITS))
+  except (KeyError, TypeError):
+    ok = False
+  if not ok:
+    raise _corrupt(path, f"is not a format-{FORMAT_VERSION} lmssl meta file", prepared_dir)
+  return meta
+
+
+def load_prepared(prepared_dir: str, split: str) -> dict[str, np.ndarray]:
+  """Memory-mapped `tokens` and `segment_ids` (int32 [N, seq_len]) of one split."""
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; known: {list(SPLITS)}")
+  meta = read_meta(prepared_dir)
+  shape = (meta["splits"][split]["num_examples"], meta["seq_len"])
+  arrays = {}
+  for name in ARRAYS:
+    path = os.path.join(prepared_dir, split, f"{name}.npy")
+    try:
+      arrays[name] = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+      raise _corrupt(path, "is missing", prepared_dir) from None
+    except ValueError as e:
+      raise _corrupt(path, f"cannot be read ({e})", prepared_dir) from None
+    if arrays[name].shape != shape or arrays[name].dtype != np.int32:
+      raise _corrupt(path, f"has shape {arrays[name].shape} {arrays[name].dtype}, meta.json says "
+                     f"{shape} int32", prepared_dir)
+  return arrays
+
+
+def _main() -> None:
+  # Flags live here, not at import, so importing this module from the trainer adds none.
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config = config_flags.DEFINE_config_file("config", None, "Run config file (data section used).")
+  workdir = flags.DEFINE_string("workdir", None, "Where a trained tokenizer.model goes.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    tokenizer_path, prepared_dir = prepare(config.value.data, None, workdir.value)
+    print(f"tokenizer: {tokenizer_path}\nprepared: {prepared_dir}")
+
+  app.run(run)
+
+
+if __name__ == "__main__":
+  _main()

@@ -1,0 +1,148 @@
+"""SentencePiece tokenizer: training with the reserved ids lmssl relies on, and a small wrapper.
+
+Every lmssl tokenizer has the same five reserved ids at the front of its vocabulary, so the
+model, the packer and the masker can name them as constants:
+
+  0 [PAD]   1 [UNK]   2 [CLS] (= BOS)   3 [SEP] (= EOS)   4 [MASK]
+
+[CLS]/[SEP] double as BOS/EOS: a packed document is `[CLS] ids [SEP]` for both objectives.
+"""
+
+import io
+import os
+import tempfile
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID = 0
+UNK_ID = 1
+CLS_ID = BOS_ID = 2
+SEP_ID = EOS_ID = 3
+MASK_ID = 4
+NUM_RESERVED = 5
+RESERVED_PIECES = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# Below this a vocabulary is little more than the reserved ids and single characters.
+MIN_VOCAB_SIZE = NUM_RESERVED + 59
+MODEL_TYPES = ("unigram", "bpe")
+# SentencePiece skips longer "sentences" during training; we cut lines to stay under it.
+_MAX_SENTENCE_BYTES = 4096
+
+
+def _sentences(docs: Iterable[str]) -> Iterator[str]:
+  """Non-empty lines of every document, cut to at most _MAX_SENTENCE_BYTES-ish chunks."""
+  for doc in docs:
+    for line in doc.splitlines():
+      line = line.strip()
+      # A character is at most 4 UTF-8 bytes, so 1000-char chunks always fit.
+      for start in range(0, len(line), 1000):
+        yield line[start:start + 1000]
+
+
+def train(docs: Iterable[str], path: str, vocab_size: int, model_type: str,
+          max_sentences: int) -> None:
+  """Trains a SentencePiece model on `docs` and writes it to `path` atomically.
+
+  Deterministic for given inputs: the first `max_sentences` lines are used in order (no
+  sampling), and sentencepiece's training is otherwise seedless.
+  """
+  if vocab_size < MIN_VOCAB_SIZE:
+    raise ValueError(
+        f"tokenizer vocab_size {vocab_size} is below the minimum {MIN_VOCAB_SIZE} "
+        f"({NUM_RESERVED} reserved ids plus pieces); set --config.data.vocab_size to at least "
+        f"{MIN_VOCAB_SIZE} (8000 is a good default)")
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"unknown tokenizer_type {model_type!r}; known: {list(MODEL_TYPES)}")
+  buffer = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(docs), model_writer=buffer, vocab_size=vocab_size,
+        model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        pad_piece="[PAD]", unk_piece="[UNK]", bos_piece="[CLS]", eos_piece="[SEP]",
+        user_defined_symbols=["[MASK]"], input_sentence_size=max_sentences,
+        shuffle_input_sentence=False, num_threads=2, minloglevel=2)
+  except RuntimeError as e:
+    # The common case is a corpus too small for the requested vocabulary.
+    raise ValueError(
+        f"training a {model_type} tokenizer with vocab_size {vocab_size} failed: {e}; "
+        f"use more text or a smaller --config.data.vocab_size") from e
+  data = buffer.getvalue()
+  _check_reserved(spm.SentencePieceProcessor(model_proto=data), path)
+  _atomic_write(path, data)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer-", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def _check_reserved(sp: spm.SentencePieceProcessor, path: str) -> None:
+  found = {"[PAD]": sp.pad_id(), "[UNK]": sp.unk_id(), "[CLS]": sp.bos_id(),
+           "[SEP]": sp.eos_id(), "[MASK]": sp.piece_to_id("[MASK]")}
+  for want_id, piece in enumerate(RESERVED_PIECES):
+    if found[piece] != want_id or (piece == "[MASK]" and sp.id_to_piece(want_id) != piece):
+      raise ValueError(
+          f"tokenizer {path}: {piece} has id {found[piece]}, but lmssl needs ids "
+          f"{dict(zip(RESERVED_PIECES, range(NUM_RESERVED)))}; train one with "
+          f"lmssl.data.tokenizer.train (leave --config.data.tokenizer empty to do so)")
+
+
+class Tokenizer:
+  """A loaded SentencePiece model with lmssl's reserved ids."""
+
+  def __init__(self, model_bytes: bytes, path: str = "<bytes>"):
+    try:
+      self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    except RuntimeError as e:
+      raise ValueError(f"tokenizer {path} is not a valid sentencepiece .model ({e}); "
+                       f"point --config.data.tokenizer at a .model file or leave it empty "
+                       f"to train one") from e
+    _check_reserved(self.sp, path)
+    self.path = path
+    self.model_bytes = model_bytes
+    self.word_start = self._word_start()
+
+  @classmethod
+  def load(cls, path: str) -> "Tokenizer":
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"tokenizer file {path} does not exist; point --config.data.tokenizer at a "
+          f"sentencepiece .model or leave it empty to train one")
+    with open(path, "rb") as f:
+      return cls(f.read(), path)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.sp.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    return self.sp.encode(text, out_type=int)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    # One call for many texts runs in C++ threads; far faster than a Python loop.
+    return self.sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self.sp.decode([int(i) for i in ids])
+
+  def _word_start(self) -> np.ndarray:
+    """bool[vocab_size]: True where a piece begins a word.
+
+    A piece begins a word when it starts with "▁" (SentencePiece's marker for a preceding
+    space). Reserved ids also count as word starts so a special token is never glued onto
+    the word before or after it by whole-word masking.
+    """
+    pieces = [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
+    starts = np.array([p.startswith("\u2581") for p in pieces], dtype=bool)
+    starts[:NUM_RESERVED] = True
+    return starts

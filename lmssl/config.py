@@ -195,3 +195,14 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   c.train.steps, c.train.batch_size, c.train.warmup_steps = 4, 8, 1
   c.train.log_every = c.eval.every_steps = c.checkpoint.every_steps = 2
   c.eval.steps, c.eval.batch_size = 2, 8
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str, runs: dict) -> ml_collections.ConfigDict:
+  """Applies "size=NAME[,smoke]": the SIZES row, that size's run settings from `runs`
+  ({size: (steps, batch, seq_len, lr)}), then the smoke shrink."""
+  v = parse_arg(arg, size="base", smoke=False)
+  apply_size(c, v.size)
+  apply_run(c, *runs[v.size])
+  if v.smoke:
+    apply_smoke(c)
+  return c

@@ -16,7 +16,7 @@ from lmssl.data import prepare
 from lmssl.data import tokenizer as tokenizer_lib
 
 
-def _datasets(cfg, workdir, mesh):
+def _datasets(cfg, workdir):
   """Prepared data (built and cached on first use), tokenizer, and the per-host iterators."""
   tokenizer_path, prepared_dir = prepare.prepare(cfg.data, None, workdir)
   tok = tokenizer_lib.Tokenizer.load(tokenizer_path)
@@ -56,7 +56,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
                   f"mesh {dict(mesh.shape)}")
 
   # 2. Data.
-  tokenizer_path, prepared_dir, train_batches, eval_batches = _datasets(cfg, workdir, mesh)
+  tokenizer_path, prepared_dir, train_batches, eval_batches = _datasets(cfg, workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(cfg.to_json(indent=2))
@@ -80,35 +80,14 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
       metrics_lib.log(f"resumed from step {int(state.step)} in {ckpt.directory}")
     start = int(state.step)
 
-    # 5. Loop: dispatch step N before reading step N-1's metrics, so the device never waits.
-    writer = metrics_lib.Writer(workdir)
-    tokens = cfg.train.batch_size * cfg.data.seq_len
-    flops = cfg.train.batch_size * metrics_lib.train_flops_per_sequence(
-        cfg.model, cfg.objective, cfg.data.seq_len, cfg.data.max_predictions)
-    meter = metrics_lib.Throughput(tokens, flops, metrics_lib.peak_flops_per_device(
-        cfg.train.peak_flops_per_device), start, cfg.train.steps)
-    schedule = optimizer_lib.learning_rate(cfg.train)
-    pending, last = None, {}
+    # 5. Loop.
     end = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
-    for step, local in enumerate(train_batches(start, end), start=start + 1):
-      state, step_metrics = step_fn(state, sharding.global_batch(local, mesh))
-      if pending is not None:
-        last = _report(writer, meter, cfg, *pending)
-      pending = None
-      if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-        pending = (step, step_metrics, schedule(step - 1))
-      if step % cfg.eval.every_steps == 0 or step == cfg.train.steps:
-        if pending is not None:
-          last, pending = _report(writer, meter, cfg, *pending), None
-        evals = steps.evaluate(eval_fn, state.params, eval_batches(), mesh, cfg.objective)
-        writer.write(step, evals)
-        metrics_lib.log(metrics_lib.console_line(step, cfg.train.steps, evals))
-        last = {**last, **evals}
-        meter.restart(step)  # evaluation time is not training throughput
-      if step % cfg.checkpoint.every_steps == 0 or step == end:
-        checkpoint.save(ckpt, step, state, {"seed": cfg.seed})
-    if pending is not None:
-      last = _report(writer, meter, cfg, *pending)
+    writer = metrics_lib.Writer(workdir)
+    state, last = _loop(cfg, state, step_fn, train_batches(start, end),
+                        lambda params: steps.evaluate(eval_fn, params, eval_batches(), mesh,
+                                                      cfg.objective),
+                        lambda step, st: checkpoint.save(ckpt, step, st, {"seed": cfg.seed}),
+                        writer, mesh, start, end)
     ckpt.wait_until_finished()
     ckpt.close()
     writer.close()
@@ -119,6 +98,38 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   metrics_lib.log(f"outputs in {os.path.abspath(workdir)}: metrics.jsonl, tensorboard/, "
                   f"checkpoints/, config.json; tokenizer {tokenizer_path}; data {prepared_dir}")
   return final
+
+
+def _loop(cfg, state, step_fn, batches, evaluate, save, writer, mesh, start: int, end: int):
+  """Steps start+1..end. Dispatches step N before reading step N-1's metrics, so the device
+  never waits on the host; evaluates and saves on their schedules. Returns (state, last)."""
+  tokens = cfg.train.batch_size * cfg.data.seq_len
+  flops = cfg.train.batch_size * metrics_lib.train_flops_per_sequence(
+      cfg.model, cfg.objective, cfg.data.seq_len, cfg.data.max_predictions)
+  meter = metrics_lib.Throughput(tokens, flops, metrics_lib.peak_flops_per_device(
+      cfg.train.peak_flops_per_device), start, cfg.train.steps)
+  schedule = optimizer_lib.learning_rate(cfg.train)
+  pending, last = None, {}
+  for step, local in enumerate(batches, start=start + 1):
+    state, step_metrics = step_fn(state, sharding.global_batch(local, mesh))
+    if pending is not None:
+      last = _report(writer, meter, cfg, *pending)
+    pending = None
+    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+      pending = (step, step_metrics, schedule(step - 1))
+    if step % cfg.eval.every_steps == 0 or step == cfg.train.steps:
+      if pending is not None:
+        last, pending = _report(writer, meter, cfg, *pending), None
+      evals = evaluate(state.params)
+      writer.write(step, evals)
+      metrics_lib.log(metrics_lib.console_line(step, cfg.train.steps, evals))
+      last = {**last, **evals}
+      meter.restart(step)  # evaluation time is not training throughput
+    if step % cfg.checkpoint.every_steps == 0 or step == end:
+      save(step, state)
+  if pending is not None:
+    last = _report(writer, meter, cfg, *pending)
+  return state, last
 
 
 def _report(writer, meter, cfg, step, step_metrics, lr) -> dict:

@@ -28,3 +28,22 @@ def wikitext_dir():
   if not path.is_dir():
     pytest.skip(f"{path} is absent (the shared corpora live beside the project)")
   return path
+
+
+@pytest.fixture(scope="session")
+def paragraphs():
+  """WikiText-2 validation paragraphs: real text for tokenizer and masking tests."""
+  path = CORPORA / "wikitext-2" / "valid.txt"
+  if not path.exists():
+    pytest.skip(f"{path} is absent (the shared corpora live beside the project)")
+  text = path.read_text(encoding="utf-8")
+  return [p.strip() for p in text.split("\n \n") if p.strip()]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(paragraphs, tmp_path_factory):
+  """A 1000-piece unigram tokenizer trained once per session on the first 1500 paragraphs."""
+  from lmssl.data import tokenizer as tok
+  path = str(tmp_path_factory.mktemp("tokenizer") / "wiki.model")
+  tok.train(paragraphs[:1500], path, 1000, "unigram", 100_000)
+  return path

@@ -17,24 +17,12 @@ from lmssl.data import prepare
 from lmssl.data import sources
 from lmssl.data import tokenizer as tok
 
-CORPORA = Path(__file__).parents[2] / "shared" / "corpora"
-WIKITEXT = CORPORA / "wikitext-2" / "valid.txt"
 SEQ_LEN = 128
 
 
 @pytest.fixture(scope="session")
-def paragraphs():
-  if not WIKITEXT.exists():
-    pytest.skip(f"{WIKITEXT} is absent (the shared corpora live beside the project)")
-  text = WIKITEXT.read_text(encoding="utf-8")
-  return [p.strip() for p in text.split("\n \n") if p.strip()]
-
-
-@pytest.fixture(scope="session")
-def tokenizer(paragraphs, tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tokenizer") / "wiki.model")
-  tok.train(paragraphs[:1500], path, 1000, "unigram", 100_000)
-  return tok.Tokenizer.load(path)
+def tokenizer(tokenizer_path):
+  return tok.Tokenizer.load(tokenizer_path)
 
 
 @pytest.fixture(scope="session")
@@ -334,3 +322,13 @@ def test_prepare_caches_by_content(paragraphs, tmp_path):
   os.remove(Path(out) / "validation" / "segment_ids.npy")
   with pytest.raises(sources.DataError, match=r"segment_ids\.npy is missing; delete .* rebuild"):
     prepare.load_prepared(out, "validation")
+
+
+def test_tfds_source_reads_the_named_feature():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  cfg = config.base_config().data
+  with tfds.testing.mock_data(num_examples=12):
+    docs = sources.read_documents("tfds:imdb_reviews:train:text", cfg)
+    with pytest.raises(sources.DataError, match="has no feature 'body'; known: .*'text'"):
+      sources.read_documents("tfds:imdb_reviews:train:body", cfg)
+  assert 0 < len(docs) <= 12 and all(isinstance(d, str) and d.strip() for d in docs)

@@ -6,37 +6,18 @@ import pytest
 
 from lmssl.data import tokenizer as tok
 
-CORPORA = Path(__file__).parents[2] / "shared" / "corpora"
-WIKITEXT = CORPORA / "wikitext-2" / "valid.txt"
-
-
-@pytest.fixture(scope="module")
-def paragraphs():
-  if not WIKITEXT.exists():
-    pytest.skip(f"{WIKITEXT} is absent (clone ../shared next to the repo)")
-  text = WIKITEXT.read_text(encoding="utf-8")
-  return [p.strip() for p in text.split("\n \n") if p.strip()]
-
-
-@pytest.fixture(scope="module")
-def model_path(paragraphs, tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tok") / "t.model")
-  tok.train(paragraphs[:1500], path, 600, "unigram", 100_000)
-  return path
-
-
-def test_reserved_ids(model_path):
-  t = tok.Tokenizer.load(model_path)
+def test_reserved_ids(tokenizer_path):
+  t = tok.Tokenizer.load(tokenizer_path)
   assert [t.sp.id_to_piece(i) for i in range(tok.NUM_RESERVED)] == list(tok.RESERVED_PIECES)
-  assert t.vocab_size == 600
+  assert t.vocab_size == 1000
   assert t.word_start[:tok.NUM_RESERVED].all()
   pieces = [t.sp.id_to_piece(i) for i in range(tok.NUM_RESERVED, t.vocab_size)]
   assert list(t.word_start[tok.NUM_RESERVED:]) == [p.startswith("\u2581") for p in pieces]
   assert 0 < t.word_start.sum() < t.vocab_size  # both kinds exist
 
 
-def test_round_trip_on_real_text(model_path, paragraphs):
-  t = tok.Tokenizer.load(model_path)
+def test_round_trip_on_real_text(tokenizer_path, paragraphs):
+  t = tok.Tokenizer.load(tokenizer_path)
   held_out = paragraphs[2000:2050]  # not seen in training
   exact = 0
   for text, ids in zip(held_out, t.encode_batch(held_out)):
@@ -48,10 +29,10 @@ def test_round_trip_on_real_text(model_path, paragraphs):
   assert exact >= 0.8 * len(held_out)
 
 
-def test_training_is_deterministic(model_path, paragraphs, tmp_path):
+def test_training_is_deterministic(tokenizer_path, paragraphs, tmp_path):
   again = tmp_path / "again.model"
-  tok.train(paragraphs[:1500], str(again), 600, "unigram", 100_000)
-  assert again.read_bytes() == Path(model_path).read_bytes()
+  tok.train(paragraphs[:1500], str(again), 1000, "unigram", 100_000)
+  assert again.read_bytes() == Path(tokenizer_path).read_bytes()
   assert not [p for p in tmp_path.iterdir() if p.name != "again.model"]  # no temp files left
 
 
@@ -61,7 +42,7 @@ def test_bpe_trains(paragraphs, tmp_path):
   assert tok.Tokenizer.load(path).vocab_size == 300
 
 
-def test_missing_model_path(tmp_path):
+def test_missing_tokenizer_path(tmp_path):
   missing = tmp_path / "nope.model"
   with pytest.raises(FileNotFoundError, match=f"{missing}.*does not exist"):
     tok.Tokenizer.load(str(missing))

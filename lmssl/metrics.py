@@ -47,15 +47,25 @@ def train_flops_per_sequence(model_cfg, objective: str, seq_len: int, max_predic
 
 
 class Writer:
-  """Writes scalars to `metrics.jsonl` and TensorBoard event files in the workdir."""
+  """Writes scalars to `metrics.jsonl` and TensorBoard event files in the workdir.
 
-  def __init__(self, workdir: str):
+  On resume from `start_step`, rows logged after that step by the interrupted run are dropped,
+  so the file reads as if the run had never stopped.
+  """
+
+  def __init__(self, workdir: str, start_step: int = 0):
     self.active = jax.process_index() == 0
     if not self.active:
       return
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(self.path):
+      with open(self.path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+      with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+      os.replace(self.path + ".tmp", self.path)
     self._jsonl = open(self.path, "a", encoding="utf-8")
     self._events = EventFileWriter(os.path.join(workdir, "tensorboard"))
 

@@ -82,7 +82,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
 
     # 5. Loop.
     end = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
-    writer = metrics_lib.Writer(workdir)
+    writer = metrics_lib.Writer(workdir, start)
     state, last = _loop(cfg, state, step_fn, train_batches(start, end),
                         lambda params: steps.evaluate(eval_fn, params, eval_batches(), mesh,
                                                       cfg.objective),

@@ -6,6 +6,8 @@ Config files in `configs/` start from `base_config()` and set objective-specific
 
 import ml_collections
 
+from lmssl import errors
+
 # name: (num_layers, d_model, num_heads, mlp_dim). base/large are BERT-base/large shaped,
 # which is also GPT-2 small/medium (12x768x12, 24x1024x16).
 SIZES = {
@@ -102,14 +104,14 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
   for item in filter(None, (s.strip() for s in (arg or "").split(","))):
     key, _, value = item.partition("=")
     if key not in out:
-      raise ValueError(f"unknown config variant {key!r}; known: {sorted(out)}")
+      raise errors.UserError(f"unknown config variant {key!r}; known: {sorted(out)}")
     out[key] = value if value or "=" in item else True
   return ml_collections.ConfigDict(out)
 
 
 def apply_size(c: ml_collections.ConfigDict, size: str) -> None:
   if size not in SIZES:
-    raise ValueError(f"unknown model size {size!r}; known: {list(SIZES)}")
+    raise errors.UserError(f"unknown model size {size!r}; known: {list(SIZES)}")
   c.model.size = size
   c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = SIZES[size]
 
@@ -117,14 +119,14 @@ def apply_size(c: ml_collections.ConfigDict, size: str) -> None:
 def set_vocab(c: ml_collections.ConfigDict, tokenizer_vocab: int) -> None:
   """Takes the vocabulary size from the tokenizer unless the config fixes one that matches."""
   if c.model.vocab_size and c.model.vocab_size != tokenizer_vocab:
-    raise ValueError(f"model.vocab_size={c.model.vocab_size} but the tokenizer has "
+    raise errors.UserError(f"model.vocab_size={c.model.vocab_size} but the tokenizer has "
                      f"{tokenizer_vocab} pieces; set --config.model.vocab_size=0 to follow it")
   c.model.vocab_size = tokenizer_vocab
 
 
 def _check(ok: bool, message: str) -> None:
   if not ok:
-    raise ValueError(message)
+    raise errors.UserError(message)
 
 
 def _one_of(value, name: str, known) -> None:

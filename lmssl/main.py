@@ -1,6 +1,6 @@
 """python -m lmssl.main --config configs/mlm_base.py:size=tiny --workdir DIR [--config.KEY=VALUE]"""
 
-import os
+import sys
 
 from absl import app
 from absl import logging
@@ -30,9 +30,12 @@ def main(argv):
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _DISTRIBUTED.value:
     jax.distributed.initialize()
+  from lmssl import errors
   from lmssl import train
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except errors.UserError as e:
+    sys.exit(f"lmssl: error: {e}")
 
 
 def run():

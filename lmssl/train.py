@@ -7,6 +7,7 @@ import jax
 
 from lmssl import checkpoint
 from lmssl import config as config_lib
+from lmssl import errors
 from lmssl import metrics as metrics_lib
 from lmssl import optimizer as optimizer_lib
 from lmssl import sharding
@@ -46,11 +47,11 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   `until_step` stops early (with a checkpoint) as an interruption would; the schedule still
   follows `train.steps`.
   """
-  os.makedirs(workdir, exist_ok=True)
-  # 1. Mesh.
+  # 1. Mesh, and the config checked against it before anything is written.
   mesh = sharding.make_mesh(cfg.mesh)
   config_lib.validate(cfg, batch_shards=sharding.batch_shards(mesh),
                       process_count=jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
   metrics_lib.log(f"process {jax.process_index()}/{jax.process_count()}: "
                   f"{jax.local_device_count()} local / {jax.device_count()} global devices, "
                   f"mesh {dict(mesh.shape)}")
@@ -75,7 +76,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
     if restored is not None:
       state, meta = restored
       if meta["seed"] != cfg.seed:
-        raise ValueError(f"workdir {workdir} was trained with seed {meta['seed']}, not "
+        raise errors.UserError(f"workdir {workdir} was trained with seed {meta['seed']}, not "
                          f"{cfg.seed}; use the same seed to resume or a new workdir")
       metrics_lib.log(f"resumed from step {int(state.step)} in {ckpt.directory}")
     start = int(state.step)

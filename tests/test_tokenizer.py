@@ -44,7 +44,7 @@ def test_bpe_trains(paragraphs, tmp_path):
 
 def test_missing_tokenizer_path(tmp_path):
   missing = tmp_path / "nope.model"
-  with pytest.raises(FileNotFoundError, match=f"{missing}.*does not exist"):
+  with pytest.raises(ValueError, match=f"{missing}.*does not exist"):
     tok.Tokenizer.load(str(missing))
 
 

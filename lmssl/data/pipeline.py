@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from lmssl import errors
 from lmssl.data import tokenizer as tok
 
 try:  # The data pipeline runs on the host CPU; leave accelerators to JAX.
@@ -27,24 +28,24 @@ OBJECTIVES = ("mlm", "clm")
 def _check_args(objective, global_batch, process_index, process_count, num_rows, cfg,
                 vocab_size):
   if objective not in OBJECTIVES:
-    raise ValueError(f"unknown objective {objective!r}; known: {list(OBJECTIVES)}")
+    raise errors.UserError(f"unknown objective {objective!r}; known: {list(OBJECTIVES)}")
   if global_batch <= 0 or global_batch % process_count:
-    raise ValueError(f"global batch {global_batch} is not a positive multiple of "
+    raise errors.UserError(f"global batch {global_batch} is not a positive multiple of "
                      f"{process_count} processes; use a multiple of {process_count}")
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
+    raise errors.UserError(f"process_index {process_index} is outside [0, {process_count})")
   if num_rows == 0:
-    raise ValueError("the prepared split has no rows; use a larger corpus")
+    raise errors.UserError("the prepared split has no rows; use a larger corpus")
   if objective == "mlm":
     fracs = (cfg.mask_token_frac, cfg.random_token_frac)
     if min(fracs) < 0 or sum(fracs) > 1:
-      raise ValueError(f"mask_token_frac {fracs[0]} + random_token_frac {fracs[1]} must be "
+      raise errors.UserError(f"mask_token_frac {fracs[0]} + random_token_frac {fracs[1]} must be "
                        f"non-negative and sum to at most 1 (e.g. 0.8 and 0.1)")
     if not 0 < cfg.mask_rate <= 1 or cfg.max_predictions < 1:
-      raise ValueError(f"mask_rate {cfg.mask_rate} must be in (0, 1] and max_predictions "
+      raise errors.UserError(f"mask_rate {cfg.mask_rate} must be in (0, 1] and max_predictions "
                        f"{cfg.max_predictions} at least 1")
     if vocab_size <= tok.NUM_RESERVED:
-      raise ValueError(f"vocab_size {vocab_size} leaves no ids to draw random tokens from; "
+      raise errors.UserError(f"vocab_size {vocab_size} leaves no ids to draw random tokens from; "
                        f"pass the tokenizer's vocab size")
 
 

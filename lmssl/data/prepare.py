@@ -21,6 +21,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from lmssl import errors
 from lmssl.data import sources
 from lmssl.data import tokenizer as tok
 
@@ -189,7 +190,7 @@ def read_meta(prepared_dir: str) -> dict:
 def load_prepared(prepared_dir: str, split: str) -> dict[str, np.ndarray]:
   """Memory-mapped `tokens` and `segment_ids` (int32 [N, seq_len]) of one split."""
   if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; known: {list(SPLITS)}")
+    raise errors.UserError(f"unknown split {split!r}; known: {list(SPLITS)}")
   meta = read_meta(prepared_dir)
   shape = (meta["splits"][split]["num_examples"], meta["seq_len"])
   arrays = {}

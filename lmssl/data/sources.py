@@ -22,6 +22,8 @@ from typing import Iterator, Sequence
 
 import ml_collections
 
+from lmssl import errors
+
 SOURCE_FORMS = ("builtin", "text:GLOB", "jsonl:GLOB:FIELD", "tfds:NAME[/CONFIG]:SPLIT:FEATURE")
 MIN_DOCSTRING_CHARS = 40
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
@@ -38,7 +40,7 @@ _HEADER_END = re.compile(r":[ \t]*(?:\#[^\n]*)?\n")
 _FIRST_STRING = re.compile(_GAP + _LITERAL)
 
 
-class DataError(ValueError):
+class DataError(errors.UserError):
   """A data source or prepared file that cannot be used as given."""
 
 

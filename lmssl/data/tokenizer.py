@@ -16,6 +16,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from lmssl import errors
+
 PAD_ID = 0
 UNK_ID = 1
 CLS_ID = BOS_ID = 2
@@ -49,12 +51,12 @@ def train(docs: Iterable[str], path: str, vocab_size: int, model_type: str,
   sampling), and sentencepiece's training is otherwise seedless.
   """
   if vocab_size < MIN_VOCAB_SIZE:
-    raise ValueError(
+    raise errors.UserError(
         f"tokenizer vocab_size {vocab_size} is below the minimum {MIN_VOCAB_SIZE} "
         f"({NUM_RESERVED} reserved ids plus pieces); set --config.data.vocab_size to at least "
         f"{MIN_VOCAB_SIZE} (8000 is a good default)")
   if model_type not in MODEL_TYPES:
-    raise ValueError(f"unknown tokenizer_type {model_type!r}; known: {list(MODEL_TYPES)}")
+    raise errors.UserError(f"unknown tokenizer_type {model_type!r}; known: {list(MODEL_TYPES)}")
   buffer = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
@@ -65,7 +67,7 @@ def train(docs: Iterable[str], path: str, vocab_size: int, model_type: str,
         shuffle_input_sentence=False, num_threads=2, minloglevel=2)
   except RuntimeError as e:
     # The common case is a corpus too small for the requested vocabulary.
-    raise ValueError(
+    raise errors.UserError(
         f"training a {model_type} tokenizer with vocab_size {vocab_size} failed: {e}; "
         f"use more text or a smaller --config.data.vocab_size") from e
   data = buffer.getvalue()
@@ -91,7 +93,7 @@ def _check_reserved(sp: spm.SentencePieceProcessor, path: str) -> None:
            "[SEP]": sp.eos_id(), "[MASK]": sp.piece_to_id("[MASK]")}
   for want_id, piece in enumerate(RESERVED_PIECES):
     if found[piece] != want_id or (piece == "[MASK]" and sp.id_to_piece(want_id) != piece):
-      raise ValueError(
+      raise errors.UserError(
           f"tokenizer {path}: {piece} has id {found[piece]}, but lmssl needs ids "
           f"{dict(zip(RESERVED_PIECES, range(NUM_RESERVED)))}; train one with "
           f"lmssl.data.tokenizer.train (leave --config.data.tokenizer empty to do so)")
@@ -104,7 +106,7 @@ class Tokenizer:
     try:
       self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
     except RuntimeError as e:
-      raise ValueError(f"tokenizer {path} is not a valid sentencepiece .model ({e}); "
+      raise errors.UserError(f"tokenizer {path} is not a valid sentencepiece .model ({e}); "
                        f"point --config.data.tokenizer at a .model file or leave it empty "
                        f"to train one") from e
     _check_reserved(self.sp, path)
@@ -115,7 +117,7 @@ class Tokenizer:
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
     if not os.path.isfile(path):
-      raise FileNotFoundError(
+      raise errors.UserError(
           f"tokenizer file {path} does not exist; point --config.data.tokenizer at a "
           f"sentencepiece .model or leave it empty to train one")
     with open(path, "rb") as f:

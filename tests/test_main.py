@@ -1,0 +1,45 @@
+"""The command lines: bad input ends in one line naming the fix; prepare writes the cache."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _run(module, *args):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_bad_config_value_is_one_clear_line_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  out = _run("lmssl.main", "--config", "configs/mlm_base.py:smoke", "--workdir", str(workdir),
+             "--config.train.batch_size=30")
+  assert out.returncode == 1
+  assert "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      "lmssl: error: train.batch_size=30 is not divisible by 8 data shards (mesh data x fsdp, "
+      "and 1 processes); use a multiple of 8")
+  assert not workdir.exists()
+
+
+def test_missing_data_names_the_glob(tmp_path):
+  out = _run("lmssl.main", "--config", "configs/clm_base.py:smoke", "--workdir",
+             str(tmp_path / "run"), f"--config.data.source=text:{tmp_path}/nothing/*.txt")
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("lmssl: error: data source 'text:") and "no files match" in last
+
+
+def test_prepare_cli_writes_tokenizer_and_cached_examples(tmp_path):
+  out = _run("lmssl.data.prepare", "--config", "configs/mlm_base.py:smoke", "--workdir",
+             str(tmp_path / "run"), f"--config.data.cache_dir={tmp_path / 'cache'}")
+  assert out.returncode == 0, out.stderr
+  lines = dict(line.split(": ", 1) for line in out.stdout.strip().splitlines())
+  assert lines["tokenizer"] == str(tmp_path / "run" / "tokenizer.model")
+  assert lines["prepared"].startswith(str(tmp_path / "cache" / "prepared"))
+  with open(os.path.join(lines["prepared"], "meta.json"), encoding="utf-8") as f:
+    meta = json.load(f)
+  assert meta["seq_len"] == 64 and meta["splits"]["train"]["num_examples"] > 0

@@ -23,7 +23,8 @@ def decay_mask(params):
   """True where weight decay applies: kernels and embeddings, not biases or norms."""
   def decays(path, _):
     # Boxed (logically partitioned) leaves add a trailing "value" to the path.
-    names = [n for n in (getattr(k, "key", getattr(k, "name", str(k))) for k in path) if n != "value"]
+    names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+    names = [n for n in names if n != "value"]
     return names[-1] not in ("bias", "scale") and not any("norm" in n for n in names)
   return jax.tree_util.tree_map_with_path(decays, params)
 

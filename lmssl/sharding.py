@@ -34,18 +34,18 @@ LOGICAL_AXIS_RULES = (
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   """Resolves the config's (data, fsdp, tensor), where one may be -1, against the devices."""
   shape = [mesh_cfg[a] for a in MESH_AXES]
+  named = f"mesh {dict(zip(MESH_AXES, shape))}"
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise errors.UserError(f"mesh {dict(zip(MESH_AXES, shape))} is invalid: sizes must be positive "
-                     "and at most one may be -1 (it takes the remaining devices)")
+    raise errors.UserError(f"{named} is invalid: sizes must be positive and at most one may be "
+                           "-1 (it takes the remaining devices)")
   known = math.prod(s for s in shape if s != -1)
   if num_devices % known:
-    raise errors.UserError(f"mesh {dict(zip(MESH_AXES, shape))} does not divide {num_devices} "
-                     f"devices; choose axis sizes whose product divides {num_devices}")
-  shape = [num_devices // known if s == -1 else s for s in shape]
-  if math.prod(shape) != num_devices:
-    raise errors.UserError(f"mesh {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} devices but "
-                     f"{num_devices} are present; set one axis to -1 to take the rest")
-  return tuple(shape)
+    raise errors.UserError(f"{named} does not divide {num_devices} devices; choose axis sizes "
+                           f"whose product divides {num_devices}")
+  if -1 not in shape and known != num_devices:
+    raise errors.UserError(f"{named} uses {known} devices but {num_devices} are present; set "
+                           "one axis to -1 to take the rest")
+  return tuple(num_devices // known if s == -1 else s for s in shape)
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:

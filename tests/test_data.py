@@ -64,13 +64,17 @@ def test_pack_reproduces_documents_in_order(packed, doc_ids):
   assert (tokens[is_pad] == tok.PAD_ID).all()
 
 
+def _positions(segment_ids):
+  return pipeline.positions_from_segments(segment_ids).numpy()
+
+
 def test_pack_segments_restart_per_row_and_step_at_documents(packed):
   tokens, segs = packed["tokens"], packed["segment_ids"]
   assert (segs[:, 0] == 1).all()
   real = segs[:, 1:] > 0
   step = np.diff(segs, axis=1)[real]
   assert (step == (tokens[:, 1:] == tok.CLS_ID)[real]).all()  # +1 exactly where a doc starts
-  positions = prepare.positions_from_segments(segs)
+  positions = _positions(segs)
   starts = np.ones_like(segs, dtype=bool)
   starts[:, 1:] = segs[:, 1:] != segs[:, :-1]
   assert (positions[starts & (segs > 0)] == 0).all()
@@ -88,7 +92,7 @@ def test_pack_long_document_spans_rows():
                                                      [1, 0, 0, 0]])
   out = prepare.pack([[7], [8, 9], [5]], 5)  # [2 7 3 2 8 | 9 3 2 5 3]
   np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 2, 2], [1, 1, 2, 2, 2]])
-  np.testing.assert_array_equal(prepare.positions_from_segments(out["segment_ids"]),
+  np.testing.assert_array_equal(_positions(out["segment_ids"]),
                                 [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
 
 
@@ -167,13 +171,7 @@ def test_clm_batches_are_the_rows(packed, tokenizer):
   for key, name in [("input_ids", "tokens"), ("segment_ids", "segment_ids")]:
     np.testing.assert_array_equal(np.concatenate([b[key] for b in got]), packed[name][:64])
   np.testing.assert_array_equal(np.concatenate([b["positions"] for b in got]),
-                                prepare.positions_from_segments(packed["segment_ids"][:64]))
-
-
-def test_tf_positions_match_numpy(packed):
-  segs = packed["segment_ids"]  # the last row has padding
-  np.testing.assert_array_equal(pipeline.positions_from_segments(segs).numpy(),
-                                prepare.positions_from_segments(segs))
+                                _positions(packed["segment_ids"][:64]))
 
 
 # ---------------------------------------------------------------------------- order

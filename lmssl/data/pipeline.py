@@ -64,7 +64,7 @@ def _step_rows(step, *, global_batch, first_row, batch, num_rows, seed, shuffle)
 
 
 def positions_from_segments(segment_ids_BxL):
-  """TF twin of prepare.positions_from_segments: 0 at each segment start and on padding."""
+  """Position of each token within its segment: 0 at each segment start and on padding."""
   # Segment ids rise 1, 2, 3... along a row, so a segment starts after all tokens of the
   # lower ids: the exclusive cumsum of per-id counts.
   length = tf.shape(segment_ids_BxL)[1]

@@ -63,16 +63,6 @@ def pack(docs_token_ids: Iterable[Sequence[int]], seq_len: int) -> dict[str, np.
   return dict(tokens=flat.reshape(num_rows, seq_len), segment_ids=segment_ids)
 
 
-def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
-  """Position of each token within its segment: 0 at every segment start and on padding."""
-  segment_ids = np.asarray(segment_ids)
-  cols = np.broadcast_to(np.arange(segment_ids.shape[-1]), segment_ids.shape)
-  starts = np.ones(segment_ids.shape, dtype=bool)
-  starts[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
-  start_col = np.maximum.accumulate(np.where(starts, cols, 0), axis=-1)
-  return np.where(segment_ids > 0, cols - start_col, 0).astype(np.int32)
-
-
 def _cache_key(model_bytes: bytes, seq_len: int, splits: dict[str, list[str]]) -> str:
   h = hashlib.sha256()
   h.update(f"lmssl-prepared-v{FORMAT_VERSION}:seq_len={seq_len}:".encode())

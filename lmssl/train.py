@@ -18,7 +18,8 @@ from lmssl.data import tokenizer as tokenizer_lib
 
 
 def _datasets(cfg, workdir):
-  """Prepared data (built and cached on first use), tokenizer, and the per-host iterators."""
+  """Prepared data (built and cached on first use), the tokenizer, a factory of per-host train
+  iterators and this host's fixed list of eval batches."""
   tokenizer_path, prepared_dir = prepare.prepare(cfg.data, None, workdir)
   tok = tokenizer_lib.Tokenizer.load(tokenizer_path)
   config_lib.set_vocab(cfg, tok.vocab_size)
@@ -32,11 +33,10 @@ def _datasets(cfg, workdir):
                                num_steps=end_step - start_step, **common)
     return ds.as_numpy_iterator()
 
-  def eval_batches():
-    ds = pipeline.make_dataset(prepare.load_prepared(prepared_dir, "validation"),
-                               global_batch=cfg.eval.batch_size, start_step=0, shuffle=False,
-                               num_steps=cfg.eval.steps, **common)
-    return ds.as_numpy_iterator()
+  # The eval set is the same rows and masks every time: read it once, reuse it each evaluation.
+  eval_batches = list(pipeline.make_dataset(
+      prepare.load_prepared(prepared_dir, "validation"), global_batch=cfg.eval.batch_size,
+      start_step=0, shuffle=False, num_steps=cfg.eval.steps, **common).as_numpy_iterator())
 
   return tokenizer_path, prepared_dir, train_batches, eval_batches
 
@@ -85,7 +85,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
     end = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
     writer = metrics_lib.Writer(workdir, start)
     state, last = _loop(cfg, state, step_fn, train_batches(start, end),
-                        lambda params: steps.evaluate(eval_fn, params, eval_batches(), mesh,
+                        lambda params: steps.evaluate(eval_fn, params, eval_batches, mesh,
                                                       cfg.objective),
                         lambda step, st: checkpoint.save(ckpt, step, st, {"seed": cfg.seed}),
                         writer, mesh, start, end)

@@ -76,8 +76,7 @@ def test_mlm_head_predicts_only_masked_positions():
   params = _init(lm, batch)
   logits = lm.apply({"params": params}, batch)
   assert logits.shape == (1, 3, 64) and logits.dtype == jnp.float32
-  # The logit row for masked position 7 depends on what is at position 7 only through the encoder:
-  # changing a token elsewhere changes it, but swapping the order of gathered slots permutes rows.
+  # Each logit row belongs to its gathered position: reordering the slots reorders the rows.
   swapped = lm.apply({"params": params}, {**batch, "masked_positions": jnp.array([[7, 3, 0]])})
   np.testing.assert_allclose(swapped[0, 0], logits[0, 1], atol=1e-5)
 

@@ -9,6 +9,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from lmssl import errors
+
 
 def manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
   # The loop decides when to save (every N steps and at the end); Orbax keeps the last K.
@@ -38,3 +40,83 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   return restored.state, restored.meta
+
+
+def _locate(path: str) -> tuple[str, int]:
+  """(checkpoints directory, step) for a run's workdir, its checkpoints/ or a checkpoints/STEP."""
+  path = os.path.abspath(os.path.expanduser(path))
+  name = os.path.basename(path.rstrip("/"))
+  if name.isdigit() and os.path.isdir(path):
+    return os.path.dirname(path), int(name)
+  directory = os.path.join(path, "checkpoints")
+  directory = directory if os.path.isdir(directory) else path
+  steps = sorted(int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
+                 if n.isdigit())
+  if not steps:
+    raise errors.UserError(
+        f"init.params_from={path} holds no checkpoint; name a run's workdir, its checkpoints/ "
+        f"directory or one checkpoints/STEP directory")
+  return directory, steps[-1]
+
+
+def run_dir(path: str) -> str:
+  """The workdir of the run that wrote the checkpoint(s) at `path`."""
+  directory, _ = _locate(path)
+  run = os.path.dirname(directory) if os.path.basename(directory) == "checkpoints" else directory
+  # A fine-tuning run's best/ checkpoints sit one level below the run's config.json.
+  if not os.path.exists(os.path.join(run, "config.json")):
+    run = os.path.dirname(run)
+  return run
+
+
+def _shape_table(tree) -> dict:
+  return {jax.tree_util.keystr(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def load_params(path: str, abstract_params, may_be_new) -> tuple[dict, list[str]]:
+  """Reads another run's parameters that `abstract_params` (shapes with shardings) also has.
+
+  Every parameter of the new model must be in the checkpoint with its shape, except those
+  for which `may_be_new(key)` holds (new heads, adapters): they keep their fresh init when
+  absent or shaped differently. Anything else fails, naming each parameter. Returns
+  ({key: array on the new sharding}, [keys left to the fresh init]) with `jax.tree_util.keystr`
+  keys.
+  """
+  directory, step = _locate(path)
+  mngr = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  saved = _shape_table(mngr.item_metadata(step).state["params"])
+  wanted = {jax.tree_util.keystr(p): leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  missing = [k for k in wanted if k not in saved and not may_be_new(k)]
+  mismatched = [f"{k} {saved[k]} in the checkpoint vs {tuple(wanted[k].shape)}" for k in wanted
+                if k in saved and saved[k] != tuple(wanted[k].shape) and not may_be_new(k)]
+  if missing or mismatched:
+    problems = ([f"missing: {', '.join(missing[:8])}"] if missing else []) + (
+        [f"shape differs: {'; '.join(mismatched[:8])}"] if mismatched else [])
+    raise errors.UserError(
+        f"checkpoint {directory}/{step} does not fit this model ({' | '.join(problems)}); "
+        f"start from a run with the same model settings (its config.json) or train from scratch")
+  take = {k for k in wanted if k in saved and saved[k] == tuple(wanted[k].shape)}
+  target = jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+      if jax.tree_util.keystr(p) in take else None, abstract_params)
+  target = {"params": _prune(target)}
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=jax.tree.map(
+          lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target),
+      partial_restore=True)))
+  mngr.close()
+  values = {jax.tree_util.keystr(p): v for p, v in
+            jax.tree_util.tree_flatten_with_path(restored.state["params"])[0]}
+  return values, sorted(set(wanted) - take)
+
+
+def _prune(tree):
+  """Drops None leaves and empty dicts, leaving the tree of parameters to read."""
+  if isinstance(tree, dict):
+    out = {k: _prune(v) for k, v in tree.items()}
+    return {k: v for k, v in out.items() if v is not None and v != {}}
+  return tree

@@ -4,6 +4,9 @@ Config files in `configs/` start from `base_config()` and set objective-specific
 `--config.x.y=v` overrides any of these on the command line.
 """
 
+import json
+import os
+
 import ml_collections
 
 from lmssl import errors
@@ -64,6 +67,36 @@ def base_config() -> ml_collections.ConfigDict:
   d.random_token_frac = 0.1  # of the chosen positions: a random token (the rest kept)
   d.max_predictions = 20  # masked positions predicted per sequence
   d.whole_word_mask = False
+  # Sentence-pair objective added to MLM: "" (none), "nsp" (BERT: is B the text after A, or
+  # from another document?) or "sop" (ALBERT: are A and B in their original order?). Rows are
+  # then `[CLS] A [SEP] B [SEP]` pairs cut at sentence (or line) boundaries instead of packed
+  # documents; half are negatives, drawn per (seed, row).
+  d.sentence_pair = ""
+  d.short_seq_prob = 0.1  # of pairs built to a shorter random length, as BERT does
+
+  # Fine-tuning: a task head on a pretrained backbone. kind "" means pretraining.
+  c.task = k = ml_collections.ConfigDict()
+  k.kind = ""  # "classification" | "regression" | "tokens" (NER-style tagging)
+  # tsv:PATH | csv:PATH | jsonl:PATH | tfds:NAME[/CONFIG]:SPLIT | conll:PATH (kind "tokens")
+  k.train_source = ""
+  k.eval_source = ""
+  k.text_fields = "sentence"  # one column, or two ("sentence1,sentence2") for sentence pairs
+  k.label_field = "label"
+  k.labels = ""  # comma-separated label set in order; empty: the sorted labels of the train file
+  k.metric = ""  # eval metric that picks the best checkpoint; empty: the kind's main metric
+  k.dropout = 0.1  # on the pooled / token features before the task head
+
+  # Start from another run's parameters (the backbone, and the MLM/CLM head where shapes
+  # match): a pretraining workdir, one of its checkpoints/STEP directories, or hf:DIR.
+  c.init = ml_collections.ConfigDict()
+  c.init.params_from = ""
+
+  # Low-rank adapters: rank 0 trains every parameter; rank R > 0 freezes the backbone and
+  # trains adapters on the named projections plus the task head.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0
+  c.lora.targets = "query,value"  # of: query, key, value, out (attention), wi, wo (MLP)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # one axis may be -1: it takes the remaining devices
@@ -124,6 +157,56 @@ def set_vocab(c: ml_collections.ConfigDict, tokenizer_vocab: int) -> None:
   c.model.vocab_size = tokenizer_vocab
 
 
+def set_labels(c: ml_collections.ConfigDict, names) -> None:
+  """Records a fine-tuning task's label set, in order, so a checkpoint can be read back."""
+  bad = [n for n in names if "," in n or not n]
+  if bad:
+    raise errors.UserError(f"labels {bad} are empty or contain a comma; rename them in the task "
+                           "files (task.labels is a comma-separated list)")
+  c.task.labels = ",".join(names)
+
+
+# Model fields that describe how to run a model, not what it is: a run that starts from
+# another run's parameters keeps its own values of these.
+RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat", "attention", "dropout", "size")
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """A run's config.json over today's base config (so keys added since are present)."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except FileNotFoundError:
+    raise errors.UserError(f"{path} does not exist: {workdir} is not an lmssl run directory; "
+                           "name the --workdir of a run") from None
+  c = base_config()
+  _update(c, saved, path)
+  return c
+
+
+def _update(c: ml_collections.ConfigDict, values: dict, path: str) -> None:
+  for key, value in values.items():
+    if key not in c:
+      raise errors.UserError(f"{path} has an unknown key {key!r}; was it written by a newer "
+                             "lmssl?")
+    if isinstance(value, dict):
+      _update(c[key], value, path)
+    else:
+      c[key] = value
+
+
+def inherit_model(c: ml_collections.ConfigDict, source: ml_collections.ConfigDict,
+                  source_workdir: str) -> None:
+  """Takes the architecture, objective and tokenizer of the run whose parameters `c` starts
+  from; `c` keeps its own runtime fields (dtypes, remat, dropout), data, task and training."""
+  c.objective = source.objective
+  for key, value in source.model.items():
+    if key not in RUNTIME_MODEL_FIELDS:
+      c.model[key] = value
+  c.data.tokenizer = source.data.tokenizer or os.path.join(source_workdir, "tokenizer.model")
+
+
 def _check(ok: bool, message: str) -> None:
   if not ok:
     raise errors.UserError(message)
@@ -143,6 +226,24 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
   _one_of(m.remat, "model.remat", ("none", "full", "dots", "dots_no_batch"))
   _one_of(m.attention, "model.attention", ("auto", "xla", "cudnn"))
   _one_of(t.schedule, "train.schedule", ("linear", "cosine"))
+  _one_of(d.sentence_pair, "data.sentence_pair", ("", "nsp", "sop"))
+  _one_of(c.task.kind, "task.kind", ("", "classification", "regression", "tokens"))
+  _check(not (c.task.kind and d.sentence_pair),
+         "data.sentence_pair is a pretraining objective; leave it empty when fine-tuning")
+  _check(not d.sentence_pair or c.objective == "mlm",
+         f"data.sentence_pair={d.sentence_pair!r} needs objective 'mlm' (it adds to the MLM loss)")
+  _check(not c.task.kind or (c.task.train_source and c.task.eval_source),
+         "fine-tuning needs --config.task.train_source and --config.task.eval_source "
+         "(tsv:PATH, csv:PATH, jsonl:PATH, tfds:NAME:SPLIT or conll:PATH)")
+  _check(0 <= d.short_seq_prob <= 1, f"data.short_seq_prob={d.short_seq_prob} must be in [0, 1]")
+  _check(c.lora.rank >= 0, f"lora.rank={c.lora.rank} must be 0 (off) or positive")
+  if c.lora.rank:
+    targets = [x.strip() for x in c.lora.targets.split(",")]
+    known = ("query", "key", "value", "out", "wi", "wo")
+    _check(bool(targets) and all(x in known for x in targets),
+           f"lora.targets={c.lora.targets!r} must name projections among {list(known)}")
+    _check(bool(c.task.kind), "LoRA is for fine-tuning: set task.kind, or lora.rank=0 to "
+           "pretrain every parameter")
   _check(m.d_model % m.num_heads == 0,
          f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
          "choose heads that divide d_model")

@@ -54,38 +54,130 @@ class MLMHead(nn.Module):
     return OutputProjection(cfg, name="output")(h_BxPxD, table_VxD)
 
 
+class Pooler(nn.Module):
+  """One vector per sequence: [CLS] (position 0) through dense + tanh as BERT does for an
+  encoder; the last real token for a causal decoder (the only one that has seen the whole row)."""
+  cfg: Any
+  causal: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, segment_ids_BxL):
+    if self.causal:
+      length_B = jnp.sum((segment_ids_BxL > 0).astype(jnp.int32), axis=1)
+      last_B = jnp.maximum(length_B - 1, 0)
+      return jnp.take_along_axis(x_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+    cfg = self.cfg
+    return jnp.tanh(nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                             kernel_init=model_lib.logical_init(("mlp", "embed")),
+                             bias_init=model_lib.logical_init(("embed",), nn.initializers.zeros),
+                             name="dense")(x_BxLxD[:, 0]))
+
+
+def _classifier(cfg, num_outputs: int, name: str):
+  return nn.Dense(num_outputs, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  kernel_init=model_lib.logical_init(("embed", "classes")),
+                  bias_init=model_lib.logical_init(("classes",), nn.initializers.zeros),
+                  name=name)
+
+
+# What each head predicts: "mlm" masked tokens, "clm" next tokens, "pair" NSP/SOP label per
+# sequence, and the fine-tuning heads "classification", "regression", "tokens" (a tag per token).
+HEADS = ("mlm", "clm", "pair", "classification", "regression", "tokens")
+PRETRAINING_HEADS = ("mlm", "clm", "pair")
+SEQUENCE_HEADS = ("pair", "classification", "regression")
+
+
+def heads_for(cfg) -> tuple[str, ...]:
+  """The heads a run trains: the task's when fine-tuning, else the objective's (+ pair)."""
+  if cfg.task.kind:
+    return (cfg.task.kind,)
+  if cfg.objective == "mlm" and cfg.data.sentence_pair:
+    return ("mlm", "pair")
+  return (cfg.objective,)
+
+
 class LanguageModel(nn.Module):
-  """The Transformer with the head of `objective` ("mlm" or "clm")."""
+  """The Transformer (causal when `objective` is "clm") with `heads` on top.
+
+  Returns {head: output}: logits [B, P, V] for mlm, [B, L, V] for clm, [B, 2] for pair,
+  [B, C] for classification, [B] for regression and [B, L, C] for tokens (C = num_labels).
+  """
   cfg: Any
   objective: str
+  heads: tuple = ()
+  num_labels: int = 0
+  head_dropout: float = 0.0
   deterministic: bool = True
 
   @nn.compact
   def __call__(self, batch):
-    x_BxLxD, table_VxD = model_lib.Transformer(
-        self.cfg, self.deterministic, name="transformer")(
-            batch["input_ids"], batch["segment_ids"], batch["positions"],
-            batch.get("token_types"), causal=self.objective == "clm")
-    if self.objective == "mlm":
-      return MLMHead(self.cfg, name="mlm_head")(x_BxLxD, table_VxD, batch["masked_positions"])
-    return OutputProjection(self.cfg, name="clm_head")(x_BxLxD, table_VxD)
+    cfg, causal = self.cfg, self.objective == "clm"
+    x_BxLxD, table_VxD = model_lib.Transformer(cfg, self.deterministic, name="transformer")(
+        batch["input_ids"], batch["segment_ids"], batch["positions"], batch.get("token_types"),
+        causal=causal)
+    heads = self.heads or (self.objective,)
+    drop = nn.Dropout(self.head_dropout, deterministic=self.deterministic)
+    out = {}
+    if any(h in SEQUENCE_HEADS for h in heads):
+      pooled_BxD = Pooler(cfg, causal, name="pooler")(x_BxLxD, batch["segment_ids"])
+    for head in heads:
+      if head == "mlm":
+        out[head] = MLMHead(cfg, name="mlm_head")(x_BxLxD, table_VxD, batch["masked_positions"])
+      elif head == "clm":
+        out[head] = OutputProjection(cfg, name="clm_head")(x_BxLxD, table_VxD)
+      elif head == "pair":
+        out[head] = _classifier(cfg, 2, "pair_head")(pooled_BxD).astype(jnp.float32)
+      elif head == "classification":
+        out[head] = _classifier(cfg, self.num_labels, "task_head")(
+            drop(pooled_BxD)).astype(jnp.float32)
+      elif head == "regression":
+        out[head] = _classifier(cfg, 1, "task_head")(drop(pooled_BxD))[:, 0].astype(jnp.float32)
+      elif head == "tokens":
+        out[head] = _classifier(cfg, self.num_labels, "task_head")(
+            drop(x_BxLxD)).astype(jnp.float32)
+      else:
+        raise ValueError(f"unknown head {head!r}; known: {list(HEADS)}")
+    return out
 
 
-def targets_and_weights(batch, objective: str):
-  """What each logit row should predict, and whether it counts."""
-  if objective == "mlm":
+def targets_and_weights(batch, head: str):
+  """What each output row of `head` should predict, and whether it counts."""
+  if head == "mlm":
     return batch["masked_ids"], batch["masked_weights"].astype(jnp.float32)
-  tokens_BxL, segments_BxL = batch["input_ids"], batch["segment_ids"]
-  next_BxL = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, 1)))
-  next_segment_BxL = jnp.pad(segments_BxL[:, 1:], ((0, 0), (0, 1)))
-  same_document_BxL = (next_segment_BxL == segments_BxL) & (segments_BxL != 0)
-  return next_BxL, same_document_BxL.astype(jnp.float32)
+  if head == "clm":
+    tokens_BxL, segments_BxL = batch["input_ids"], batch["segment_ids"]
+    next_BxL = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, 1)))
+    next_segment_BxL = jnp.pad(segments_BxL[:, 1:], ((0, 0), (0, 1)))
+    same_document_BxL = (next_segment_BxL == segments_BxL) & (segments_BxL != 0)
+    return next_BxL, same_document_BxL.astype(jnp.float32)
+  if head == "pair":
+    labels_B = batch["pair_labels"]
+    return labels_B, (batch["segment_ids"][:, 0] > 0).astype(jnp.float32)
+  return batch["labels"], batch["label_weights"].astype(jnp.float32)
 
 
-def loss_sums(logits_BxXxV, targets_BxX, weights_BxX):
-  """Summed (not averaged) loss, weight and hits, so microbatches add up to the full batch."""
-  xent_BxX = optax.softmax_cross_entropy_with_integer_labels(logits_BxXxV, targets_BxX)
-  hits_BxX = (jnp.argmax(logits_BxXxV, axis=-1) == targets_BxX).astype(jnp.float32)
-  return {"loss_sum": jnp.sum(xent_BxX * weights_BxX),
-          "weight_sum": jnp.sum(weights_BxX),
-          "correct_sum": jnp.sum(hits_BxX * weights_BxX)}
+def loss_sums(output, targets, weights, head: str = ""):
+  """Summed (not averaged) loss, weight and hits, so microbatches add up to the full batch.
+
+  Cross-entropy over the last axis of `output` (logits), or squared error for regression.
+  """
+  if head == "regression":
+    err = output - targets.astype(jnp.float32)
+    return {"loss_sum": jnp.sum(err * err * weights), "weight_sum": jnp.sum(weights),
+            "correct_sum": jnp.zeros((), jnp.float32)}
+  xent = optax.softmax_cross_entropy_with_integer_labels(output, targets)
+  hits = (jnp.argmax(output, axis=-1) == targets).astype(jnp.float32)
+  return {"loss_sum": jnp.sum(xent * weights), "weight_sum": jnp.sum(weights),
+          "correct_sum": jnp.sum(hits * weights)}
+
+
+def term_sums(outputs: dict, batch) -> dict:
+  """{head: loss_sums} for every head in `outputs`."""
+  return {head: loss_sums(out, *targets_and_weights(batch, head), head)
+          for head, out in outputs.items()}
+
+
+def predictions(outputs: dict, head: str):
+  """Host-side predictions of a fine-tuning head: label ids, or values for regression."""
+  out = outputs[head]
+  return out if head == "regression" else jnp.argmax(out, axis=-1).astype(jnp.int32)

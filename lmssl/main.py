@@ -1,15 +1,25 @@
-"""python -m lmssl.main --config configs/mlm_base.py:size=tiny --workdir DIR [--config.KEY=VALUE]"""
+"""lmssl [train|eval|sample] ...
 
+  python -m lmssl.main --config configs/mlm_base.py:size=tiny --workdir DIR [--config.KEY=VALUE]
+  python -m lmssl.main eval --workdir DIR [--eval_source SOURCE] [--best]
+  python -m lmssl.main sample --workdir DIR --prompt TEXT [--prompt TEXT ...] [--temperature T]
+(`lmssl` is the same command once installed.) An MLM run's `sample` fills each [MASK] in the
+prompt; a causal LM continues the prompts.
+"""
+
+import json
 import sys
 
 from absl import app
-from absl import logging
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variants].",
+MODES = ("train", "eval", "sample")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variants] (train).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer.")
+_MODE = flags.DEFINE_enum("mode", None, MODES, "Same as the first argument; default train.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator", None, "host:port of process 0 for multi-process runs without auto-detection "
     "(with --num_processes and --process_id); Cloud TPU VMs need none of these.")
@@ -17,12 +27,55 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (auto-detects TPU pods).")
-flags.mark_flags_as_required(["config", "workdir"])
+_BEST = flags.DEFINE_bool("best", False, "eval/sample: a fine-tuning run's best checkpoint.")
+_EVAL_SOURCE = flags.DEFINE_string("eval_source", "", "eval: a corpus or task file instead of "
+                                   "the run's own eval data (same forms as the config).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "sample: a prompt (repeat for a batch).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 50, "sample: tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "sample: 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "sample: keep the k likeliest tokens (0: all); "
+                              "fill-mask: candidates shown.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "sample: nucleus probability mass (1: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
+flags.mark_flag_as_required("workdir")
+
+
+def _run(mode: str) -> None:
+  from lmssl import errors
+  if mode == "train":
+    if _CONFIG.value is None:
+      raise errors.UserError("train needs --config FILE[:variants]")
+    from lmssl import train
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  elif mode == "eval":
+    from lmssl import train
+    print(json.dumps(train.evaluate_run(_WORKDIR.value, _EVAL_SOURCE.value, _BEST.value)))
+  else:
+    if not _PROMPT.value:
+      raise errors.UserError("sample needs at least one --prompt TEXT")
+    from lmssl import config as config_lib
+    from lmssl import inference
+    if config_lib.load_run_config(_WORKDIR.value).objective == "mlm":
+      for text in _PROMPT.value:
+        found = inference.fill_mask_text(_WORKDIR.value, text, top_k=_TOP_K.value or 5,
+                                         best=_BEST.value)
+        print(json.dumps({"prompt": text, "masks": [
+            [{"piece": piece, "prob": round(prob, 4)} for piece, prob in c] for c in found]}))
+      return
+    outputs = inference.generate_text(
+        _WORKDIR.value, _PROMPT.value, best=_BEST.value, max_new_tokens=_MAX_NEW.value,
+        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+        seed=_SEED.value)
+    for prompt, text in zip(_PROMPT.value, outputs):
+      print(json.dumps({"prompt": prompt, "continuation": text}))
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; knobs go as --config.KEY=VALUE")
+  mode = _MODE.value or (argv[1] if len(argv) > 1 else "train")
+  extra = argv[2:] if len(argv) > 1 and not _MODE.value else argv[1:]
+  if mode not in MODES or extra:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; the one positional argument is the "
+                         f"mode ({'|'.join(MODES)}); knobs go as --config.KEY=VALUE")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter; lmssl prints its own progress
   import jax
@@ -31,9 +84,8 @@ def main(argv):
   elif _DISTRIBUTED.value:
     jax.distributed.initialize()
   from lmssl import errors
-  from lmssl import train
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    _run(mode)
   except errors.UserError as e:
     sys.exit(f"lmssl: error: {e}")
 

@@ -88,7 +88,13 @@ class Embedder(nn.Module):
 
 
 class Projection(nn.Module):
-  """`einsum(eq, x, kernel) + bias` with logically named kernel and bias axes."""
+  """`einsum(eq, x, kernel) + bias` with logically named kernel and bias axes.
+
+  The kernel's leading dims contract with x, the trailing ones (the bias's) are outputs. When
+  the config names this projection among `lora_targets`, a low-rank adapter runs beside the
+  kernel: x -> A [in, R] -> B [R, out], scaled by lora_alpha / R; B starts at zero so the
+  adapted model starts as the pretrained one.
+  """
   cfg: Any
   eq: str
   kernel_shape: tuple
@@ -100,18 +106,43 @@ class Projection(nn.Module):
     cfg = self.cfg
     kernel = self.param("kernel", logical_init(self.kernel_axes), self.kernel_shape,
                         cfg.param_dtype)
-    bias_shape = self.kernel_shape[-len(self.bias_axes):]
-    bias = self.param("bias", logical_init(self.bias_axes, nn.initializers.zeros), bias_shape,
-                      cfg.param_dtype)
-    return jnp.einsum(self.eq, x.astype(cfg.dtype), kernel.astype(cfg.dtype)) + bias.astype(
-        cfg.dtype)
+    n_out = len(self.bias_axes)
+    bias = self.param("bias", logical_init(self.bias_axes, nn.initializers.zeros),
+                      self.kernel_shape[-n_out:], cfg.param_dtype)
+    x = x.astype(cfg.dtype)
+    y = jnp.einsum(self.eq, x, kernel.astype(cfg.dtype)) + bias.astype(cfg.dtype)
+    if cfg.lora_rank and self.name in cfg.lora_targets:
+      y += self._adapter(x, len(self.kernel_shape) - n_out)
+    return y
+
+  def _adapter(self, x, n_in):
+    cfg = self.cfg
+    inputs, _, out = self.eq.partition("->")
+    x_dims, kernel_dims = inputs.split(",")
+    batch_dims = "".join(c for c in x_dims if c not in kernel_dims)
+    a = self.param("lora_a", logical_init(self.kernel_axes[:n_in] + ("lora",)),
+                   self.kernel_shape[:n_in] + (cfg.lora_rank,), cfg.param_dtype)
+    b = self.param("lora_b", logical_init(("lora",) + self.kernel_axes[n_in:],
+                                          nn.initializers.zeros),
+                   (cfg.lora_rank,) + self.kernel_shape[n_in:], cfg.param_dtype)
+    # "z" is the rank dim; projections never use it.
+    xa = jnp.einsum(f"{x_dims},{kernel_dims[:n_in]}z->{batch_dims}z", x, a.astype(cfg.dtype))
+    delta = jnp.einsum(f"{batch_dims}z,z{kernel_dims[n_in:]}->{out}", xa, b.astype(cfg.dtype))
+    return delta * (cfg.lora_alpha / cfg.lora_rank)
 
 
 class Attention(nn.Module):
+  """Multi-head attention; given a `cache_index` it decodes against a KV cache instead.
+
+  Decoding keeps `cached_key` and `cached_value` [B, S, H, K] in the "cache" collection, with S
+  the mask's key length: a call writes its L new (rotated) keys and values at slots
+  [cache_index, cache_index + L) and attends over all S slots, so the caller's mask must hide
+  empty, padding and future slots.
+  """
   cfg: Any
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask_B1LS, positions_BxL):
+  def __call__(self, x_BxLxD, mask_B1LS, positions_BxL, cache_index=None):
     cfg = self.cfg
     shape = (cfg.d_model, cfg.num_heads, cfg.d_model // cfg.num_heads)
     q_BxLxHxK, k_BxSxHxK, v_BxSxHxK = (
@@ -120,12 +151,27 @@ class Attention(nn.Module):
     if cfg.position == "rope":
       q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
       k_BxSxHxK = rope(k_BxSxHxK, positions_BxL, cfg.rope_theta)
+    if cache_index is not None:
+      k_BxSxHxK, v_BxSxHxK = self._cached(k_BxSxHxK, v_BxSxHxK, mask_B1LS.shape[-1],
+                                          cache_index)
     q_BxLxHxK = nn.with_logical_constraint(q_BxLxHxK, ("batch", "length", "heads", "kv"))
     out_BxLxHxK = jax.nn.dot_product_attention(
         q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_B1LS,
         implementation=ATTENTION_IMPLS[cfg.attention])
     return Projection(cfg, "blhk,hkd->bld", shape[1:] + shape[:1], ("heads", "kv", "embed"),
                       ("embed",), name="out")(out_BxLxHxK)
+
+  def _cached(self, k_BxLxHxK, v_BxLxHxK, cache_len, cache_index):
+    """Writes the new keys and values into the cache; returns the whole cache [B, S, H, K]."""
+    batch, _, heads, head_dim = k_BxLxHxK.shape
+    shape = (batch, cache_len, heads, head_dim)
+    out = []
+    for name, new_BxLxHxK in (("cached_key", k_BxLxHxK), ("cached_value", v_BxLxHxK)):
+      cached = self.variable("cache", name, jnp.zeros, shape, new_BxLxHxK.dtype)
+      cached.value = jax.lax.dynamic_update_slice(cached.value, new_BxLxHxK,
+                                                  (0, cache_index, 0, 0))
+      out.append(cached.value)
+    return tuple(out)
 
 
 class Mlp(nn.Module):
@@ -134,13 +180,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.cfg
-    h_BxLxF = nn.Dense(cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                       kernel_init=logical_init(("embed", "mlp")),
-                       bias_init=logical_init(("mlp",), nn.initializers.zeros), name="wi")(x_BxLxD)
+    h_BxLxF = Projection(cfg, "bld,df->blf", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"),
+                         ("mlp",), name="wi")(x_BxLxD)
     h_BxLxF = nn.with_logical_constraint(gelu(cfg, h_BxLxF), ("batch", "length", "mlp"))
-    return nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                    kernel_init=logical_init(("mlp", "embed")),
-                    bias_init=logical_init(("embed",), nn.initializers.zeros), name="wo")(h_BxLxF)
+    return Projection(cfg, "blf,fd->bld", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"),
+                      ("embed",), name="wo")(h_BxLxF)
 
 
 class Block(nn.Module):
@@ -149,11 +193,11 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask_B1LS, positions_BxL):
+  def __call__(self, x_BxLxD, mask_B1LS, positions_BxL, cache_index=None):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     for name, sublayer in (("attn", Attention(cfg, name="attn")), ("mlp", Mlp(cfg, name="mlp"))):
-      args = (mask_B1LS, positions_BxL) if name == "attn" else ()
+      args = (mask_B1LS, positions_BxL, cache_index) if name == "attn" else ()
       if cfg.norm == "pre":
         x_BxLxD = x_BxLxD + drop(sublayer(layer_norm(cfg, f"{name}_norm")(x_BxLxD), *args))
       else:
@@ -163,7 +207,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Embeddings and N scanned Blocks. Returns hidden states and the token embedding table."""
+  """Embeddings and N scanned Blocks. Returns hidden states and the token embedding table.
+
+  `__call__` is the training forward; `decode` runs new tokens against a per-layer KV cache.
+  """
   cfg: Any
   deterministic: bool = True
 
@@ -174,8 +221,9 @@ class Transformer(nn.Module):
     if cfg.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     self.layers = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+        block, variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, self.deterministic, name="layers")
     # BERT normalizes the embeddings; GPT-2 (pre-LN) normalizes the stack's output instead.
@@ -184,21 +232,42 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL, token_types_BxL=None,
                *, causal: bool):
+    mask_B1LS = attention_mask(segment_ids_BxL, causal)
+    return self._stack(tokens_BxL, positions_BxL, token_types_BxL, mask_B1LS, None)
+
+  def decode(self, tokens_BxL, positions_BxL, mask_B1LS, cache_index, token_types_BxL=None):
+    """Runs L new tokens against the KV cache; apply it with `mutable=["cache"]`.
+
+    The tokens fill slots [cache_index, cache_index + L) of every layer's cache, which holds
+    S = mask_B1LS.shape[-1] slots and starts zeroed when the "cache" collection is empty.
+    mask_B1LS [B, 1, L, S] says which slots each new token sees (filled, not padding, not in its
+    future); positions_BxL are the tokens' positions within their own rows, which left padding
+    makes differ from slots.
+    """
+    return self._stack(tokens_BxL, positions_BxL, token_types_BxL, mask_B1LS, cache_index)
+
+  def _stack(self, tokens_BxL, positions_BxL, token_types_BxL, mask_B1LS, cache_index):
     if token_types_BxL is None:
       token_types_BxL = jnp.zeros_like(tokens_BxL)
     x_BxLxD = self.embedder(tokens_BxL, positions_BxL, token_types_BxL)
     if self.cfg.norm == "post":
       x_BxLxD = self.final_norm(x_BxLxD)
     x_BxLxD = nn.with_logical_constraint(self.drop(x_BxLxD), ("batch", "length", "embed"))
-    mask_B1LS = attention_mask(segment_ids_BxL, causal)
-    x_BxLxD, _ = self.layers(x_BxLxD, mask_B1LS, positions_BxL)
+    x_BxLxD, _ = self.layers(x_BxLxD, mask_B1LS, positions_BxL, cache_index)
     if self.cfg.norm == "pre":
       x_BxLxD = self.final_norm(x_BxLxD)
     return x_BxLxD, self.embedder.table()
 
 
-def module_config(model_cfg):
-  """The model ConfigDict as a frozen, hashable view with dtypes resolved."""
+LORA_TARGETS = ("query", "key", "value", "out", "wi", "wo")
+
+
+def module_config(model_cfg, lora_cfg=None):
+  """The model ConfigDict as a frozen, hashable view with dtypes resolved, plus the LoRA
+  settings the projections read (rank 0: no adapters)."""
   d = model_cfg.to_dict()
   d["dtype"], d["param_dtype"] = jnp.dtype(d["dtype"]), jnp.dtype(d["param_dtype"])
+  rank = lora_cfg.rank if lora_cfg is not None else 0
+  d["lora_rank"], d["lora_alpha"] = rank, lora_cfg.alpha if rank else 0.0
+  d["lora_targets"] = tuple(t.strip() for t in lora_cfg.targets.split(",")) if rank else ()
   return ml_collections.FrozenConfigDict(d)

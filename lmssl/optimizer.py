@@ -19,20 +19,38 @@ def learning_rate(train_cfg) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [t.warmup_steps])
 
 
+def path_names(path) -> list[str]:
+  # Boxed (logically partitioned) leaves add a trailing "value" to the path.
+  names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+  return [n for n in names if n != "value"]
+
+
 def decay_mask(params):
   """True where weight decay applies: kernels and embeddings, not biases or norms."""
   def decays(path, _):
-    # Boxed (logically partitioned) leaves add a trailing "value" to the path.
-    names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
-    names = [n for n in names if n != "value"]
+    names = path_names(path)
     return names[-1] not in ("bias", "scale") and not any("norm" in n for n in names)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make(train_cfg) -> optax.GradientTransformation:
+def lora_trainable(params):
+  """With adapters, only they and the heads outside the backbone train."""
+  def trains(path, _):
+    names = path_names(path)
+    return names[0] != "transformer" or names[-1] in ("lora_a", "lora_b")
+  return jax.tree_util.tree_map_with_path(trains, params)
+
+
+def make(train_cfg, lora: bool = False) -> optax.GradientTransformation:
+  """Clipped AdamW; with `lora` only `lora_trainable` parameters get updates and state."""
   t = train_cfg
-  return optax.chain(
+  tx = optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
       optax.adamw(learning_rate(t), b1=t.b1, b2=t.b2, eps=t.eps,
                   weight_decay=t.weight_decay, mask=decay_mask),
   )
+  if not lora:
+    return tx
+  return optax.multi_transform(
+      {"train": tx, "frozen": optax.set_to_zero()},
+      lambda params: jax.tree.map(lambda t: "train" if t else "frozen", lora_trainable(params)))

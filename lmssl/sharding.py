@@ -28,6 +28,8 @@ LOGICAL_AXIS_RULES = (
     ("pos", None),
     ("types", None),
     ("norm", None),
+    ("lora", None),
+    ("classes", None),
 )
 
 
@@ -64,6 +66,10 @@ def logical_shardings(abstract_tree, mesh):
 def batch_sharding(mesh) -> NamedSharding:
   axes = nn.logical_to_mesh_axes(("batch",), LOGICAL_AXIS_RULES)
   return NamedSharding(mesh, P(*axes))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
 
 
 def batch_shards(mesh) -> int:

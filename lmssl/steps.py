@@ -23,25 +23,43 @@ class TrainState:
   opt_state: Any
 
 
+def module_config(cfg):
+  return model_lib.module_config(cfg.model, cfg.lora)
+
+
 def build_model(cfg, deterministic: bool = True) -> heads.LanguageModel:
-  return heads.LanguageModel(model_lib.module_config(cfg.model), cfg.objective, deterministic)
+  labels = [n for n in cfg.task.labels.split(",") if n]
+  return heads.LanguageModel(module_config(cfg), cfg.objective,
+                             heads.heads_for(cfg), len(labels), cfg.task.dropout, deterministic)
 
 
 def example_batch(cfg, batch_size: int) -> dict:
   """Zeros shaped like a pipeline batch, for initialization and shape checks."""
   shape = (batch_size, cfg.data.seq_len)
-  batch = {k: np.zeros(shape, np.int32) for k in ("input_ids", "segment_ids", "positions")}
-  if cfg.objective == "mlm":
-    pshape = (batch_size, cfg.data.max_predictions)
-    batch.update(masked_positions=np.zeros(pshape, np.int32),
-                 masked_ids=np.zeros(pshape, np.int32),
-                 masked_weights=np.zeros(pshape, np.float32))
+  batch = {k: np.zeros(shape, np.int32)
+           for k in ("input_ids", "segment_ids", "positions", "token_types")}
+  for head in heads.heads_for(cfg):
+    if head == "mlm":
+      pshape = (batch_size, cfg.data.max_predictions)
+      batch.update(masked_positions=np.zeros(pshape, np.int32),
+                   masked_ids=np.zeros(pshape, np.int32),
+                   masked_weights=np.zeros(pshape, np.float32))
+    elif head == "pair":
+      batch["pair_labels"] = np.zeros((batch_size,), np.int32)
+    elif head != "clm":
+      lshape = shape if head == "tokens" else (batch_size,)
+      batch["labels"] = np.zeros(lshape, np.float32 if head == "regression" else np.int32)
+      batch["label_weights"] = np.zeros(lshape, np.float32)
   return batch
 
 
-def create_state(cfg, model, tx, mesh):
+def make_optimizer(cfg):
+  return optimizer_lib.make(cfg.train, lora=cfg.lora.rank > 0)
+
+
+def create_state(cfg, mesh):
   """The train state, born sharded: shapes from eval_shape, shardings from the logical rules."""
-  batch = example_batch(cfg, 1)
+  model, tx, batch = build_model(cfg), make_optimizer(cfg), example_batch(cfg, 1)
 
   def init(rng):
     params = model.init({"params": rng}, batch)["params"]
@@ -54,25 +72,44 @@ def create_state(cfg, model, tx, mesh):
   return state, shardings
 
 
-def _loss_and_grads(model, objective, params, batch, rng):
+def abstract_params(cfg, mesh):
+  """Parameter shapes and dtypes with their shardings on `mesh`, without computing them."""
+  model = build_model(cfg)
+  boxed = jax.eval_shape(lambda r: model.init({"params": r}, example_batch(cfg, 1))["params"],
+                         jax.random.key(0))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh))
+
+
+def _normalizers(batch, head_names):
+  """Each head's total weight over the whole batch: its loss is a weighted mean over it."""
+  return {h: jnp.maximum(jnp.sum(heads.targets_and_weights(batch, h)[1]), 1.0)
+          for h in head_names}
+
+
+def _loss_and_grads(model, params, batch, normalizers, rng, trainable):
   def loss_fn(p):
-    logits = model.apply({"params": p}, batch, rngs={"dropout": rng})
-    sums = heads.loss_sums(logits, *heads.targets_and_weights(batch, objective))
-    return sums["loss_sum"], sums
+    if trainable is not None:  # No gradient flows into frozen parameters at all.
+      p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable)
+    sums = heads.term_sums(model.apply({"params": p}, batch, rngs={"dropout": rng}), batch)
+    return sum(sums[h]["loss_sum"] / normalizers[h] for h in sums), sums
   (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return grads, sums
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, objective: str, microbatches: int,
-               seed: int):
+def train_step(state: TrainState, batch: dict, *, model, tx, microbatches: int, seed: int,
+               lora: bool = False):
   """One optimizer update on a global batch, accumulating gradients over microbatches.
 
-  Losses are summed per microbatch and divided once by the batch's total weight, so k
-  microbatches give the same update as the full batch.
+  Each head's loss is its summed loss over the whole batch's weight (computed up front), so
+  k microbatches add up to exactly the full batch's gradient. With `lora` the backbone is
+  frozen: no gradient, no optimizer state, bit-identical values.
   """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  trainable = optimizer_lib.lora_trainable(state.params) if lora else None
+  normalizers = _normalizers(batch, model.heads)
   if microbatches == 1:
-    grads, sums = _loss_and_grads(model, objective, state.params, batch, rng)
+    grads, sums = _loss_and_grads(model, state.params, batch, normalizers, rng, trainable)
   else:
     # Row j of microbatch i is row j*k + i: every device keeps contributing to every microbatch.
     micro = jax.tree.map(
@@ -81,51 +118,69 @@ def train_step(state: TrainState, batch: dict, *, model, tx, objective: str, mic
 
     def accumulate(carry, xs):
       i, mb = xs
-      grads, sums = _loss_and_grads(model, objective, state.params, mb, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+      out = _loss_and_grads(model, state.params, mb, normalizers, jax.random.fold_in(rng, i),
+                            trainable)
+      return jax.tree.map(jnp.add, carry, out), None
 
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: _loss_and_grads(model, objective, state.params,
-                                jax.tree.map(lambda x: x[0], micro), rng)))
+        lambda: _loss_and_grads(model, state.params, jax.tree.map(lambda x: x[0], micro),
+                                normalizers, rng, trainable)))
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), micro))
-  weight = jnp.maximum(sums["weight_sum"], 1.0)
-  grads = jax.tree.map(lambda g: g / weight, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state)
-  return new_state, {"loss": sums["loss_sum"] / weight, "accuracy": sums["correct_sum"] / weight,
-                     "grad_norm": optax.tree.norm(grads), "weight": sums["weight_sum"]}
+  params = optax.apply_updates(state.params, updates)
+  if trainable is not None:
+    params = jax.tree.map(lambda new, old, t: new if t else old, params, state.params, trainable)
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, {**summarize(sums, model.heads), "grad_norm": optax.tree.norm(grads)}
 
 
-def eval_step(params, batch, *, model, objective: str):
-  logits = model.apply({"params": params}, batch)
-  return heads.loss_sums(logits, *heads.targets_and_weights(batch, objective))
+def summarize(sums: dict, head_names, prefix: str = "") -> dict:
+  """Scalars from summed terms: loss (summed over heads) and the first head's accuracy; with
+  several heads also each head's own loss and accuracy."""
+  mean = {h: (sums[h]["loss_sum"] / jnp.maximum(sums[h]["weight_sum"], 1.0),
+              sums[h]["correct_sum"] / jnp.maximum(sums[h]["weight_sum"], 1.0))
+          for h in head_names}
+  out = {f"{prefix}loss": sum(m[0] for m in mean.values()),
+         f"{prefix}accuracy": mean[head_names[0]][1]}
+  if len(head_names) > 1:
+    for h in head_names:
+      out[f"{prefix}{h}_loss"], out[f"{prefix}{h}_accuracy"] = mean[h]
+  return out
+
+
+def eval_step(params, batch, token_bytes_V, *, model):
+  """Summed terms per head; for clm also the UTF-8 bytes of the predicted tokens (bits per
+  byte); for fine-tuning heads the predictions, labels and weights themselves."""
+  outputs = model.apply({"params": params}, batch)
+  sums = heads.term_sums(outputs, batch)
+  if "clm" in sums:
+    targets, weights = heads.targets_and_weights(batch, "clm")
+    sums["clm"]["byte_sum"] = jnp.sum(token_bytes_V[targets] * weights)
+  rows = {}
+  for head in outputs:
+    if head not in heads.PRETRAINING_HEADS:
+      labels, weights = heads.targets_and_weights(batch, head)
+      rows = {"predictions": heads.predictions(outputs, head), "labels": labels,
+              "weights": weights}
+  return sums, rows
 
 
 def compile_steps(cfg, state_shardings, mesh):
-  """The jitted train and eval steps with explicit in/out shardings; the state is donated."""
-  tx = optimizer_lib.make(cfg.train)
+  """The jitted train and eval steps with explicit in/out shardings; the state is donated.
+
+  Eval outputs are replicated so every process can read the predictions of the whole batch.
+  """
+  tx = make_optimizer(cfg)
   batch_sh = sharding.batch_sharding(mesh)
   step = jax.jit(
       functools.partial(train_step, model=build_model(cfg, deterministic=False), tx=tx,
-                        objective=cfg.objective, microbatches=cfg.train.microbatches,
-                        seed=cfg.seed),
+                        microbatches=cfg.train.microbatches, seed=cfg.seed, lora=cfg.lora.rank > 0),
       in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, None),
       donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, model=build_model(cfg), objective=cfg.objective),
-                     in_shardings=(state_shardings.params, batch_sh))
-  return step, evaluate
+  return step, compile_eval(cfg, state_shardings.params, mesh)
 
 
-def evaluate(eval_fn, params, eval_batches, mesh, objective: str) -> dict:
-  totals = None
-  for local in eval_batches:
-    sums = eval_fn(params, sharding.global_batch(local, mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  weight = max(float(totals["weight_sum"]), 1.0)
-  loss = float(totals["loss_sum"]) / weight
-  out = {"eval_loss": loss, "eval_accuracy": float(totals["correct_sum"]) / weight}
-  if objective == "clm":
-    out["eval_perplexity"] = float(np.exp(min(loss, 50.0)))
-  return out
+def compile_eval(cfg, params_shardings, mesh):
+  return jax.jit(functools.partial(eval_step, model=build_model(cfg)),
+                 in_shardings=(params_shardings, sharding.batch_sharding(mesh), None),
+                 out_shardings=sharding.replicated(mesh))

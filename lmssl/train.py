@@ -1,104 +1,234 @@
-"""Pretraining loop, in phases: mesh, data, model + optimizer, restore, loop."""
+"""Training loop, in phases: mesh, data, model + optimizer, restore, loop.
 
+One loop serves pretraining (MLM, CLM, + NSP/SOP) and fine-tuning (a task head on a
+pretrained backbone, optionally through LoRA adapters); they differ in data and heads only.
+"""
+
+import json
 import os
 
 import flax.linen as nn
 import jax
+import numpy as np
+import ml_collections
 
 from lmssl import checkpoint
 from lmssl import config as config_lib
 from lmssl import errors
+from lmssl import evaluate as evaluate_lib
+from lmssl import heads
+from lmssl import inference
+from lmssl import lora as lora_lib
 from lmssl import metrics as metrics_lib
 from lmssl import optimizer as optimizer_lib
 from lmssl import sharding
 from lmssl import steps
 from lmssl.data import pipeline
 from lmssl.data import prepare
+from lmssl.data import tasks
 from lmssl.data import tokenizer as tokenizer_lib
 
 
-def _datasets(cfg, workdir):
-  """Prepared data (built and cached on first use), the tokenizer, a factory of per-host train
-  iterators and this host's fixed list of eval batches."""
-  tokenizer_path, prepared_dir = prepare.prepare(cfg.data, None, workdir)
-  tok = tokenizer_lib.Tokenizer.load(tokenizer_path)
+def _datasets(cfg, workdir, full_eval: bool = False):
+  """The tokenizer, a factory of per-host train iterators, this host's fixed list of eval
+  batches, and where the data lives. Pretraining data is prepared (and cached) on first use;
+  a task's files are read and encoded. Task evals, and all evals with `full_eval`, cover every
+  example once; else pretraining evals read eval.steps batches."""
+  if cfg.task.kind:
+    if not cfg.data.tokenizer:
+      raise errors.UserError("fine-tuning needs the pretrained model's tokenizer: set "
+                             "--config.init.params_from=RUN (or --config.data.tokenizer)")
+    tok = tokenizer_lib.Tokenizer.load(cfg.data.tokenizer)
+    train_arrays, eval_arrays, names = tasks.load(cfg.task, tok, cfg.data.seq_len)
+    config_lib.set_labels(cfg, names)
+    objective, where, full_eval = "task", f"{cfg.task.train_source}, {cfg.task.eval_source}", True
+  else:
+    tokenizer_path, where = prepare.prepare(cfg.data, cfg.data.tokenizer or None, workdir)
+    tok = tokenizer_lib.Tokenizer.load(tokenizer_path)
+    train_arrays = prepare.load_prepared(where, "train")
+    eval_arrays = prepare.load_prepared(where, "validation")
+    objective = cfg.objective
   config_lib.set_vocab(cfg, tok.vocab_size)
-  common = dict(objective=cfg.objective, seed=cfg.seed, process_index=jax.process_index(),
+  eval_steps = cfg.eval.steps
+  if full_eval:  # pad to whole batches with rows that weigh nothing
+    eval_arrays = tasks.pad_rows(dict(eval_arrays), cfg.eval.batch_size)
+    eval_steps = len(next(iter(eval_arrays.values()))) // cfg.eval.batch_size
+  common = dict(objective=objective, seed=cfg.seed, process_index=jax.process_index(),
                 process_count=jax.process_count(), cfg=cfg.data, vocab_size=tok.vocab_size,
                 word_start=tok.word_start)
 
   def train_batches(start_step, end_step):
-    ds = pipeline.make_dataset(prepare.load_prepared(prepared_dir, "train"),
-                               global_batch=cfg.train.batch_size, start_step=start_step,
-                               num_steps=end_step - start_step, **common)
+    ds = pipeline.make_dataset(train_arrays, global_batch=cfg.train.batch_size,
+                               start_step=start_step, num_steps=end_step - start_step, **common)
     return ds.as_numpy_iterator()
 
   # The eval set is the same rows and masks every time: read it once, reuse it each evaluation.
   eval_batches = list(pipeline.make_dataset(
-      prepare.load_prepared(prepared_dir, "validation"), global_batch=cfg.eval.batch_size,
-      start_step=0, shuffle=False, num_steps=cfg.eval.steps, **common).as_numpy_iterator())
+      eval_arrays, global_batch=cfg.eval.batch_size, start_step=0, shuffle=False,
+      num_steps=eval_steps, **common).as_numpy_iterator())
+  return tok, train_batches, eval_batches, where
 
-  return tokenizer_path, prepared_dir, train_batches, eval_batches
+
+def _start_from(cfg):
+  """For init.params_from: the source run's checkpoint path, after adopting its architecture."""
+  path = cfg.init.params_from
+  if not path:
+    return None
+  if path.startswith("hf:"):
+    raise errors.UserError(f"init.params_from={path!r}: HuggingFace checkpoints must be "
+                           "converted first with `python -m lmssl.convert from-hf`; then name "
+                           "the converted workdir")
+  source_workdir = checkpoint.run_dir(path)
+  config_lib.inherit_model(cfg, config_lib.load_run_config(source_workdir), source_workdir)
+  return path
+
+
+def _warm_start(state, path: str):
+  """The state with another run's parameters: the backbone must fit exactly; heads and
+  adapters the source lacks (or shapes differently) keep their fresh init."""
+  def may_be_new(key):
+    return not key.startswith("['transformer']") or "lora_" in key
+  values, fresh = checkpoint.load_params(path, state.params, may_be_new)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: values.get(jax.tree_util.keystr(p), x), state.params)
+  if fresh:
+    metrics_lib.log(f"initialized fresh: {', '.join(fresh)}")
+  return state.replace(params=params)
 
 
 def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict:
-  """Pretrains per `cfg` in `workdir`, resuming from its latest checkpoint. Returns final metrics.
+  """Trains per `cfg` in `workdir`, resuming from its latest checkpoint. Returns final metrics.
 
   `until_step` stops early (with a checkpoint) as an interruption would; the schedule still
   follows `train.steps`.
   """
   # 1. Mesh, and the config checked against it before anything is written.
+  init_path = _start_from(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   config_lib.validate(cfg, batch_shards=sharding.batch_shards(mesh),
                       process_count=jax.process_count())
+  best_key = evaluate_lib.main_metric(cfg) if cfg.task.kind else None
   os.makedirs(workdir, exist_ok=True)
   metrics_lib.log(f"process {jax.process_index()}/{jax.process_count()}: "
                   f"{jax.local_device_count()} local / {jax.device_count()} global devices, "
                   f"mesh {dict(mesh.shape)}")
 
   # 2. Data.
-  tokenizer_path, prepared_dir, train_batches, eval_batches = _datasets(cfg, workdir)
+  tok, train_batches, eval_batches, data_where = _datasets(cfg, workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(cfg.to_json(indent=2))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     # 3. Model and optimizer, state born sharded.
-    state, state_shardings = steps.create_state(cfg, steps.build_model(cfg),
-                                                optimizer_lib.make(cfg.train), mesh)
+    state, state_shardings = steps.create_state(cfg, mesh)
     step_fn, eval_fn = steps.compile_steps(cfg, state_shardings, mesh)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    metrics_lib.log(f"model: {cfg.objective} {cfg.model.size}, {n_params:,} parameters")
+    trainable, total = lora_lib.count(state.params, cfg.lora.rank > 0)
+    metrics_lib.log(f"model: {cfg.objective} {cfg.model.size} {'+'.join(heads.heads_for(cfg))}, "
+                    f"{total:,} parameters, {trainable:,} trainable")
 
-    # 4. Restore: resume from the workdir's latest checkpoint, else start from scratch.
+    # 4. Restore, in this order of precedence:
+    #   1) the workdir's latest checkpoint: resume this run exactly (state, step, data order);
+    #   2) init.params_from: another run's parameters (backbone + matching heads), new
+    #      optimizer, step 0 (fine-tuning);
+    #   3) neither: train from scratch.
     ckpt = checkpoint.manager(workdir, cfg.checkpoint)
     restored = checkpoint.restore(ckpt, state)
     if restored is not None:
       state, meta = restored
       if meta["seed"] != cfg.seed:
         raise errors.UserError(f"workdir {workdir} was trained with seed {meta['seed']}, not "
-                         f"{cfg.seed}; use the same seed to resume or a new workdir")
+                               f"{cfg.seed}; use the same seed to resume or a new workdir")
       metrics_lib.log(f"resumed from step {int(state.step)} in {ckpt.directory}")
+    elif init_path:
+      state = _warm_start(state, init_path)
+      metrics_lib.log(f"parameters from {init_path}")
     start = int(state.step)
 
     # 5. Loop.
     end = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
     writer = metrics_lib.Writer(workdir, start)
-    state, last = _loop(cfg, state, step_fn, train_batches(start, end),
-                        lambda params: steps.evaluate(eval_fn, params, eval_batches, mesh,
-                                                      cfg.objective),
+    best = _Best(workdir, *best_key) if best_key else None
+    token_bytes = np.asarray(tok.piece_bytes())
+
+    def evaluate(step, params):
+      evals = evaluate_lib.run(eval_fn, params, eval_batches, mesh, cfg, token_bytes)
+      if best is not None:
+        best.update(step, evals, params)
+      return evals
+
+    state, last = _loop(cfg, state, step_fn, train_batches(start, end), evaluate,
                         lambda step, st: checkpoint.save(ckpt, step, st, {"seed": cfg.seed}),
                         writer, mesh, start, end)
     ckpt.wait_until_finished()
     ckpt.close()
     writer.close()
-  final = {"step": int(state.step), **last}
+    if best is not None:
+      best.close()
+  final = {"step": int(state.step), **last, "trainable_params": trainable}
+  if best is not None and best.record:
+    final["best"] = best.record
   metrics_lib.log("final: " + ", ".join(
       f"{k} {v:.4g}" for k, v in final.items() if k in ("step", "loss", "accuracy") or
       k.startswith("eval_")))
   metrics_lib.log(f"outputs in {os.path.abspath(workdir)}: metrics.jsonl, tensorboard/, "
-                  f"checkpoints/, config.json; tokenizer {tokenizer_path}; data {prepared_dir}")
+                  f"checkpoints/, config.json{', best/' if best else ''}; tokenizer "
+                  f"{tok.path}; data {data_where}")
   return final
+
+
+def evaluate_run(workdir: str, eval_source: str = "", best: bool = False) -> dict:
+  """Metrics of the run in `workdir` on all of its eval data, or on `eval_source` (a corpus
+  for a pretraining run, a task file for a fine-tuning run). Writes nothing."""
+  mesh = inference.inference_mesh()
+  cfg, params = inference.load_run(workdir, best, mesh)
+  if eval_source and cfg.task.kind:
+    cfg.task.eval_source = eval_source
+  elif eval_source:
+    cfg.data.val_source = eval_source
+  cfg.data.tokenizer = cfg.data.tokenizer or os.path.join(workdir, "tokenizer.model")
+  cfg.eval.batch_size = sharding.batch_shards(mesh) * max(
+      1, cfg.eval.batch_size // sharding.batch_shards(mesh))
+  tok, _, eval_batches, where = _datasets(cfg, workdir, full_eval=True)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    eval_fn = steps.compile_eval(cfg, jax.tree.map(lambda x: x.sharding, params), mesh)
+    evals = evaluate_lib.run(eval_fn, params, eval_batches, mesh, cfg,
+                             np.asarray(tok.piece_bytes()))
+  return {"workdir": os.path.abspath(workdir), "data": where, "checkpoint": "best" if best
+          else "latest", **evals}
+
+
+class _Best:
+  """Keeps the parameters of the best evaluation so far in `workdir/best` (+ best.json)."""
+
+  def __init__(self, workdir: str, key: str, higher_is_better: bool):
+    self.key, self.sign = key, 1.0 if higher_is_better else -1.0
+    self.path = os.path.join(os.path.abspath(workdir), "best.json")
+    # Laid out like a run's checkpoints ({"params"} as the state), so `init.params_from`,
+    # `lmssl eval --best` and `lmssl sample --best` read it like any checkpoint.
+    self.mngr = checkpoint.manager(os.path.join(workdir, "best"), ml_collections.ConfigDict(
+        dict(keep=1, async_save=False)))
+    self.record = None
+    if os.path.exists(self.path):  # resuming: beat the best of the interrupted run
+      with open(self.path, encoding="utf-8") as f:
+        self.record = json.load(f)
+
+  def update(self, step: int, evals: dict, params) -> None:
+    value = evals[self.key]
+    if self.record is not None and self.sign * value <= self.sign * self.record["value"]:
+      return
+    checkpoint.save(self.mngr, step, {"params": params}, {"metric": self.key, "value": value})
+    self.mngr.wait_until_finished()  # best.json only ever names a committed checkpoint
+    self.record = {"step": step, "metric": self.key, "value": value, "evals": evals}
+    if jax.process_index() == 0:
+      tmp = self.path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(self.record, f, indent=2)
+      os.replace(tmp, self.path)
+    metrics_lib.log(f"best {self.key} {value:.4f} at step {step}")
+
+  def close(self) -> None:
+    self.mngr.close()
 
 
 def _loop(cfg, state, step_fn, batches, evaluate, save, writer, mesh, start: int, end: int):
@@ -121,7 +251,7 @@ def _loop(cfg, state, step_fn, batches, evaluate, save, writer, mesh, start: int
     if step % cfg.eval.every_steps == 0 or step == cfg.train.steps:
       if pending is not None:
         last, pending = _report(writer, meter, cfg, *pending), None
-      evals = evaluate(state.params)
+      evals = evaluate(step, state.params)
       writer.write(step, evals)
       metrics_lib.log(metrics_lib.console_line(step, cfg.train.steps, evals))
       last = {**last, **evals}
@@ -134,7 +264,7 @@ def _loop(cfg, state, step_fn, batches, evaluate, save, writer, mesh, start: int
 
 
 def _report(writer, meter, cfg, step, step_metrics, lr) -> dict:
-  scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "weight"}
+  scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   scalars.update(lr=float(lr), **meter.update(step))
   writer.write(step, scalars)
   metrics_lib.log(metrics_lib.console_line(step, cfg.train.steps, scalars))

@@ -22,7 +22,7 @@ def load_config(name: str, arg: str = "smoke"):
   return module.get_config(arg)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def wikitext_dir():
   path = CORPORA / "wikitext-2"
   if not path.is_dir():

@@ -1,4 +1,5 @@
-"""Imports point one way: leaves -> heads/data -> steps -> train -> main; TF only in lmssl/data."""
+"""Imports point one way: leaves -> heads/data -> steps -> evaluate/sample/inference -> train ->
+main; TF only in lmssl/data."""
 
 import ast
 import pathlib
@@ -10,15 +11,21 @@ ALLOWED = {
     "config": {"errors"},
     "sharding": {"errors"},
     "optimizer": set(),
-    "checkpoint": set(),
+    "checkpoint": {"errors"},
     "metrics": set(),
+    "scores": set(),
     "model": set(),
     "heads": {"model"},
+    "lora": {"optimizer"},
     "data": {"data", "errors"},
     "steps": {"heads", "model", "optimizer", "sharding"},
-    "train": {"checkpoint", "config", "data", "errors", "metrics", "optimizer", "sharding",
-              "steps"},
-    "main": {"errors", "train"},
+    "evaluate": {"errors", "heads", "scores", "sharding", "steps"},
+    "sample": {"heads", "model"},
+    "inference": {"checkpoint", "config", "data", "errors", "lora", "sample", "sharding",
+                  "steps"},
+    "train": {"checkpoint", "config", "data", "errors", "evaluate", "heads", "inference", "lora",
+              "metrics", "optimizer", "sharding", "steps"},
+    "main": {"config", "errors", "inference", "train"},
 }
 
 

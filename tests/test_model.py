@@ -74,10 +74,11 @@ def test_mlm_head_predicts_only_masked_positions():
   batch = {"input_ids": tokens, "segment_ids": segments, "positions": positions,
            "masked_positions": jnp.array([[3, 7, 0]])}
   params = _init(lm, batch)
-  logits = lm.apply({"params": params}, batch)
+  logits = lm.apply({"params": params}, batch)["mlm"]
   assert logits.shape == (1, 3, 64) and logits.dtype == jnp.float32
   # Each logit row belongs to its gathered position: reordering the slots reorders the rows.
-  swapped = lm.apply({"params": params}, {**batch, "masked_positions": jnp.array([[7, 3, 0]])})
+  swapped = lm.apply({"params": params},
+                     {**batch, "masked_positions": jnp.array([[7, 3, 0]])})["mlm"]
   np.testing.assert_allclose(swapped[0, 0], logits[0, 1], atol=1e-5)
 
 

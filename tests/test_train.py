@@ -39,8 +39,7 @@ def _run(cfg, mesh_shape, num_steps=2):
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(mesh_shape))])
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    state, shardings = steps.create_state(cfg, steps.build_model(cfg),
-                                          optimizer_lib.make(cfg.train), mesh)
+    state, shardings = steps.create_state(cfg, mesh)
     step_fn, _ = steps.compile_steps(cfg, shardings, mesh)
     losses = []
     for i in range(num_steps):

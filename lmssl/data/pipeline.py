@@ -2,9 +2,9 @@
 
 Row r of the global batch at step s is global row g = s * global_batch + r; it reads example
 `shuffle(g % N)` of epoch g // N, where the permutation is seeded by (seed, epoch). Host p of P
-reads rows [p * b, (p + 1) * b) with b = global_batch // P. MLM masks are seeded by (seed, g).
-So a resumed run starts at any step without replaying the stream, and the global batch does not
-depend on how many hosts read it.
+reads rows [p * b, (p + 1) * b) with b = global_batch // P. MLM masks, and the negatives of
+sentence-pair rows (pairs.py), are seeded by (seed, g). So a resumed run starts at any step
+without replaying the stream, and the global batch does not depend on how many hosts read it.
 
 Shapes: B = per-host batch, L = seq_len, P = max_predictions.
 """
@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from lmssl import errors
+from lmssl.data import pairs
 from lmssl.data import tokenizer as tok
 
 try:  # The data pipeline runs on the host CPU; leave accelerators to JAX.
@@ -22,7 +23,8 @@ except RuntimeError:
   pass  # TF was already initialised by someone else; their setting stands.
 
 _SHUFFLE_STREAM = 0x5EED  # third word of the shuffle's seed
-OBJECTIVES = ("mlm", "clm")
+# "task": fine-tuning rows, used as given (no masking).
+OBJECTIVES = ("mlm", "clm", "task")
 
 
 def _check_args(objective, global_batch, process_index, process_count, num_rows, cfg,
@@ -134,13 +136,22 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
                  num_steps=None) -> tf.data.Dataset:
   """Per-host batches {input_ids, segment_ids, positions [B, L] (+ MLM targets [B, P])}.
 
-  `arrays`: {"tokens", "segment_ids"} int32 [N, L], e.g. `prepare.load_prepared`; they are
-  copied into memory. Steps run from `start_step`, forever or for `num_steps`. For evaluation
-  use shuffle=False, start_step=0 and a fixed num_steps: the same rows and masks every time.
+  `arrays`: {"tokens" (or "input_ids"), "segment_ids"} int32 [N, L], e.g.
+  `prepare.load_prepared`, plus any other per-row arrays [N, ...] (token types, labels), which
+  are read alongside under their own names; all are copied into memory. Positions are derived
+  from the segments unless given. Sentence-pair arrays of `prepare.load_prepared` (they need
+  cfg.sentence_pair "nsp" or "sop") give rows `[CLS] A [SEP] B [SEP]` with token_types [B, L]
+  and pair_labels [B] (1: negative) instead. Steps run from `start_step`, forever or for
+  `num_steps`. For evaluation use shuffle=False, start_step=0 and a fixed num_steps: the same
+  rows, masks and negatives every time.
   `vocab_size` bounds random replacement ids (pass the tokenizer's); `word_start` is
   `Tokenizer.word_start`.
   """
-  num_rows, seq_len = arrays["tokens"].shape
+  # Prepared pretraining data names its ids "tokens"; every other array keeps its name.
+  arrays = {("input_ids" if k == "tokens" else k): v for k, v in arrays.items()}
+  # Fine-tuning rows are never pairs, whatever the data config they came with says.
+  pair_rows = objective != "task" and pairs.check_arrays(arrays, cfg.sentence_pair)
+  num_rows = arrays["a_ids" if pair_rows else "input_ids"].shape[0]
   _check_args(objective, global_batch, process_index, process_count, num_rows, cfg, vocab_size)
   batch = global_batch // process_count
   if num_steps is None:
@@ -150,30 +161,43 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   # Rows live in host memory as tensors (8 bytes per token). Reading the memmaps through
   # tf.numpy_function instead would save that memory, but a live iterator then hangs
   # interpreter exit (TF background threads wait on the GIL), seen with TF 2.21.
-  tokens_NxL = tf.constant(np.asarray(arrays["tokens"], dtype=np.int32))
-  segment_ids_NxL = tf.constant(np.asarray(arrays["segment_ids"], dtype=np.int32))
+  tables = {k: tf.constant(np.asarray(v)) for k, v in arrays.items()}
 
   def read_step(step):
     g_B, index_B = _step_rows(step, global_batch=global_batch, first_row=process_index * batch,
                               batch=batch, num_rows=num_rows, seed=seed, shuffle=shuffle)
-    segment_ids_BxL = tf.gather(segment_ids_NxL, index_B)
-    features = dict(input_ids=tf.gather(tokens_NxL, index_B), segment_ids=segment_ids_BxL,
-                    positions=positions_from_segments(segment_ids_BxL))
+    features = {k: tf.gather(table, index_B) for k, table in tables.items()}
+    if "positions" not in features and not pair_rows:
+      features["positions"] = positions_from_segments(features["segment_ids"])
     return features, g_B
 
   ds = steps.map(read_step, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if objective == "clm":
-    ds = ds.map(lambda features, g_B: features)
-  else:
-    word_start_tf = tf.constant(np.asarray(word_start, dtype=bool))
+  row_fns = []
+  if pair_rows:
+    row_fns.append(pairs.row_builder(tables, kind=cfg.sentence_pair, seed=seed))
+  if objective == "mlm":
+    row_fns.append(_masker(seed=seed, cfg=cfg, vocab_size=vocab_size, word_start=word_start))
+  if not row_fns:
+    return ds.map(lambda features, g_B: features).prefetch(tf.data.AUTOTUNE)
 
-    def mask(features, g):
-      input_ids, positions, ids, weights = mask_row(
-          features["input_ids"], g, seed=seed, cfg=cfg, vocab_size=vocab_size,
-          word_start=word_start_tf)
-      return dict(features, input_ids=input_ids, masked_positions=positions, masked_ids=ids,
-                  masked_weights=weights)
+  def per_row(features, g):
+    for fn in row_fns:
+      features = fn(features, g)
+    return features
 
-    ds = ds.unbatch().map(mask, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE)
+  ds = ds.unbatch().map(per_row, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _masker(*, seed, cfg, vocab_size, word_start):
+  """(features of one row, g) -> the features with mask_row's inputs and targets."""
+  word_start_tf = tf.constant(np.asarray(word_start, dtype=bool))
+
+  def mask(features, g):
+    input_ids, positions, ids, weights = mask_row(
+        features["input_ids"], g, seed=seed, cfg=cfg, vocab_size=vocab_size,
+        word_start=word_start_tf)
+    return dict(features, input_ids=input_ids, masked_positions=positions, masked_ids=ids,
+                masked_weights=weights)
+
+  return mask

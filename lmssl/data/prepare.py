@@ -1,15 +1,21 @@
-"""Offline preparation: documents -> tokenizer -> packed int32 rows in a content-addressed cache.
+"""Offline preparation: documents -> tokenizer -> int32 rows in a content-addressed cache.
 
-A prepared directory holds, per split ("train", "validation"), `SPLIT/tokens.npy` and
-`SPLIT/segment_ids.npy` (int32 [N, seq_len]) plus `meta.json`. Its name is a hash of everything
-that determines its content, so a second run with the same inputs reuses it and changing any
-input (text, tokenizer, seq_len) builds a new one next to it.
+A prepared directory holds `meta.json` and, per split ("train", "validation"), the arrays of its
+format (meta.json "format"):
+  packed: `SPLIT/tokens.npy` and `SPLIT/segment_ids.npy` (int32 [N, seq_len]), documents
+      packed end to end;
+  pairs (config.data.sentence_pair set): `a_ids`, `b_ids` (int32 [N, seq_len - 3]) and
+      `a_len`, `b_len`, `doc` (int32 [N]), sentence pairs of one document (see pairs.py).
+Its name is a hash of everything that determines its content, so a second run with the same
+inputs reuses it and changing any input (text, tokenizer, seq_len, pair settings) builds a new
+one next to it.
 
 Usage:
   python -m lmssl.data.prepare --config configs/mlm_base.py:size=tiny --workdir /tmp/run \
       [--config.data.source=text:corpus/*.txt]
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -22,12 +28,14 @@ import ml_collections
 import numpy as np
 
 from lmssl import errors
+from lmssl.data import pairs
 from lmssl.data import sources
 from lmssl.data import tokenizer as tok
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 ARRAYS = ("tokens", "segment_ids")
+FORMATS = ("packed", "pairs")  # meta.json "format"; files of format 1 without one are packed
 _ENCODE_BATCH = 2048  # documents per sentencepiece call
 
 
@@ -63,9 +71,11 @@ def pack(docs_token_ids: Iterable[Sequence[int]], seq_len: int) -> dict[str, np.
   return dict(tokens=flat.reshape(num_rows, seq_len), segment_ids=segment_ids)
 
 
-def _cache_key(model_bytes: bytes, seq_len: int, splits: dict[str, list[str]]) -> str:
+def _cache_key(model_bytes: bytes, seq_len: int, splits: dict[str, list[str]],
+               layout: str = "") -> str:
   h = hashlib.sha256()
   h.update(f"lmssl-prepared-v{FORMAT_VERSION}:seq_len={seq_len}:".encode())
+  h.update(layout.encode())  # Empty for packed rows, so their keys predate pairs unchanged.
   h.update(hashlib.sha256(model_bytes).digest())
   for name, docs in splits.items():
     h.update(f"{name}:{len(docs)}:".encode())
@@ -95,16 +105,21 @@ def _resolve_tokenizer(cfg, tokenizer_path: Optional[str], workdir: str,
 
 def prepare(cfg: ml_collections.ConfigDict, tokenizer_path: Optional[str],
             workdir: str) -> tuple[str, str]:
-  """Reads, tokenizes and packs config.data's corpus; returns (tokenizer_path, prepared_dir).
+  """Reads and tokenizes config.data's corpus into rows; returns (tokenizer_path, prepared_dir).
 
   The tokenizer is `tokenizer_path` if given, else cfg.tokenizer, else `{workdir}/
-  tokenizer.model` (trained from the training documents when it does not exist yet).
+  tokenizer.model` (trained from the training documents when it does not exist yet). With
+  cfg.sentence_pair set the rows are sentence pairs, the same for "nsp" and "sop".
   """
+  pairs.check_settings(cfg.sentence_pair, cfg.short_seq_prob, cfg.seq_len)
   train_docs, val_docs = sources.train_and_val_documents(cfg)
   tokenizer_path = _resolve_tokenizer(cfg, tokenizer_path, workdir, train_docs)
   tokenizer = tok.Tokenizer.load(tokenizer_path)
   splits = dict(train=train_docs, validation=val_docs)
-  key = _cache_key(tokenizer.model_bytes, cfg.seq_len, splits)
+  layout = ""
+  if cfg.sentence_pair:
+    layout = f"pairs-v{pairs.VERSION}:short_seq_prob={float(cfg.short_seq_prob)!r}:"
+  key = _cache_key(tokenizer.model_bytes, cfg.seq_len, splits, layout)
   cache_dir = os.path.expanduser(cfg.cache_dir or "~/.cache/lmssl")
   prepared_dir = os.path.join(cache_dir, "prepared", key[:16])
   if os.path.isdir(prepared_dir):
@@ -116,19 +131,37 @@ def prepare(cfg: ml_collections.ConfigDict, tokenizer_path: Optional[str],
     except sources.DataError as e:
       logging.warning("Rebuilding invalid prepared data: %s", e)
       shutil.rmtree(prepared_dir)
-  meta = dict(format_version=FORMAT_VERSION, seq_len=cfg.seq_len,
-              vocab_size=tokenizer.vocab_size, source=cfg.source, val_source=cfg.val_source,
+  meta = dict(format_version=FORMAT_VERSION, format="pairs" if layout else "packed",
+              seq_len=cfg.seq_len, vocab_size=tokenizer.vocab_size, source=cfg.source,
+              val_source=cfg.val_source,
               tokenizer_sha256=hashlib.sha256(tokenizer.model_bytes).hexdigest(), splits={})
+  if layout:
+    meta["short_seq_prob"] = cfg.short_seq_prob
   arrays = {}
-  for name, docs in splits.items():
-    ids = [i for b in range(0, len(docs), _ENCODE_BATCH)
-           for i in tokenizer.encode_batch(docs[b:b + _ENCODE_BATCH])]
-    arrays[name] = pack(ids, cfg.seq_len)
-    meta["splits"][name] = dict(num_documents=len(docs), num_examples=len(arrays[name]["tokens"]),
-                                num_tokens=int(sum(map(len, ids))))
+  for index, (name, docs) in enumerate(splits.items()):
+    # Pair building draws from a generator fixed by the content hash: prepare is deterministic.
+    arrays[name], num_tokens = _build_split(docs, tokenizer, cfg, seed=(int(key[:16], 16), index))
+    num_examples = len(arrays[name]["doc" if layout else "tokens"])
+    meta["splits"][name] = dict(num_documents=len(docs), num_examples=num_examples,
+                                num_tokens=num_tokens)
   _write_atomically(prepared_dir, arrays, meta)
   logging.info("Prepared %s into %s", json.dumps(meta["splits"]), prepared_dir)
   return tokenizer_path, prepared_dir
+
+
+def _encode(tokenizer: tok.Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+  return [i for b in range(0, len(texts), _ENCODE_BATCH)
+          for i in tokenizer.encode_batch(texts[b:b + _ENCODE_BATCH])]
+
+
+def _build_split(docs: list[str], tokenizer: tok.Tokenizer, cfg: ml_collections.ConfigDict,
+                 seed: tuple[int, int]) -> tuple[dict[str, np.ndarray], int]:
+  """One split's arrays in cfg's format, and its number of document tokens."""
+  if not cfg.sentence_pair:
+    ids = _encode(tokenizer, docs)
+    return pack(ids, cfg.seq_len), int(sum(map(len, ids)))
+  return pairs.prepare_split(docs, functools.partial(_encode, tokenizer), cfg.seq_len,
+                             cfg.short_seq_prob, np.random.default_rng(seed))
 
 
 def _write_atomically(prepared_dir: str, arrays: dict, meta: dict) -> None:
@@ -169,6 +202,7 @@ def read_meta(prepared_dir: str) -> dict:
     raise _corrupt(path, f"is not valid JSON ({e})", prepared_dir) from None
   try:
     ok = (meta["format_version"] == FORMAT_VERSION and meta["seq_len"] > 0
+          and meta.get("format", "packed") in FORMATS
           and all(meta["splits"][s]["num_examples"] >= 0 for s in SPLITS))
   except (KeyError, TypeError):
     ok = False
@@ -177,14 +211,25 @@ def read_meta(prepared_dir: str) -> dict:
   return meta
 
 
+def _shapes(meta: dict, split: str) -> dict[str, tuple]:
+  n, seq_len = meta["splits"][split]["num_examples"], meta["seq_len"]
+  if meta.get("format", "packed") == "packed":
+    return {name: (n, seq_len) for name in ARRAYS}
+  return {name: (n, seq_len - pairs.NUM_SPECIAL) if name.endswith("_ids") else (n,)
+          for name in pairs.ARRAYS}
+
+
 def load_prepared(prepared_dir: str, split: str) -> dict[str, np.ndarray]:
-  """Memory-mapped `tokens` and `segment_ids` (int32 [N, seq_len]) of one split."""
+  """Memory-mapped int32 arrays of one split, those the module docstring lists for its format.
+
+  Packed: `tokens`, `segment_ids` [N, seq_len]. Pairs: `a_ids`, `b_ids` [N, seq_len - 3] and
+  `a_len`, `b_len`, `doc` [N].
+  """
   if split not in SPLITS:
     raise errors.UserError(f"unknown split {split!r}; known: {list(SPLITS)}")
   meta = read_meta(prepared_dir)
-  shape = (meta["splits"][split]["num_examples"], meta["seq_len"])
   arrays = {}
-  for name in ARRAYS:
+  for name, shape in _shapes(meta, split).items():
     path = os.path.join(prepared_dir, split, f"{name}.npy")
     try:
       arrays[name] = np.load(path, mmap_mode="r")

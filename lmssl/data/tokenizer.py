@@ -137,6 +137,28 @@ class Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return self.sp.decode([int(i) for i in ids])
 
+  def encode_with_masks(self, text: str) -> list[int]:
+    """Encodes `text` with each literal "[MASK]" as MASK_ID (for fill-mask queries)."""
+    ids = []
+    for i, part in enumerate(text.split("[MASK]")):
+      if i:
+        ids.append(MASK_ID)
+      ids.extend(self.encode(part.strip()) if part.strip() else [])
+    return ids
+
+  def piece_bytes(self) -> np.ndarray:
+    """int32[vocab_size]: UTF-8 bytes of text each id stands for, for bits-per-byte.
+
+    "▁" counts as the space it marks, a byte-fallback piece as one byte, and reserved
+    ids as none.
+    """
+    out = np.zeros(self.vocab_size, np.int32)
+    for i in range(NUM_RESERVED, self.vocab_size):
+      piece = self.sp.id_to_piece(i)
+      byte = self.sp.is_byte(i)
+      out[i] = 1 if byte else len(piece.replace("\u2581", " ").encode("utf-8"))
+    return out
+
   def _word_start(self) -> np.ndarray:
     """bool[vocab_size]: True where a piece begins a word.
 

@@ -1,0 +1,83 @@
+"""Using a trained run: its parameters read back for evaluation, generation and fill-mask."""
+
+import os
+
+import jax
+import ml_collections
+
+from lmssl import checkpoint
+from lmssl import config as config_lib
+from lmssl import errors
+from lmssl import lora
+from lmssl import sample
+from lmssl import sharding
+from lmssl import steps
+from lmssl.data import tokenizer as tokenizer_lib
+
+
+def inference_mesh():
+  """Data parallel over every device: parameters replicated, batches split."""
+  return sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+
+
+def load_run(workdir: str, best: bool = False, mesh=None):
+  """(config, parameters) of the run in `workdir`: its latest checkpoint, or with `best` the
+  best evaluation of a fine-tuning run. LoRA adapters stay separate (see `merged`)."""
+  cfg = config_lib.load_run_config(workdir)
+  path = os.path.join(workdir, "best") if best else workdir
+  if best and not os.path.isdir(path):
+    raise errors.UserError(f"{workdir} has no best/ checkpoint (only fine-tuning runs keep "
+                           "one); leave out --best to use the latest checkpoint")
+  mesh = mesh or inference_mesh()
+  values, _ = checkpoint.load_params(path, steps.abstract_params(cfg, mesh), lambda key: False)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: values[jax.tree_util.keystr(p)], steps.abstract_params(cfg, mesh))
+  return cfg, params
+
+
+def merged(cfg, params):
+  """An adapter-free (config, parameters): LoRA folded into the kernels."""
+  if not cfg.lora.rank:
+    return cfg, params
+  params = lora.merge(params, cfg.lora.alpha, cfg.lora.rank)
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.lora.rank = 0
+  return cfg, params
+
+
+def tokenizer(cfg, workdir: str) -> tokenizer_lib.Tokenizer:
+  return tokenizer_lib.Tokenizer.load(cfg.data.tokenizer or
+                                      os.path.join(workdir, "tokenizer.model"))
+
+
+def generate_text(workdir: str, prompts: list[str], *, best: bool = False, **options) -> list[str]:
+  """Continuations of `prompts` by the causal LM in `workdir` (options: see sample.generate)."""
+  cfg, params = merged(*load_run(workdir, best))
+  if cfg.objective != "clm":
+    raise errors.UserError(f"{workdir} holds a {cfg.objective} model; generation needs a causal "
+                           "LM (objective clm). For an MLM model put [MASK] in the prompt to fill "
+                           "it in")
+  tok = tokenizer(cfg, workdir)
+  ids = [[tokenizer_lib.BOS_ID] + tok.encode(p) for p in prompts]
+  try:
+    out = sample.generate(cfg.model, params, ids,
+                          eos_id=tokenizer_lib.EOS_ID, **options)
+  except ValueError as e:
+    raise errors.UserError(str(e)) from None
+  return [tok.decode(o) for o in out]
+
+
+def fill_mask_text(workdir: str, text: str, *, top_k: int = 5,
+                   best: bool = False) -> list[list[tuple[str, float]]]:
+  """The top-k pieces (and probabilities) for each [MASK] in `text`, by the MLM in `workdir`."""
+  cfg, params = merged(*load_run(workdir, best))
+  if cfg.objective != "mlm" or cfg.task.kind:
+    raise errors.UserError(f"{workdir} is not a masked-LM pretraining run; fill-mask needs one")
+  tok = tokenizer(cfg, workdir)
+  ids = [tokenizer_lib.CLS_ID] + tok.encode_with_masks(text) + [tokenizer_lib.SEP_ID]
+  try:
+    found = sample.fill_mask(cfg.model, params, ids, top_k=top_k,
+                             mask_id=tokenizer_lib.MASK_ID)
+  except ValueError as e:
+    raise errors.UserError(str(e)) from None
+  return [[(tok.sp.id_to_piece(i), p) for i, p in candidates] for candidates in found]

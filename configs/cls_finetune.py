@@ -1,12 +1,12 @@
 """Sequence classification or regression on a pretrained backbone (single sentences or pairs).
 
-CPU walk-through (after the MLM quickstart in /tmp/lmssl_mlm):
+CPU walk-through (after the MLM quickstart in /tmp/lmssl_tiny):
   python -m lmssl.data.derive --task order --source builtin --out /tmp/order
   python -m lmssl.main --config configs/cls_finetune.py --workdir /tmp/lmssl_order \\
-      --config.init.params_from=/tmp/lmssl_mlm \\
+      --config.init.params_from=/tmp/lmssl_tiny \\
       --config.task.train_source=tsv:/tmp/order/train.tsv \\
       --config.task.eval_source=tsv:/tmp/order/dev.tsv
-  Is a passage in its original word order or shuffled? 400 steps of 32 x 64 on 2 CPU cores:
+  Is a passage in its original word order or reversed? 400 steps of 32 x 64 on 2 CPU cores:
   see the README's measured table for time and eval_accuracy (majority class: ~0.5).
 
 Variants (comma-separated after the colon):

@@ -1,9 +1,9 @@
 """Token classification (NER-style tagging, CoNLL files) on a pretrained backbone.
 
-CPU walk-through (after the MLM quickstart in /tmp/lmssl_mlm):
+CPU walk-through (after the MLM quickstart in /tmp/lmssl_tiny):
   python -m lmssl.data.derive --task truecase --source builtin --out /tmp/truecase
   python -m lmssl.main --config configs/ner_finetune.py --workdir /tmp/lmssl_truecase \\
-      --config.init.params_from=/tmp/lmssl_mlm \\
+      --config.init.params_from=/tmp/lmssl_tiny \\
       --config.task.train_source=conll:/tmp/truecase/train.conll \\
       --config.task.eval_source=conll:/tmp/truecase/dev.conll
   Which words of a lowercased sentence were capitalized (B-CAP/I-CAP/O)? Reports entity-level

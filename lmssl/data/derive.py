@@ -1,7 +1,9 @@
 """Labelled tasks derived from plain text, so fine-tuning can be tried and tested anywhere.
 
-  order     classification: is a passage in its original word order or shuffled?
-            (TSV, columns sentence/label, labels "original" and "shuffled", half each)
+  order     classification: is a passage in its original word order, or corrupted?
+            (TSV, columns sentence/label, half each). corruption "reverse" (labels
+            original/reversed) reads the words backwards; "shuffle" (original/shuffled)
+            permutes them, a harder task that small models learn slowly.
   truecase  tagging: which words of a lowercased sentence were capitalized? (CoNLL, tags
             B-CAP/I-CAP for each run of capitalized words, O elsewhere)
 
@@ -23,12 +25,15 @@ from lmssl.data import pairs
 from lmssl.data import sources
 
 TASKS = ("order", "truecase")
+CORRUPTIONS = {"reverse": "reversed", "shuffle": "shuffled"}
 _MIN_WORDS, _MAX_WORDS = 8, 40
 
 
-def order_examples(docs, seed: int) -> list[tuple[str, str]]:
-  """(passage, label) from each sentence of 8+ words (cut at 40), every other one shuffled;
-  a shuffle that happens to keep the order is redrawn."""
+def order_examples(docs, seed: int, corruption: str = "reverse") -> list[tuple[str, str]]:
+  """(passage, label) from each sentence of 8+ words (cut at 40), half of them corrupted; a
+  shuffle that happens to keep the order is redrawn."""
+  if corruption not in CORRUPTIONS:
+    raise errors.UserError(f"unknown corruption {corruption!r}; known: {list(CORRUPTIONS)}")
   rng = np.random.default_rng(seed)
   out = []
   for doc in docs:
@@ -39,10 +44,13 @@ def order_examples(docs, seed: int) -> list[tuple[str, str]]:
       if rng.random() < 0.5:
         out.append((" ".join(words), "original"))
         continue
-      order = rng.permutation(len(words))
-      while (order == np.arange(len(words))).all():
+      identity = np.arange(len(words))
+      order = identity[::-1]
+      if corruption == "shuffle":
         order = rng.permutation(len(words))
-      out.append((" ".join(words[i] for i in order), "shuffled"))
+        while (order == identity).all():
+          order = rng.permutation(len(words))
+      out.append((" ".join(words[i] for i in order), CORRUPTIONS[corruption]))
   return out
 
 
@@ -64,8 +72,8 @@ def truecase_examples(docs) -> list[list[tuple[str, str]]]:
 
 
 def write(task: str, source: str, out_dir: str, seed: int = 0, max_chars: int = 2_000_000,
-          val_fraction: float = 0.1, max_train: int = 20_000,
-          max_dev: int = 1_000) -> dict[str, str]:
+          val_fraction: float = 0.1, max_train: int = 20_000, max_dev: int = 1_000,
+          corruption: str = "reverse") -> dict[str, str]:
   """Writes the task's train and dev files into `out_dir` (at most max_train / max_dev
   examples, the first ones in document order); returns {split: task source}."""
   if task not in TASKS:
@@ -78,7 +86,7 @@ def write(task: str, source: str, out_dir: str, seed: int = 0, max_chars: int = 
   for split, docs in (("train", train_docs), ("dev", dev_docs)):
     cap = max_train if split == "train" else max_dev
     if task == "order":
-      rows = order_examples(docs, seed + (split == "dev"))[:cap]
+      rows = order_examples(docs, seed + (split == "dev"), corruption)[:cap]
       path = os.path.join(out_dir, f"{split}.tsv")
       text = "sentence\tlabel\n" + "".join(f"{s}\t{label}\n" for s, label in rows)
       written[split] = f"tsv:{path}"
@@ -102,14 +110,16 @@ def _main() -> None:
   task = flags.DEFINE_enum("task", None, TASKS, "Which task to derive.")
   source = flags.DEFINE_string("source", "builtin", "Text source (same forms as data.source).")
   out = flags.DEFINE_string("out", None, "Output directory.")
-  seed = flags.DEFINE_integer("seed", 0, "Seed of the shuffles.")
+  seed = flags.DEFINE_integer("seed", 0, "Seed of the corruptions.")
+  corruption = flags.DEFINE_enum("corruption", "reverse", list(CORRUPTIONS), "order: how.")
   flags.mark_flags_as_required(["task", "out"])
 
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     try:
-      written = write(task.value, source.value, out.value, seed.value)
+      written = write(task.value, source.value, out.value, seed.value,
+                      corruption=corruption.value)
     except errors.UserError as e:
       raise SystemExit(f"lmssl: error: {e}") from None
     for split, where in written.items():

@@ -5,7 +5,7 @@ CPU walk-through (after the MLM quickstart in /tmp/lmssl_tiny):
   python -m lmssl.main --config configs/ner_finetune.py --workdir /tmp/lmssl_truecase \\
       --config.init.params_from=/tmp/lmssl_tiny \\
       --config.task.train_source=conll:/tmp/truecase/train.conll \\
-      --config.task.eval_source=conll:/tmp/truecase/dev.conll
+      --config.task.eval_source=conll:/tmp/truecase/dev.conll --config.train.lr=1e-3
   Which words of a lowercased sentence were capitalized (B-CAP/I-CAP/O)? Reports entity-level
   F1 (exact spans, conlleval rules) and token accuracy.
   CoNLL-2003: --config.task.train_source=conll:eng.train --config.task.eval_source=conll:eng.testa

@@ -232,3 +232,45 @@ def test_bad_task_file_is_one_line_naming_the_column(pretrained, tmp_path):
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("lmssl: error: ") and "'sentence'" in last and "text_fields" in last
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_tagging_and_regression_heads_train_and_report_their_metrics(pretrained, wikitext_dir,
+                                                                     tmp_path):
+  tagged = derive.write("truecase", f"text:{wikitext_dir}/test.txt", str(tmp_path / "tc"),
+                        max_train=200, max_dev=40)
+  cfg = load_config("ner_finetune", "smoke")
+  cfg.init.params_from = pretrained
+  cfg.task.train_source, cfg.task.eval_source = tagged["train"], tagged["dev"]
+  final = train.train_and_evaluate(cfg, str(tmp_path / "ner"))
+  assert cfg.task.labels == "O,B-CAP,I-CAP"
+  for key in ("eval_entity_f1", "eval_entity_precision", "eval_token_accuracy"):
+    assert 0.0 <= final[key] <= 1.0
+  assert final["best"]["metric"] == "eval_entity_f1"
+
+  # Regression on the same text: a passage's length in words, as JSONL.
+  lines = [s for s in (wikitext_dir / "test.txt").read_text(encoding="utf-8").split(" . ")
+           if 3 < len(s.split()) < 40][:120]
+  path = tmp_path / "length.jsonl"
+  path.write_text("".join(json.dumps({"sentence": s, "label": len(s.split()) / 10}) + "\n"
+                          for s in lines), encoding="utf-8")
+  cfg = _finetune_config(pretrained, {"train": f"jsonl:{path}", "dev": f"jsonl:{path}"},
+                         task__kind="regression")
+  final = train.train_and_evaluate(cfg, str(tmp_path / "reg"))
+  assert final["best"]["metric"] == "eval_pearson"
+  for key in ("eval_pearson", "eval_spearman"):
+    assert -1.0 <= final[key] <= 1.0
+  assert final["eval_mse"] == pytest.approx(final["eval_loss"], rel=1e-4)
+
+
+def test_finetune_resumes_from_its_own_workdir_exactly(pretrained, order_task, tmp_path):
+  whole = train.train_and_evaluate(_finetune_config(pretrained, order_task),
+                                   str(tmp_path / "whole"))
+  train.train_and_evaluate(_finetune_config(pretrained, order_task), str(tmp_path / "split"),
+                           until_step=2)
+  resumed = train.train_and_evaluate(_finetune_config(pretrained, order_task),
+                                     str(tmp_path / "split"))
+  assert resumed["loss"] == whole["loss"] and resumed["eval_loss"] == whole["eval_loss"]
+  _, a = inference.load_run(str(tmp_path / "whole"))
+  _, b = inference.load_run(str(tmp_path / "split"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

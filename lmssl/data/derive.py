@@ -36,38 +36,39 @@ def order_examples(docs, seed: int, corruption: str = "reverse") -> list[tuple[s
     raise errors.UserError(f"unknown corruption {corruption!r}; known: {list(CORRUPTIONS)}")
   rng = np.random.default_rng(seed)
   out = []
+  for words in _passages(docs):
+    if rng.random() < 0.5:
+      out.append((" ".join(words), "original"))
+      continue
+    identity = np.arange(len(words))
+    order = identity[::-1]
+    if corruption == "shuffle":
+      order = rng.permutation(len(words))
+      while (order == identity).all():
+        order = rng.permutation(len(words))
+    out.append((" ".join(words[i] for i in order), CORRUPTIONS[corruption]))
+  return out
+
+
+def _passages(docs):
+  """The words of every sentence of 8+ words, cut at 40."""
   for doc in docs:
     for sentence in pairs.split_sentences(doc):
       words = sentence.split()[:_MAX_WORDS]
-      if len(words) < _MIN_WORDS:
-        continue
-      if rng.random() < 0.5:
-        out.append((" ".join(words), "original"))
-        continue
-      identity = np.arange(len(words))
-      order = identity[::-1]
-      if corruption == "shuffle":
-        order = rng.permutation(len(words))
-        while (order == identity).all():
-          order = rng.permutation(len(words))
-      out.append((" ".join(words[i] for i in order), CORRUPTIONS[corruption]))
-  return out
+      if len(words) >= _MIN_WORDS:
+        yield words
 
 
 def truecase_examples(docs) -> list[list[tuple[str, str]]]:
   """Sentences of 8+ words as (lowercased word, tag) lists; tags mark capitalized runs."""
   out = []
-  for doc in docs:
-    for sentence in pairs.split_sentences(doc):
-      words = sentence.split()[:_MAX_WORDS]
-      if len(words) < _MIN_WORDS:
-        continue
-      tags, previous = [], "O"
-      for word in words:
-        cap = word[:1].isupper()
-        tags.append(("I-CAP" if previous != "O" else "B-CAP") if cap else "O")
-        previous = tags[-1]
-      out.append([(w.lower(), t) for w, t in zip(words, tags)])
+  for words in _passages(docs):
+    tags, previous = [], "O"
+    for word in words:
+      cap = word[:1].isupper()
+      tags.append(("I-CAP" if previous != "O" else "B-CAP") if cap else "O")
+      previous = tags[-1]
+    out.append([(w.lower(), t) for w, t in zip(words, tags)])
   return out
 
 

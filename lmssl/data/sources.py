@@ -73,7 +73,8 @@ def _glob(pattern: str, source: str) -> list[str]:
   return paths
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str, if_empty: str = "remove it or narrow the glob") -> str:
+  """A file's text, which must be non-empty UTF-8; `if_empty` says what to do otherwise."""
   with open(path, "rb") as f:
     data = f.read()
   try:
@@ -82,18 +83,18 @@ def _read_text(path: str) -> str:
     raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r}); "
                     f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
   if not text.strip():
-    raise DataError(f"{path} is empty; remove it or narrow the glob")
+    raise DataError(f"{path} is empty; {if_empty}")
   return text
 
 
 def _text_documents(path: str) -> list[str]:
-  docs = (d.strip() for d in _BLANK_LINES.split(_read_text(path).replace("\r\n", "\n")))
+  docs = (d.strip() for d in _BLANK_LINES.split(read_text(path).replace("\r\n", "\n")))
   return [d for d in docs if d]
 
 
-def _jsonl_documents(path: str, field: str) -> list[str]:
-  docs = []
-  for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+def jsonl_records(path: str, text: str):
+  """(line number, object) for each non-blank line of a JSONL file's `text`."""
+  for lineno, line in enumerate(text.split("\n"), start=1):
     if not line.strip():
       continue
     try:
@@ -101,8 +102,17 @@ def _jsonl_documents(path: str, field: str) -> list[str]:
     except json.JSONDecodeError as e:
       raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or drop that "
                       f"line") from None
-    if not isinstance(record, dict) or field not in record:
-      keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    if not isinstance(record, dict):
+      raise DataError(f"{path}:{lineno} is a JSON {type(record).__name__}, not an object; each "
+                      f"line must be one object holding the fields")
+    yield lineno, record
+
+
+def _jsonl_documents(path: str, field: str) -> list[str]:
+  docs = []
+  for lineno, record in jsonl_records(path, read_text(path)):
+    if field not in record:
+      keys = sorted(record)
       raise DataError(f"{path}:{lineno} has no field {field!r} (found {keys}); "
                       f"name the text field in the source, e.g. jsonl:GLOB:text")
     if not isinstance(record[field], str):

@@ -25,7 +25,6 @@ import csv
 import dataclasses
 import io
 import itertools
-import json
 import math
 import os
 
@@ -105,15 +104,7 @@ def _read_file(path: str, flag: str) -> str:
   if not os.path.isfile(path):
     raise DataError(f"task file {path} does not exist (relative to {os.getcwd()}); check the "
                     f"path in {flag}")
-  with open(path, "rb") as f:
-    data = f.read()
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r}); "
-                    f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
-  if not text.strip():
-    raise DataError(f"{path} is empty; point {flag} at a file with examples")
+  text = sources.read_text(path, f"point {flag} at a file with examples")
   # Spreadsheet exports often start with a BOM, which would glue onto the first column name.
   return text.removeprefix("\ufeff")
 
@@ -147,17 +138,7 @@ def _table_records(path: str, scheme: str, flag: str) -> Iterator[Record]:
 
 
 def _jsonl_records(path: str, flag: str) -> Iterator[Record]:
-  for lineno, line in enumerate(_read_file(path, flag).split("\n"), start=1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or drop that "
-                      f"line") from None
-    if not isinstance(record, dict):
-      raise DataError(f"{path}:{lineno} is a JSON {type(record).__name__}, not an object; each "
-                      f"line must be one object holding the text and label fields")
+  for lineno, record in sources.jsonl_records(path, _read_file(path, flag)):
     yield f"{path}:{lineno}", record
 
 

@@ -29,9 +29,10 @@ def load_run(workdir: str, best: bool = False, mesh=None):
     raise errors.UserError(f"{workdir} has no best/ checkpoint (only fine-tuning runs keep "
                            "one); leave out --best to use the latest checkpoint")
   mesh = mesh or inference_mesh()
-  values, _ = checkpoint.load_params(path, steps.abstract_params(cfg, mesh), lambda key: False)
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, x: values[jax.tree_util.keystr(p)], steps.abstract_params(cfg, mesh))
+  abstract = steps.abstract_params(cfg, mesh)
+  values, _ = checkpoint.load_params(path, abstract, lambda key: False)
+  params = jax.tree_util.tree_map_with_path(lambda p, x: values[jax.tree_util.keystr(p)],
+                                            abstract)
   return cfg, params
 
 

@@ -259,9 +259,6 @@ class Transformer(nn.Module):
     return x_BxLxD, self.embedder.table()
 
 
-LORA_TARGETS = ("query", "key", "value", "out", "wi", "wo")
-
-
 def module_config(model_cfg, lora_cfg=None):
   """The model ConfigDict as a frozen, hashable view with dtypes resolved, plus the LoRA
   settings the projections read (rank 0: no adapters)."""

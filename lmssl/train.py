@@ -124,8 +124,9 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
     state, state_shardings = steps.create_state(cfg, mesh)
     step_fn, eval_fn = steps.compile_steps(cfg, state_shardings, mesh)
     trainable, total = lora_lib.count(state.params, cfg.lora.rank > 0)
-    metrics_lib.log(f"model: {cfg.objective} {cfg.model.size} {'+'.join(heads.heads_for(cfg))}, "
-                    f"{total:,} parameters, {trainable:,} trainable")
+    metrics_lib.log(f"model: {cfg.model.size} {cfg.objective} backbone, heads "
+                    f"{'+'.join(heads.heads_for(cfg))}; {total:,} parameters, {trainable:,} "
+                    "trainable")
 
     # 4. Restore, in this order of precedence:
     #   1) the workdir's latest checkpoint: resume this run exactly (state, step, data order);

@@ -7,7 +7,7 @@ CPU walk-through (after the MLM quickstart in /tmp/lmssl_tiny):
       --config.task.train_source=tsv:/tmp/order/train.tsv \\
       --config.task.eval_source=tsv:/tmp/order/dev.tsv --config.train.lr=1e-3
   Is a passage in its original word order or reversed? 400 steps of 32 x 64 on 2 CPU cores:
-  see the README's measured table for time and eval_accuracy (majority class: ~0.5).
+  94 s, eval_accuracy 0.827 (majority class 0.507), from the 600-step tiny MLM.
 
 Variants (comma-separated after the colon):
   glue=cola|sst2|mrpc|qqp|stsb|mnli|qnli|rte  columns, kind and metric of that GLUE task read

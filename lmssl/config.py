@@ -168,7 +168,7 @@ def set_labels(c: ml_collections.ConfigDict, names) -> None:
 
 # Model fields that describe how to run a model, not what it is: a run that starts from
 # another run's parameters keeps its own values of these.
-RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat", "attention", "dropout", "size")
+RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat", "attention", "dropout")
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:

@@ -28,8 +28,15 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.objective = "mlm"  # "mlm" (bidirectional encoder) or "clm" (causal decoder)
   c.seed = 0
+  c.model = _model_section()
+  c.data = _data_section()
+  _add_finetuning_sections(c)
+  _add_run_sections(c)
+  return c
 
-  c.model = m = ml_collections.ConfigDict()
+
+def _model_section() -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
   m.size = "base"  # the SIZES row chosen by the `size=` variant (a label; the fields below rule)
   m.num_layers = 12
   m.d_model = 768
@@ -50,8 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.remat = "none"  # "none", "full", "dots", "dots_no_batch"
   m.attention = "auto"  # "auto" (cuDNN flash on GPU when it applies), "xla", "cudnn"
+  return m
 
-  c.data = d = ml_collections.ConfigDict()
+
+def _data_section() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
   d.source = "builtin"  # builtin | text:GLOB | jsonl:GLOB:FIELD | tfds:NAME[/CONFIG]:SPLIT:FEATURE
   d.val_source = ""  # same forms; empty: hold out val_fraction of `source` by document hash
   d.val_fraction = 0.05
@@ -73,7 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
   # documents; half are negatives, drawn per (seed, row).
   d.sentence_pair = ""
   d.short_seq_prob = 0.1  # of pairs built to a shorter random length, as BERT does
+  return d
 
+
+def _add_finetuning_sections(c: ml_collections.ConfigDict) -> None:
   # Fine-tuning: a task head on a pretrained backbone. kind "" means pretraining.
   c.task = k = ml_collections.ConfigDict()
   k.kind = ""  # "classification" | "regression" | "tokens" (NER-style tagging)
@@ -98,6 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.alpha = 16.0
   c.lora.targets = "query,value"  # of: query, key, value, out (attention), wi, wo (MLP)
 
+
+def _add_run_sections(c: ml_collections.ConfigDict) -> None:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # one axis may be -1: it takes the remaining devices
   c.mesh.fsdp = 1
@@ -128,7 +143,6 @@ def base_config() -> ml_collections.ConfigDict:
   k.every_steps = 1000
   k.keep = 3
   k.async_save = True
-  return c
 
 
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
@@ -204,7 +218,12 @@ def inherit_model(c: ml_collections.ConfigDict, source: ml_collections.ConfigDic
   for key, value in source.model.items():
     if key not in RUNTIME_MODEL_FIELDS:
       c.model[key] = value
-  c.data.tokenizer = source.data.tokenizer or os.path.join(source_workdir, "tokenizer.model")
+  c.data.tokenizer = tokenizer_path(source, source_workdir)
+
+
+def tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
+  """The tokenizer a run in `workdir` used: the configured one, else the one it trained there."""
+  return c.data.tokenizer or os.path.join(workdir, "tokenizer.model")
 
 
 def _check(ok: bool, message: str) -> None:

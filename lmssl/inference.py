@@ -47,8 +47,7 @@ def merged(cfg, params):
 
 
 def tokenizer(cfg, workdir: str) -> tokenizer_lib.Tokenizer:
-  return tokenizer_lib.Tokenizer.load(cfg.data.tokenizer or
-                                      os.path.join(workdir, "tokenizer.model"))
+  return tokenizer_lib.Tokenizer.load(config_lib.tokenizer_path(cfg, workdir))
 
 
 def generate_text(workdir: str, prompts: list[str], *, best: bool = False, **options) -> list[str]:

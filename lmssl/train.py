@@ -43,7 +43,7 @@ def _datasets(cfg, workdir, full_eval: bool = False):
     config_lib.set_labels(cfg, names)
     objective, where, full_eval = "task", f"{cfg.task.train_source}, {cfg.task.eval_source}", True
   else:
-    tokenizer_path, where = prepare.prepare(cfg.data, cfg.data.tokenizer or None, workdir)
+    tokenizer_path, where = prepare.prepare(cfg.data, None, workdir)
     tok = tokenizer_lib.Tokenizer.load(tokenizer_path)
     train_arrays = prepare.load_prepared(where, "train")
     eval_arrays = prepare.load_prepared(where, "validation")
@@ -187,7 +187,7 @@ def evaluate_run(workdir: str, eval_source: str = "", best: bool = False) -> dic
     cfg.task.eval_source = eval_source
   elif eval_source:
     cfg.data.val_source = eval_source
-  cfg.data.tokenizer = cfg.data.tokenizer or os.path.join(workdir, "tokenizer.model")
+  cfg.data.tokenizer = config_lib.tokenizer_path(cfg, workdir)
   cfg.eval.batch_size = sharding.batch_shards(mesh) * max(
       1, cfg.eval.batch_size // sharding.batch_shards(mesh))
   tok, _, eval_batches, where = _datasets(cfg, workdir, full_eval=True)

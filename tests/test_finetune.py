@@ -245,6 +245,8 @@ def test_tagging_and_regression_heads_train_and_report_their_metrics(pretrained,
   assert cfg.task.labels == "O,B-CAP,I-CAP"
   for key in ("eval_entity_f1", "eval_entity_precision", "eval_token_accuracy"):
     assert 0.0 <= final[key] <= 1.0
+  # Word-level accuracy from host-side predictions equals the head's weighted accuracy.
+  assert final["eval_token_accuracy"] == pytest.approx(final["eval_accuracy"], abs=1e-6)
   assert final["best"]["metric"] == "eval_entity_f1"
 
   # Regression on the same text: a passage's length in words, as JSONL.

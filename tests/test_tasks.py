@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from lmssl.data import task_files
 from lmssl.data import tasks
 from lmssl.data import tokenizer as tok
 from lmssl.data.sources import DataError
@@ -95,7 +96,7 @@ def test_single_text_layout_decodes_back(sentences, tokenizer, tmp_path):
   path = write_tsv(tmp_path / "train.tsv", [("sentence", "label")]
                    + list(zip(chosen, labels)))
   cfg = task_cfg()
-  examples = tasks.read_examples(f"tsv:{path}", cfg)
+  examples = task_files.read_examples(f"tsv:{path}", cfg)
   assert [e.texts for e in examples] == [(s,) for s in chosen]
   assert examples[2].where == f"{path}:4"  # line 1 is the header
   names = tasks.label_names(examples, cfg)
@@ -125,7 +126,7 @@ def test_single_text_layout_decodes_back(sentences, tokenizer, tmp_path):
 def test_label_sets_configured_inferred_and_numeric(sentences, tokenizer, tmp_path):
   path = write_jsonl(tmp_path / "train.jsonl", [
       {"sentence": s, "label": i % 12} for i, s in enumerate(sentences[:48])])
-  examples = tasks.read_examples(f"jsonl:{path}", task_cfg())
+  examples = task_files.read_examples(f"jsonl:{path}", task_cfg())
   assert examples[0].label == "0"  # JSON integers become label names
   names = tasks.label_names(examples, task_cfg())
   assert names == tuple(str(i) for i in range(12))  # numeric order: "2" before "10"
@@ -145,7 +146,7 @@ def test_pair_layout_csv(sentences, tokenizer, tmp_path):
   rows = [(str(i), a, b, y) for i, (a, b, y) in enumerate(zip(firsts, seconds, labels))]
   path = write_csv(tmp_path / "pairs.csv", [("id", "premise", "hypothesis", "gold"), *rows])
   cfg = task_cfg(text_fields="premise,hypothesis", label_field="gold")
-  examples = tasks.read_examples(f"csv:{path}", cfg)
+  examples = task_files.read_examples(f"csv:{path}", cfg)
   assert [e.texts for e in examples] == list(zip(firsts, seconds))
   names = tasks.label_names(examples, cfg)
   arrays = tasks.encode(examples, tokenizer, 128, cfg, names)
@@ -187,7 +188,7 @@ def test_truncation_matches_bert_longest_first(sentences, paragraphs, tokenizer,
   path = write_jsonl(tmp_path / "pairs.jsonl", [
       {"a": a, "b": b, "y": 0.5 * i} for i, (a, b) in enumerate(pairs)])
   cfg = task_cfg(kind="regression", text_fields="a,b", label_field="y")
-  examples = tasks.read_examples(f"jsonl:{path}", cfg)
+  examples = task_files.read_examples(f"jsonl:{path}", cfg)
   arrays = tasks.encode(examples, tokenizer, 48, cfg, tasks.label_names(examples, cfg))
   assert arrays["labels"].dtype == np.float32 and arrays["labels"][3] == 1.5
   cut_only_one = 0
@@ -215,7 +216,7 @@ def test_tokens_label_the_first_piece_of_each_word(sentences, tokenizer, tmp_pat
   words = conll_sentences(sentences, 40)
   path = write_conll(tmp_path / "train.conll", words)
   cfg = task_cfg(kind="tokens", text_fields="ignored", label_field="ignored")
-  examples = tasks.read_examples(f"conll:{path}", cfg)
+  examples = task_files.read_examples(f"conll:{path}", cfg)
   assert [list(e.texts) for e in examples] == words
   assert examples[0].where == f"{path}:3" and examples[1].where == f"{path}:{4 + len(words[0])}"
   names = tasks.label_names(examples, cfg)
@@ -240,7 +241,7 @@ def test_tokens_label_the_first_piece_of_each_word(sentences, tokenizer, tmp_pat
 def test_tokens_truncate_at_a_word_boundary(sentences, tokenizer, tmp_path, caplog):
   words = conll_sentences(sentences, 30)
   cfg = task_cfg(kind="tokens")
-  examples = tasks.read_examples(f"conll:{write_conll(tmp_path / 'a.conll', words)}", cfg)
+  examples = task_files.read_examples(f"conll:{write_conll(tmp_path / 'a.conll', words)}", cfg)
   seq_len = 20
   with caplog.at_level(logging.WARNING):
     arrays = tasks.encode(examples, tokenizer, seq_len, cfg, tasks.label_names(examples, cfg))
@@ -263,7 +264,7 @@ def test_tokens_truncate_at_a_word_boundary(sentences, tokenizer, tmp_path, capl
 def test_pad_rows_adds_inert_rows(sentences, tokenizer, tmp_path):
   cfg = task_cfg(kind="tokens")
   path = write_conll(tmp_path / "t.conll", conll_sentences(sentences, 13))
-  examples = tasks.read_examples(f"conll:{path}", cfg)
+  examples = task_files.read_examples(f"conll:{path}", cfg)
   arrays = tasks.encode(examples, tokenizer, 32, cfg, tasks.label_names(examples, cfg))
   padded = tasks.pad_rows(arrays, 8)
   for key, value in padded.items():
@@ -303,28 +304,28 @@ def small_tsv(sentences, tmp_path):
 def test_file_errors(small_tsv, tmp_path):
   cfg = task_cfg(train_source=f"tsv:{tmp_path}/missing.tsv")
   with pytest.raises(DataError, match=r"missing\.tsv does not exist .*--config\.task\.train_s"):
-    tasks.read_examples(cfg.train_source, cfg)
+    task_files.read_examples(cfg.train_source, cfg)
   latin = tmp_path / "latin.tsv"
   latin.write_bytes("sentence\tlabel\ncaf\u00e9\tyes\n".encode("latin-1"))
   with pytest.raises(DataError, match=r"latin\.tsv is not UTF-8 text .*iconv"):
-    tasks.read_examples(f"tsv:{latin}", task_cfg())
+    task_files.read_examples(f"tsv:{latin}", task_cfg())
   (tmp_path / "empty.csv").write_text(" \n\n")
   with pytest.raises(DataError, match=r"empty\.csv is empty"):
-    tasks.read_examples(f"csv:{tmp_path / 'empty.csv'}", task_cfg())
+    task_files.read_examples(f"csv:{tmp_path / 'empty.csv'}", task_cfg())
   header_only = write_tsv(tmp_path / "header.tsv", [("sentence", "label")])
   with pytest.raises(DataError, match=r"header\.tsv' holds no examples"):
-    tasks.read_examples(f"tsv:{header_only}", task_cfg(eval_source=f"tsv:{header_only}"))
+    task_files.read_examples(f"tsv:{header_only}", task_cfg(eval_source=f"tsv:{header_only}"))
   with pytest.raises(DataError, match=re.escape(
       "is not one of the known forms ['tsv:PATH', 'csv:PATH', 'jsonl:PATH', "
       "'tfds:NAME[/CONFIG]:SPLIT', 'conll:PATH']; set --config.task.eval_source")):
-    tasks.read_examples(f"text:{small_tsv}", task_cfg(eval_source=f"text:{small_tsv}"))
+    task_files.read_examples(f"text:{small_tsv}", task_cfg(eval_source=f"text:{small_tsv}"))
   lines = small_tsv.read_text().splitlines()
   write_tsv(tmp_path / "ragged.tsv", [lines[0].split("\t"), lines[1].split("\t") + ["x"]])
   with pytest.raises(DataError, match=r"ragged\.tsv:2 has 3 columns but the header .* has 2"):
-    tasks.read_examples(f"tsv:{tmp_path / 'ragged.tsv'}", task_cfg())
+    task_files.read_examples(f"tsv:{tmp_path / 'ragged.tsv'}", task_cfg())
   (tmp_path / "bad.jsonl").write_text('{"sentence": "a", "label": 1}\n\n{"sentence": \n')
   with pytest.raises(DataError, match=r"bad\.jsonl:3 is not valid JSON"):
-    tasks.read_examples(f"jsonl:{tmp_path / 'bad.jsonl'}", task_cfg())
+    task_files.read_examples(f"jsonl:{tmp_path / 'bad.jsonl'}", task_cfg())
 
 
 def test_column_and_config_errors(small_tsv):
@@ -332,19 +333,19 @@ def test_column_and_config_errors(small_tsv):
   with pytest.raises(DataError, match=re.escape(
       f"{small_tsv}:2 has no column 'sentence2' (columns found: ['sentence', 'label']); set "
       f"--config.task.text_fields")):
-    tasks.read_examples(source, task_cfg(text_fields="sentence,sentence2"))
+    task_files.read_examples(source, task_cfg(text_fields="sentence,sentence2"))
   with pytest.raises(DataError, match=r"no column 'gold' .*--config\.task\.label_field"):
-    tasks.read_examples(source, task_cfg(label_field="gold"))
+    task_files.read_examples(source, task_cfg(label_field="gold"))
   with pytest.raises(DataError, match=r"text_fields='a,b,c' must name one text column .* or two"):
-    tasks.read_examples(source, task_cfg(text_fields="a,b,c"))
+    task_files.read_examples(source, task_cfg(text_fields="a,b,c"))
   with pytest.raises(DataError, match=re.escape(
       "task.kind='ner' is not known; set --config.task.kind to one of ['classification', "
       "'regression', 'tokens']")):
-    tasks.read_examples(source, task_cfg(kind="ner"))
+    task_files.read_examples(source, task_cfg(kind="ner"))
   with pytest.raises(DataError, match=r"kind 'tokens' reads CoNLL .*=conll:PATH"):
-    tasks.read_examples(source, task_cfg(kind="tokens"))
+    task_files.read_examples(source, task_cfg(kind="tokens"))
   with pytest.raises(DataError, match=r"holds word tags, which only task kind 'tokens' reads"):
-    tasks.read_examples(f"conll:{small_tsv}", task_cfg())
+    task_files.read_examples(f"conll:{small_tsv}", task_cfg())
   with pytest.raises(DataError, match=r"task.labels='no,,yes' must be distinct, non-empty"):
     tasks.label_names([], task_cfg(labels="no,,yes"))
 
@@ -354,18 +355,18 @@ def test_label_errors(sentences, small_tsv, tokenizer, tmp_path):
   empty = tmp_path / "empty_label.tsv"
   empty.write_text("\n".join(lines[:3] + [lines[3].split("\t")[0] + "\t "]) + "\n")
   with pytest.raises(DataError, match=r"empty_label\.tsv:4: the label \(column 'label'\) is emp"):
-    tasks.read_examples(f"tsv:{empty}", task_cfg())
+    task_files.read_examples(f"tsv:{empty}", task_cfg())
   with pytest.raises(DataError, match=r"small\.tsv:2: label 'no' .* is not a finite number, but "
                      r"task.kind is 'regression'"):
-    tasks.read_examples(f"tsv:{small_tsv}", task_cfg(kind="regression"))
+    task_files.read_examples(f"tsv:{small_tsv}", task_cfg(kind="regression"))
   nan = write_jsonl(tmp_path / "nan.jsonl", [{"sentence": sentences[0], "label": "nan"}])
   with pytest.raises(DataError, match=r"nan\.jsonl:1: label 'nan' .* not a finite number"):
-    tasks.read_examples(f"jsonl:{nan}", task_cfg(kind="regression"))
+    task_files.read_examples(f"jsonl:{nan}", task_cfg(kind="regression"))
   cfg = task_cfg()
-  names = tasks.label_names(tasks.read_examples(f"tsv:{small_tsv}", cfg), cfg)
+  names = tasks.label_names(task_files.read_examples(f"tsv:{small_tsv}", cfg), cfg)
   evals = write_tsv(tmp_path / "dev.tsv", [("sentence", "label"), (sentences[9], "yes"),
                                            (sentences[10], "maybe")])
-  eval_examples = tasks.read_examples(f"tsv:{evals}", cfg)
+  eval_examples = task_files.read_examples(f"tsv:{evals}", cfg)
   with pytest.raises(DataError, match=re.escape(
       f"{evals}:3: label 'maybe' is not one of the task's labels ['no', 'yes'] (from the labels "
       f"found in the train data); fix the data or list every label, in index order, with "
@@ -382,10 +383,10 @@ def test_conll_errors(tmp_path):
   path = tmp_path / "bad.conll"
   path.write_text("-DOCSTART- -X- O O\n\nThe DT O\nwrong\n")
   with pytest.raises(DataError, match=r"bad\.conll:4 has one column \('wrong'\), but a CoNLL"):
-    tasks.read_examples(f"conll:{path}", task_cfg(kind="tokens"))
+    task_files.read_examples(f"conll:{path}", task_cfg(kind="tokens"))
   path.write_text("-DOCSTART- -X- O O\n\n")
   with pytest.raises(DataError, match=r"bad\.conll' holds no examples"):
-    tasks.read_examples(f"conll:{path}", task_cfg(kind="tokens"))
+    task_files.read_examples(f"conll:{path}", task_cfg(kind="tokens"))
 
 
 # ---------------------------------------------------------------------------- TFDS
@@ -397,16 +398,16 @@ def test_tfds_not_prepared(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path))  # read once at import
   with pytest.raises(DataError, match=r"TFDS dataset 'glue/sst2' split 'validation' could not be "
                      r"loaded .*must be prepared first \(`tfds build glue/sst2`"):
-    tasks.read_examples("tfds:glue/sst2:validation", task_cfg())
+    task_files.read_examples("tfds:glue/sst2:validation", task_cfg())
   assert not os.listdir(tmp_path)
 
 
 def test_tfds_class_label_names(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=6):
-    examples = tasks.read_examples("tfds:glue/sst2:validation", task_cfg())
+    examples = task_files.read_examples("tfds:glue/sst2:validation", task_cfg())
     with pytest.raises(DataError, match=re.escape(
         "tfds:glue/sst2:validation has no column 'sentence1' (columns found: ")):
-      tasks.read_examples("tfds:glue/sst2:validation", task_cfg(text_fields="sentence1"))
+      task_files.read_examples("tfds:glue/sst2:validation", task_cfg(text_fields="sentence1"))
   assert len(examples) == 6 and {e.label for e in examples} <= {"negative", "positive"}
   assert examples[1].where == "tfds:glue/sst2:validation example 1"

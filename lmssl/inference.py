@@ -46,8 +46,8 @@ def merged(cfg, params):
   return cfg, params
 
 
-def tokenizer(cfg, workdir: str) -> tokenizer_lib.Tokenizer:
-  return tokenizer_lib.Tokenizer.load(config_lib.tokenizer_path(cfg, workdir))
+def tokenizer(cfg, workdir: str) -> tokenizer_lib.AnyTokenizer:
+  return tokenizer_lib.load(config_lib.tokenizer_path(cfg, workdir))
 
 
 def generate_text(workdir: str, prompts: list[str], *, best: bool = False, **options) -> list[str]:
@@ -58,10 +58,9 @@ def generate_text(workdir: str, prompts: list[str], *, best: bool = False, **opt
                            "LM (objective clm). For an MLM model put [MASK] in the prompt to fill "
                            "it in")
   tok = tokenizer(cfg, workdir)
-  ids = [[tokenizer_lib.BOS_ID] + tok.encode(p) for p in prompts]
+  ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
   try:
-    out = sample.generate(cfg.model, params, ids,
-                          eos_id=tokenizer_lib.EOS_ID, **options)
+    out = sample.generate(cfg.model, params, ids, eos_id=tok.eos_id, **options)
   except ValueError as e:
     raise errors.UserError(str(e)) from None
   return [tok.decode(o) for o in out]
@@ -74,10 +73,9 @@ def fill_mask_text(workdir: str, text: str, *, top_k: int = 5,
   if cfg.objective != "mlm" or cfg.task.kind:
     raise errors.UserError(f"{workdir} is not a masked-LM pretraining run; fill-mask needs one")
   tok = tokenizer(cfg, workdir)
-  ids = [tokenizer_lib.CLS_ID] + tok.encode_with_masks(text) + [tokenizer_lib.SEP_ID]
+  ids = [tok.cls_id] + tok.encode_with_masks(text) + [tok.sep_id]
   try:
-    found = sample.fill_mask(cfg.model, params, ids, top_k=top_k,
-                             mask_id=tokenizer_lib.MASK_ID)
+    found = sample.fill_mask(cfg.model, params, ids, top_k=top_k, mask_id=tok.mask_id)
   except ValueError as e:
     raise errors.UserError(str(e)) from None
-  return [[(tok.sp.id_to_piece(i), p) for i, p in candidates] for candidates in found]
+  return [[(tok.id_to_piece(i), p) for i, p in candidates] for candidates in found]

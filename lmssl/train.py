@@ -38,13 +38,13 @@ def _datasets(cfg, workdir, full_eval: bool = False):
     if not cfg.data.tokenizer:
       raise errors.UserError("fine-tuning needs the pretrained model's tokenizer: set "
                              "--config.init.params_from=RUN (or --config.data.tokenizer)")
-    tok = tokenizer_lib.Tokenizer.load(cfg.data.tokenizer)
+    tok = tokenizer_lib.load(cfg.data.tokenizer)
     train_arrays, eval_arrays, names = tasks.load(cfg.task, tok, cfg.data.seq_len)
     config_lib.set_labels(cfg, names)
     objective, where, full_eval = "task", f"{cfg.task.train_source}, {cfg.task.eval_source}", True
   else:
     tokenizer_path, where = prepare.prepare(cfg.data, None, workdir)
-    tok = tokenizer_lib.Tokenizer.load(tokenizer_path)
+    tok = tokenizer_lib.load(tokenizer_path)
     train_arrays = prepare.load_prepared(where, "train")
     eval_arrays = prepare.load_prepared(where, "validation")
     objective = cfg.objective
@@ -54,8 +54,7 @@ def _datasets(cfg, workdir, full_eval: bool = False):
     eval_arrays = tasks.pad_rows(dict(eval_arrays), cfg.eval.batch_size)
     eval_steps = len(next(iter(eval_arrays.values()))) // cfg.eval.batch_size
   common = dict(objective=objective, seed=cfg.seed, process_index=jax.process_index(),
-                process_count=jax.process_count(), cfg=cfg.data, vocab_size=tok.vocab_size,
-                word_start=tok.word_start)
+                process_count=jax.process_count(), cfg=cfg.data, tokenizer=tok)
 
   def train_batches(start_step, end_step):
     ds = pipeline.make_dataset(train_arrays, global_batch=cfg.train.batch_size,

@@ -7,9 +7,11 @@ tokenizer trained once per session.
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from lmssl import config
 from lmssl.data import pipeline
@@ -31,8 +33,8 @@ def doc_ids(paragraphs, tokenizer):
 
 
 @pytest.fixture(scope="session")
-def packed(doc_ids):
-  return prepare.pack(doc_ids, SEQ_LEN)
+def packed(doc_ids, tokenizer):
+  return prepare.pack(doc_ids, SEQ_LEN, tokenizer)
 
 
 def data_cfg(**overrides):
@@ -43,8 +45,7 @@ def data_cfg(**overrides):
 
 def batches(arrays, tokenizer, *, steps, cfg=None, **kwargs):
   args = dict(objective="mlm", global_batch=8, seed=0, start_step=0, process_index=0,
-              process_count=1, cfg=cfg or data_cfg(), vocab_size=tokenizer.vocab_size,
-              word_start=tokenizer.word_start, num_steps=steps)
+              process_count=1, cfg=cfg or data_cfg(), tokenizer=tokenizer, num_steps=steps)
   args.update(kwargs)
   return list(pipeline.make_dataset(arrays, **args).as_numpy_iterator())
 
@@ -52,28 +53,28 @@ def batches(arrays, tokenizer, *, steps, cfg=None, **kwargs):
 # ---------------------------------------------------------------------------- packing
 
 
-def test_pack_reproduces_documents_in_order(packed, doc_ids):
+def test_pack_reproduces_documents_in_order(packed, doc_ids, tokenizer):
   tokens, segs = packed["tokens"], packed["segment_ids"]
   assert tokens.dtype == segs.dtype == np.int32 and tokens.shape[1] == SEQ_LEN
-  expected = np.concatenate([[tok.CLS_ID, *ids, tok.SEP_ID] for ids in doc_ids])
+  expected = np.concatenate([[tokenizer.cls_id, *ids, tokenizer.sep_id] for ids in doc_ids])
   np.testing.assert_array_equal(tokens[segs > 0], expected)  # row-major = row by row
   # Padding: only in the last row, only at its end, always segment 0 and PAD.
   is_pad = segs == 0
   assert not is_pad[:-1].any()
   assert (np.diff(is_pad[-1].astype(int)) >= 0).all()
-  assert (tokens[is_pad] == tok.PAD_ID).all()
+  assert (tokens[is_pad] == tokenizer.pad_id).all()
 
 
 def _positions(segment_ids):
   return pipeline.positions_from_segments(segment_ids).numpy()
 
 
-def test_pack_segments_restart_per_row_and_step_at_documents(packed):
+def test_pack_segments_restart_per_row_and_step_at_documents(packed, tokenizer):
   tokens, segs = packed["tokens"], packed["segment_ids"]
   assert (segs[:, 0] == 1).all()
   real = segs[:, 1:] > 0
   step = np.diff(segs, axis=1)[real]
-  assert (step == (tokens[:, 1:] == tok.CLS_ID)[real]).all()  # +1 exactly where a doc starts
+  assert (step == (tokens[:, 1:] == tokenizer.cls_id)[real]).all()  # +1 exactly where a doc starts
   positions = _positions(segs)
   starts = np.ones_like(segs, dtype=bool)
   starts[:, 1:] = segs[:, 1:] != segs[:, :-1]
@@ -85,12 +86,14 @@ def test_pack_segments_restart_per_row_and_step_at_documents(packed):
 
 def test_pack_long_document_spans_rows():
   docs = [list(range(10, 20)), list(range(30, 33))]  # 12 + 5 framed tokens, rows of 4
-  out = prepare.pack(docs, 4)
-  np.testing.assert_array_equal(out["tokens"], [[2, 10, 11, 12], [13, 14, 15, 16],
-                                                [17, 18, 19, 3], [2, 30, 31, 32], [3, 0, 0, 0]])
+  ids = SimpleNamespace(cls_id=101, sep_id=102, pad_id=7)  # a tokenizer's ids, BERT-like
+  out = prepare.pack(docs, 4, ids)
+  np.testing.assert_array_equal(out["tokens"], [[101, 10, 11, 12], [13, 14, 15, 16],
+                                                [17, 18, 19, 102], [101, 30, 31, 32],
+                                                [102, 7, 7, 7]])
   np.testing.assert_array_equal(out["segment_ids"], [[1] * 4, [1] * 4, [1] * 4, [1] * 4,
                                                      [1, 0, 0, 0]])
-  out = prepare.pack([[7], [8, 9], [5]], 5)  # [2 7 3 2 8 | 9 3 2 5 3]
+  out = prepare.pack([[7], [8, 9], [5]], 5, ids)  # [C 7 S C 8 | 9 S C 5 S]
   np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 2, 2], [1, 1, 2, 2, 2]])
   np.testing.assert_array_equal(_positions(out["segment_ids"]),
                                 [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
@@ -118,27 +121,45 @@ def test_mask_statistics_on_real_text(packed, tokenizer):
   rows = np.arange(len(orig))[:, None]
   real = w > 0
   np.testing.assert_array_equal(ids[real], orig[rows, pos][real])  # targets are the originals
-  assert (ids[real] >= tok.NUM_RESERVED).all()  # never PAD/UNK/CLS/SEP/MASK
+  assert not tokenizer.special[ids[real]].any()  # never PAD/UNK/CLS/SEP/MASK
   assert (ids[~real] == 0).all() and (pos[~real] == 0).all()
   chosen = np.zeros(orig.shape, dtype=bool)
   chosen[np.broadcast_to(rows, pos.shape)[real], pos[real]] = True
   assert chosen.sum() == real.sum()  # no position listed twice
   np.testing.assert_array_equal(inputs[~chosen], orig[~chosen])  # only chosen ones change
   # k = round(0.15 * candidates) per row, exactly.
-  num_cand = (orig >= tok.NUM_RESERVED).sum(1)
+  cand = ~tokenizer.special[orig]
+  num_cand = cand.sum(1)
   np.testing.assert_array_equal(real.sum(1), np.maximum(1, np.floor(0.15 * num_cand + 0.5)))
   # 80/10/10 over n ~ 24k predictions: binomial sd <= 0.0026, so 0.015 is > 5 sd.
   n = chosen.sum()
   assert n > 20_000
-  as_mask = (inputs[chosen] == tok.MASK_ID).mean()
+  as_mask = (inputs[chosen] == tokenizer.mask_id).mean()
   kept = (inputs[chosen] == orig[chosen]).mean()
   assert abs(as_mask - 0.8) < 0.015 and abs(kept - 0.1) < 0.015
   assert abs(1 - as_mask - kept - 0.1) < 0.015
-  replaced = inputs[chosen & (inputs != orig) & (inputs != tok.MASK_ID)]
-  assert replaced.min() >= tok.NUM_RESERVED and replaced.max() < tokenizer.vocab_size
+  replaced = inputs[chosen & (inputs != orig) & (inputs != tokenizer.mask_id)]
+  assert replaced.max() < tokenizer.vocab_size and not tokenizer.special[replaced].any()
   # Uniform over candidates: chosen ones sit in the first half of a row's candidates half the time.
-  rank = np.cumsum(orig >= tok.NUM_RESERVED, axis=1) / num_cand[:, None]
+  rank = np.cumsum(cand, axis=1) / num_cand[:, None]
   assert abs((rank[chosen] <= 0.5).mean() - 0.5) < 0.02
+
+
+def test_random_replacements_are_the_former_draw(packed, tokenizer):
+  # SentencePiece runs keep their batches: a random replacement is the id that
+  # `stateless_uniform(minval=NUM_RESERVED, maxval=vocab_size)` drew before HF tokenizers.
+  cfg = data_cfg(max_predictions=64, mask_token_frac=0.0, random_token_frac=1.0)
+  got = batches(packed, tokenizer, steps=2, seed=11, shuffle=False, cfg=cfg)
+  inputs = np.concatenate([b["input_ids"] for b in got])
+  pos = np.concatenate([b["masked_positions"] for b in got])
+  w = np.concatenate([b["masked_weights"] for b in got])
+  for g in range(len(inputs)):  # mask_row's seeds of global row g
+    random_seed = tf.random.experimental.stateless_split(tf.constant([11, g], tf.int64), 3)[2]
+    former = tf.random.stateless_uniform([SEQ_LEN], random_seed, minval=tok.NUM_RESERVED,
+                                         maxval=tokenizer.vocab_size, dtype=tf.int32).numpy()
+    chosen = pos[g][w[g] > 0]
+    assert len(chosen) > 5
+    np.testing.assert_array_equal(inputs[g][chosen], former[chosen])
 
 
 def test_max_predictions_caps_and_pads(packed, tokenizer):
@@ -156,7 +177,7 @@ def test_whole_word_mask_never_splits_a_word(packed, tokenizer):
   rows = np.broadcast_to(np.arange(len(orig))[:, None], pos.shape)
   chosen = np.zeros(orig.shape, dtype=bool)
   chosen[rows[w > 0], pos[w > 0]] = True
-  cand = orig >= tok.NUM_RESERVED
+  cand = ~tokenizer.special[orig]
   continues = cand[:, 1:] & cand[:, :-1] & ~tokenizer.word_start[orig[:, 1:]]
   assert continues[chosen[:, 1:]].sum() > 1000  # multi-piece words do get chosen
   np.testing.assert_array_equal(chosen[:, 1:][continues], chosen[:, :-1][continues])
@@ -226,6 +247,12 @@ def test_bad_pipeline_arguments(packed, tokenizer):
     batches(packed, tokenizer, steps=1, global_batch=10, process_count=4)
   with pytest.raises(ValueError, match="unknown objective 'xlm'"):
     batches(packed, tokenizer, steps=1, objective="xlm")
+  no_mask = SimpleNamespace(**{k: getattr(tokenizer, k) for k in (
+      "path", "vocab_size", "pad_id", "cls_id", "sep_id", "special", "word_start")}, mask_id=None)
+  with pytest.raises(ValueError, match=f"tokenizer {tokenizer.path} has no mask token, but "
+                     "masked-LM"):
+    batches(packed, no_mask, steps=1)
+  assert batches(packed, no_mask, steps=1, objective="clm")  # a causal LM needs none
 
 
 # ---------------------------------------------------------------------------- sources

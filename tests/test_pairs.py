@@ -25,7 +25,7 @@ MAX_TOKENS = SEQ_LEN - pairs.NUM_SPECIAL
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_path):
-  return tok.Tokenizer.load(tokenizer_path)
+  return tok.load(tokenizer_path)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,7 @@ def with_kind(cfg, kind):
 
 def batches(arrays, tokenizer, cfg, *, steps, **kwargs):
   args = dict(objective="mlm", global_batch=8, seed=0, start_step=0, process_index=0,
-              process_count=1, cfg=cfg, vocab_size=tokenizer.vocab_size,
-              word_start=tokenizer.word_start, num_steps=steps)
+              process_count=1, cfg=cfg, tokenizer=tokenizer, num_steps=steps)
   args.update(kwargs)
   got = list(pipeline.make_dataset(arrays, **args).as_numpy_iterator())
   return {k: np.concatenate([b[k] for b in got]) for k in got[0]}
@@ -96,8 +95,9 @@ def test_prepared_pairs_are_consecutive_sentences(prepared, tokenizer):
   assert (a_len >= 1).all() and (b_len >= 1).all() and (a_len + b_len <= MAX_TOKENS).all()
   for name, lens in (("a_ids", a_len), ("b_ids", b_len)):
     real = np.arange(MAX_TOKENS) < lens[:, None]
-    assert (arrays[name][~real] == tok.PAD_ID).all()
-    assert not np.isin(arrays[name][real], [tok.PAD_ID, tok.CLS_ID, tok.SEP_ID]).any()
+    assert (arrays[name][~real] == 0).all()  # stored zero-padded
+    assert not np.isin(arrays[name][real], [tokenizer.pad_id, tokenizer.cls_id,
+                                            tokenizer.sep_id]).any()
   assert (np.diff(doc) >= 0).all()  # documents in order, each walked front to back
   train_docs = sources.train_and_val_documents(cfg)[0]
   contiguous, end = 0, 0
@@ -121,7 +121,7 @@ def test_prepared_pairs_are_consecutive_sentences(prepared, tokenizer):
   assert contiguous > 0.15 * len(doc)  # the rest were truncated, checked as prefixes above
 
 
-def _check_layout(got):
+def _check_layout(got, tokenizer):
   ids, segs, pos, types = (got[k] for k in ("input_ids", "segment_ids", "positions",
                                              "token_types"))
   assert all(got[k].dtype == np.int32 for k in ("input_ids", "segment_ids", "positions",
@@ -129,14 +129,15 @@ def _check_layout(got):
   assert ids.shape[1] == SEQ_LEN and got["pair_labels"].shape == (len(ids),)
   cols = np.arange(SEQ_LEN)
   n = segs.sum(1)
-  assert (ids[:, 0] == tok.CLS_ID).all() and ((ids == tok.SEP_ID).sum(1) == 2).all()
-  sep1 = np.argmax(ids == tok.SEP_ID, axis=1)
-  assert (ids[np.arange(len(ids)), n - 1] == tok.SEP_ID).all() and (sep1 < n - 2).all()
+  cls, sep = tokenizer.cls_id, tokenizer.sep_id
+  assert (ids[:, 0] == cls).all() and ((ids == sep).sum(1) == 2).all()
+  sep1 = np.argmax(ids == sep, axis=1)
+  assert (ids[np.arange(len(ids)), n - 1] == sep).all() and (sep1 < n - 2).all()
   real = cols < n[:, None]
   np.testing.assert_array_equal(segs, real)
   np.testing.assert_array_equal(pos, np.where(real, cols, 0))
   np.testing.assert_array_equal(types, real & (cols > sep1[:, None]))
-  assert (ids[~real] == tok.PAD_ID).all()
+  assert (ids[~real] == tokenizer.pad_id).all()
   return sep1, n
 
 
@@ -146,8 +147,8 @@ def test_pair_rows_layout_and_negatives(prepared, tokenizer, kind):
   cfg = with_kind(cfg, kind)
   got = batches(arrays, tokenizer, cfg, steps=8, global_batch=64, objective="clm",
                 shuffle=False)
-  sep1, n = _check_layout(got)
-  _check_layout(batches(arrays, tokenizer, cfg, steps=2, global_batch=64))  # masked too
+  sep1, n = _check_layout(got, tokenizer)
+  _check_layout(batches(arrays, tokenizer, cfg, steps=2, global_batch=64), tokenizer)  # masked
   labels = got["pair_labels"]
   assert 0.4 < labels.mean() < 0.6 and set(np.unique(labels)) == {0, 1}
   a_ids, a_len, b_ids, b_len = (arrays[k] for k in ("a_ids", "a_len", "b_ids", "b_len"))
@@ -227,7 +228,7 @@ def test_mismatched_sentence_pair_setting(prepared, tokenizer, corpus, tokenizer
   flag = r"--config\.data\.sentence_pair"
   with pytest.raises(errors.UserError, match=f"holds sentence pairs, but {flag} is empty"):
     batches(arrays, tokenizer, with_kind(cfg, ""), steps=1)
-  packed = prepare.pack([[10, 11, 12], [13, 14]], 8)
+  packed = prepare.pack([[10, 11, 12], [13, 14]], 8, tokenizer)
   with pytest.raises(errors.UserError, match=f"{flag}='sop' needs data prepared as sentence"):
     batches(packed, tokenizer, with_kind(cfg, "sop"), steps=1)
   with pytest.raises(errors.UserError, match=f"{flag}='bert' is not known"):

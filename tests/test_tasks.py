@@ -25,7 +25,7 @@ PAIR_LABELS = ("contradiction", "entailment", "neutral")
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_path):
-  return tok.Tokenizer.load(tokenizer_path)
+  return tok.load(tokenizer_path)
 
 
 @pytest.fixture(scope="session")
@@ -113,11 +113,12 @@ def test_single_text_layout_decodes_back(sentences, tokenizer, tmp_path):
     ids, segs = arrays["input_ids"][i], arrays["segment_ids"][i]
     n = real_length(segs)
     pieces = tokenizer.encode(sentence)
-    assert ids[0] == tok.CLS_ID and ids[n - 1] == tok.SEP_ID and (ids[n:] == tok.PAD_ID).all()
+    assert ids[0] == tokenizer.cls_id and ids[n - 1] == tokenizer.sep_id
+    assert (ids[n:] == tokenizer.pad_id).all()
     assert (segs[:n] == 1).all() and (segs[n:] == 0).all()
     np.testing.assert_array_equal(arrays["positions"][i], np.r_[np.arange(n), [0] * (64 - n)])
     np.testing.assert_array_equal(ids[1:n - 1], pieces[:SEQ_LEN - 2])  # cut at the end
-    if len(pieces) <= SEQ_LEN - 2 and tok.UNK_ID not in pieces:
+    if len(pieces) <= SEQ_LEN - 2 and tokenizer.unk_id not in pieces:
       assert tokenizer.decode(ids[1:n - 1]) == sentence
       checked += 1
   assert checked > 60 and (arrays["segment_ids"].sum(1) == SEQ_LEN).any()  # some were cut
@@ -158,14 +159,15 @@ def test_pair_layout_csv(sentences, tokenizer, tmp_path):
       continue
     n = len(pieces_a) + len(pieces_b) + 3
     sep_a = 1 + len(pieces_a)
-    assert ids[0] == tok.CLS_ID and np.flatnonzero(ids == tok.SEP_ID).tolist() == [sep_a, n - 1]
+    assert ids[0] == tokenizer.cls_id
+    assert np.flatnonzero(ids == tokenizer.sep_id).tolist() == [sep_a, n - 1]
     np.testing.assert_array_equal(ids[1:sep_a], pieces_a)
     np.testing.assert_array_equal(ids[sep_a + 1:n - 1], pieces_b)
     np.testing.assert_array_equal(types, [0] * (sep_a + 1) + [1] * (n - sep_a - 1)
                                   + [0] * (128 - n))  # switches right after the first [SEP]
     np.testing.assert_array_equal(arrays["segment_ids"][i], [1] * n + [0] * (128 - n))
     np.testing.assert_array_equal(arrays["positions"][i], [*range(n)] + [0] * (128 - n))
-    assert (ids[n:] == tok.PAD_ID).all()
+    assert (ids[n:] == tokenizer.pad_id).all()
 
 
 def bert_truncate(a, b, budget):
@@ -196,7 +198,8 @@ def test_truncation_matches_bert_longest_first(sentences, paragraphs, tokenizer,
     want_a, want_b = bert_truncate(tokenizer.encode(a), tokenizer.encode(b), 48 - 3)
     ids = arrays["input_ids"][i]
     assert (arrays["segment_ids"][i] == 1).all()  # a truncated pair fills the row exactly
-    np.testing.assert_array_equal(ids, [tok.CLS_ID, *want_a, tok.SEP_ID, *want_b, tok.SEP_ID])
+    cls, sep = tokenizer.cls_id, tokenizer.sep_id
+    np.testing.assert_array_equal(ids, [cls, *want_a, sep, *want_b, sep])
     assert arrays["token_types"][i].sum() == len(want_b) + 1
     cut_only_one += len(want_a) == len(tokenizer.encode(a)) or len(want_b) == len(
         tokenizer.encode(b))
@@ -229,13 +232,14 @@ def test_tokens_label_the_first_piece_of_each_word(sentences, tokenizer, tmp_pat
     ids, weights = arrays["input_ids"][i], arrays["label_weights"][i]
     n = real_length(arrays["segment_ids"][i])
     firsts = np.flatnonzero(weights)
-    assert len(firsts) == len(sentence) and ids[0] == tok.CLS_ID and ids[n - 1] == tok.SEP_ID
+    assert len(firsts) == len(sentence)
+    assert ids[0] == tokenizer.cls_id and ids[n - 1] == tokenizer.sep_id
     for first, end, word in zip(firsts, [*firsts[1:], n - 1], sentence):
-      assert ids[first:end].tolist() == (tokenizer.encode(word) or [tok.UNK_ID])
+      assert ids[first:end].tolist() == (tokenizer.encode(word) or [tokenizer.unk_id])
     np.testing.assert_array_equal(arrays["labels"][i][firsts],
                                   [names.index(t) for t in word_tags(sentence)])
     assert not arrays["labels"][i][weights == 0].any()
-  assert arrays["input_ids"][3][np.flatnonzero(arrays["label_weights"][3])[2]] == tok.UNK_ID
+  assert arrays["input_ids"][3][np.flatnonzero(arrays["label_weights"][3])[2]] == tokenizer.unk_id
 
 
 def test_tokens_truncate_at_a_word_boundary(sentences, tokenizer, tmp_path, caplog):
@@ -252,7 +256,7 @@ def test_tokens_truncate_at_a_word_boundary(sentences, tokenizer, tmp_path, capl
     dropped, cut = dropped + len(sentence) - keep, cut + (keep < len(sentence))
     sep = 1 + (ends[keep - 1] if keep else 0)
     assert arrays["label_weights"][i].sum() == keep
-    assert arrays["input_ids"][i][sep] == tok.SEP_ID and real_length(
+    assert arrays["input_ids"][i][sep] == tokenizer.sep_id and real_length(
         arrays["segment_ids"][i]) == sep + 1
   assert cut > 10
   assert f"{dropped} words in {cut} of 30 sentences did not fit seq_len=20" in caplog.text

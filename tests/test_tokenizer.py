@@ -4,14 +4,21 @@ from pathlib import Path
 
 import pytest
 
+from lmssl import errors
 from lmssl.data import tokenizer as tok
 
+
 def test_reserved_ids(tokenizer_path):
-  t = tok.Tokenizer.load(tokenizer_path)
-  assert [t.sp.id_to_piece(i) for i in range(tok.NUM_RESERVED)] == list(tok.RESERVED_PIECES)
+  t = tok.load(tokenizer_path)
+  assert isinstance(t, tok.Tokenizer)
+  assert [t.id_to_piece(i) for i in range(tok.NUM_RESERVED)] == list(tok.RESERVED_PIECES)
   assert t.vocab_size == 1000
+  ids = (t.pad_id, t.unk_id, t.cls_id, t.sep_id, t.mask_id, t.bos_id, t.eos_id)
+  assert ids == (tok.PAD_ID, tok.UNK_ID, tok.CLS_ID, tok.SEP_ID, tok.MASK_ID, 2, 3)
+  assert list(t.special) == [i < tok.NUM_RESERVED for i in range(t.vocab_size)]
+  assert t.fingerprint == Path(tokenizer_path).read_bytes()  # cache keys as before HF tokenizers
   assert t.word_start[:tok.NUM_RESERVED].all()
-  pieces = [t.sp.id_to_piece(i) for i in range(tok.NUM_RESERVED, t.vocab_size)]
+  pieces = [t.id_to_piece(i) for i in range(tok.NUM_RESERVED, t.vocab_size)]
   assert list(t.word_start[tok.NUM_RESERVED:]) == [p.startswith("\u2581") for p in pieces]
   assert 0 < t.word_start.sum() < t.vocab_size  # both kinds exist
 
@@ -46,6 +53,20 @@ def test_missing_tokenizer_path(tmp_path):
   missing = tmp_path / "nope.model"
   with pytest.raises(ValueError, match=f"{missing}.*does not exist"):
     tok.Tokenizer.load(str(missing))
+  with pytest.raises(errors.UserError, match=f"{missing}.*does not exist.*HuggingFace"):
+    tok.load(str(missing))
+  with pytest.raises(errors.UserError, match=f"{tmp_path}/tokenizer.json does not exist"):
+    tok.load(str(tmp_path / "tokenizer.json"))
+  with pytest.raises(errors.UserError, match=f"{tmp_path} holds no tokenizer.json, vocab.txt"):
+    tok.load(str(tmp_path))  # a directory without HuggingFace tokenizer files
+
+
+def test_encode_with_masks(tokenizer_path):
+  t = tok.load(tokenizer_path)
+  ids = t.encode_with_masks("The [MASK] sat on the [MASK].")
+  assert ids.count(tok.MASK_ID) == 2
+  assert [i for i in ids if i != tok.MASK_ID] == t.encode("The") + t.encode("sat on the") + (
+      t.encode("."))
 
 
 def test_garbage_model_file(tmp_path):

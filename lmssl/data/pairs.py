@@ -172,8 +172,11 @@ def _negative_draws(seed: int, g, num_rows: int):
   return negative, partner
 
 
-def layout_row(first_M, first_len, second_M, second_len):
-  """`[CLS] first [SEP] second [SEP]` + padding, with its segment ids, positions and types."""
+def layout_row(first_M, first_len, second_M, second_len, tokenizer: tok.AnyTokenizer):
+  """`[CLS] first [SEP] second [SEP]` + padding, with its segment ids, positions and types.
+
+  [CLS], [SEP] and padding are the tokenizer's cls_id, sep_id and pad_id.
+  """
   max_tokens = first_M.shape[0]
   length = max_tokens + NUM_SPECIAL
   j_L = tf.range(length)
@@ -182,16 +185,18 @@ def layout_row(first_M, first_len, second_M, second_len):
   from_second_L = tf.gather(second_M, tf.clip_by_value(j_L - first_len - 2, 0, max_tokens - 1))
   is_sep_L = (j_L == first_len + 1) | (j_L == n - 1)
   ids_L = tf.where(j_L <= first_len, from_first_L, from_second_L)
-  ids_L = tf.where(is_sep_L, tok.SEP_ID, tf.where(j_L == 0, tok.CLS_ID, ids_L))
+  ids_L = tf.where(is_sep_L, tokenizer.sep_id, tf.where(j_L == 0, tokenizer.cls_id, ids_L))
   real_L = j_L < n
-  return dict(input_ids=tf.where(real_L, ids_L, tok.PAD_ID),
+  return dict(input_ids=tf.where(real_L, ids_L, tokenizer.pad_id),
               segment_ids=tf.cast(real_L, tf.int32),
               positions=tf.where(real_L, j_L, 0),
               token_types=tf.cast(real_L & (j_L > first_len + 1), tf.int32))
 
 
-def row_builder(tables: dict, *, kind: str, seed: int) -> Callable:
+def row_builder(tables: dict, *, kind: str, seed: int, tokenizer: tok.AnyTokenizer) -> Callable:
   """A tf function (features of one stored row, g) -> the model's features for global row g.
+
+  Rows are laid out by `layout_row` with the tokenizer's special ids.
 
   Negatives (pair_labels 1): "sop" swaps A and B; "nsp" keeps A and takes the B of a random
   row r of the split, or of row r + 1 when r comes from the same document. Row r + 1 can
@@ -217,7 +222,7 @@ def row_builder(tables: dict, *, kind: str, seed: int) -> Callable:
       first_M, first_len = a_M, a_len
       second_M = tf.where(negative, tf.gather(tables["b_ids"], r), b_M)
       second_len = tf.where(negative, other_len, b_len)
-    out = layout_row(first_M, first_len, second_M, second_len)
+    out = layout_row(first_M, first_len, second_M, second_len, tokenizer)
     out = {k: tf.ensure_shape(v, [max_tokens + NUM_SPECIAL]) for k, v in out.items()}
     out["pair_labels"] = tf.cast(negative, tf.int32)
     return out

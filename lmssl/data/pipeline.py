@@ -27,8 +27,7 @@ _SHUFFLE_STREAM = 0x5EED  # third word of the shuffle's seed
 OBJECTIVES = ("mlm", "clm", "task")
 
 
-def _check_args(objective, global_batch, process_index, process_count, num_rows, cfg,
-                vocab_size):
+def _check_args(objective, global_batch, process_index, process_count, num_rows, cfg, tokenizer):
   if objective not in OBJECTIVES:
     raise errors.UserError(f"unknown objective {objective!r}; known: {list(OBJECTIVES)}")
   if global_batch <= 0 or global_batch % process_count:
@@ -46,9 +45,13 @@ def _check_args(objective, global_batch, process_index, process_count, num_rows,
     if not 0 < cfg.mask_rate <= 1 or cfg.max_predictions < 1:
       raise errors.UserError(f"mask_rate {cfg.mask_rate} must be in (0, 1] and max_predictions "
                        f"{cfg.max_predictions} at least 1")
-    if vocab_size <= tok.NUM_RESERVED:
-      raise errors.UserError(f"vocab_size {vocab_size} leaves no ids to draw random tokens from; "
-                       f"pass the tokenizer's vocab size")
+    if tokenizer.mask_id is None:
+      raise errors.UserError(f"tokenizer {tokenizer.path} has no mask token, but masked-LM "
+                             f"(objective mlm) needs one; use a tokenizer with a [MASK] token "
+                             f"(e.g. a BERT one) or objective clm")
+    if np.asarray(tokenizer.special).all():
+      raise errors.UserError(f"tokenizer {tokenizer.path} has only special ids, none to mask or "
+                             f"to draw random tokens from; use a real tokenizer")
 
 
 def _step_rows(step, *, global_batch, first_row, batch, num_rows, seed, shuffle):
@@ -79,20 +82,22 @@ def positions_from_segments(segment_ids_BxL):
   return tf.where(segment_ids_BxL > 0, cols_BxL - start_BxL, 0)
 
 
-def mask_row(ids_L, g, *, seed, cfg, vocab_size, word_start):
+def mask_row(ids_L, g, *, seed, cfg, special, normal_ids, mask_id, word_start):
   """BERT-style dynamic masking of one row, seeded by (seed, global row g).
 
-  Candidates are non-reserved ids. k = min(P, max(1, round(mask_rate * candidates))) pieces are
-  chosen; with whole_word_mask whole words are taken in a random order while they fit in k, so
-  a word is never split (and fewer than k may be chosen). Of the chosen: mask_token_frac become
-  [MASK], random_token_frac a random non-reserved id below vocab_size, the rest stay.
+  `special`, `word_start`: bool [vocab] tables (the tokenizer's); `normal_ids`: int32 [M], the
+  ids not special, ascending. Candidates are ids not special. k = min(P, max(1, round(mask_rate
+  * candidates))) pieces are chosen; with whole_word_mask whole words are taken in a random
+  order while they fit in k, so a word is never split (and fewer than k may be chosen). Of the
+  chosen: mask_token_frac become mask_id, random_token_frac a uniformly drawn normal id, the
+  rest stay.
   """
   length, num_predictions = ids_L.shape[0], cfg.max_predictions
   # Independent of the shuffle's randomness: that op keys a different cipher with 3 words.
   row_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(g, tf.int64)])
   order_seed, action_seed, random_seed = tf.unstack(
       tf.random.experimental.stateless_split(row_seed, 3))
-  cand_L = ids_L >= tok.NUM_RESERVED
+  cand_L = ~tf.gather(special, ids_L)
   num_cand = tf.reduce_sum(tf.cast(cand_L, tf.int32))
   k = tf.cast(tf.floor(cfg.mask_rate * tf.cast(num_cand, tf.float32) + 0.5), tf.int32)
   k = tf.where(num_cand > 0, tf.clip_by_value(k, 1, num_predictions), 0)
@@ -115,11 +120,13 @@ def mask_row(ids_L, g, *, seed, cfg, vocab_size, word_start):
   chosen_L = tf.gather(chosen_sorted_L, tf.math.invert_permutation(order_L))
 
   action_L = tf.random.stateless_uniform([length], action_seed)
-  random_ids_L = tf.random.stateless_uniform([length], random_seed, minval=tok.NUM_RESERVED,
-                                             maxval=vocab_size, dtype=tf.int32)
+  # An index into normal_ids: for sentencepiece's arange(5, V) exactly the ids the older
+  # `minval=5, maxval=V` draw gave, so runs from before HF tokenizers keep their batches.
+  random_ids_L = tf.gather(normal_ids, tf.random.stateless_uniform(
+      [length], random_seed, minval=0, maxval=normal_ids.shape[0], dtype=tf.int32))
   to_mask_L = chosen_L & (action_L < cfg.mask_token_frac)
   to_random_L = chosen_L & ~to_mask_L & (action_L < cfg.mask_token_frac + cfg.random_token_frac)
-  input_ids_L = tf.where(to_mask_L, tok.MASK_ID, tf.where(to_random_L, random_ids_L, ids_L))
+  input_ids_L = tf.where(to_mask_L, mask_id, tf.where(to_random_L, random_ids_L, ids_L))
 
   positions_N = tf.cast(tf.where(chosen_L)[:, 0], tf.int32)  # ascending, N <= k <= P
   pad = [[0, num_predictions - tf.shape(positions_N)[0]]]
@@ -132,7 +139,7 @@ def mask_row(ids_L, g, *, seed, cfg, vocab_size, word_start):
 
 def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_step: int,
                  process_index: int, process_count: int, cfg: ml_collections.ConfigDict,
-                 vocab_size: int, word_start: np.ndarray, shuffle: bool = True,
+                 tokenizer: tok.AnyTokenizer, shuffle: bool = True,
                  num_steps=None) -> tf.data.Dataset:
   """Per-host batches {input_ids, segment_ids, positions [B, L] (+ MLM targets [B, P])}.
 
@@ -144,15 +151,15 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   and pair_labels [B] (1: negative) instead. Steps run from `start_step`, forever or for
   `num_steps`. For evaluation use shuffle=False, start_step=0 and a fixed num_steps: the same
   rows, masks and negatives every time.
-  `vocab_size` bounds random replacement ids (pass the tokenizer's); `word_start` is
-  `Tokenizer.word_start`.
+  `tokenizer` gives the special ids: pair rows' [CLS]/[SEP]/padding, and MLM's mask id,
+  candidates (ids not `tokenizer.special`), random replacements and word starts.
   """
   # Prepared pretraining data names its ids "tokens"; every other array keeps its name.
   arrays = {("input_ids" if k == "tokens" else k): v for k, v in arrays.items()}
   # Fine-tuning rows are never pairs, whatever the data config they came with says.
   pair_rows = objective != "task" and pairs.check_arrays(arrays, cfg.sentence_pair)
   num_rows = arrays["a_ids" if pair_rows else "input_ids"].shape[0]
-  _check_args(objective, global_batch, process_index, process_count, num_rows, cfg, vocab_size)
+  _check_args(objective, global_batch, process_index, process_count, num_rows, cfg, tokenizer)
   batch = global_batch // process_count
   if num_steps is None:
     steps = tf.data.Dataset.counter(start_step)
@@ -174,9 +181,10 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   ds = steps.map(read_step, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   row_fns = []
   if pair_rows:
-    row_fns.append(pairs.row_builder(tables, kind=cfg.sentence_pair, seed=seed))
+    row_fns.append(pairs.row_builder(tables, kind=cfg.sentence_pair, seed=seed,
+                                     tokenizer=tokenizer))
   if objective == "mlm":
-    row_fns.append(_masker(seed=seed, cfg=cfg, vocab_size=vocab_size, word_start=word_start))
+    row_fns.append(_masker(seed=seed, cfg=cfg, tokenizer=tokenizer))
   if not row_fns:
     return ds.map(lambda features, g_B: features).prefetch(tf.data.AUTOTUNE)
 
@@ -189,14 +197,16 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def _masker(*, seed, cfg, vocab_size, word_start):
+def _masker(*, seed, cfg, tokenizer):
   """(features of one row, g) -> the features with mask_row's inputs and targets."""
-  word_start_tf = tf.constant(np.asarray(word_start, dtype=bool))
+  special = np.asarray(tokenizer.special, dtype=bool)
+  tables = {"special": tf.constant(special),
+            "normal_ids": tf.constant(np.flatnonzero(~special).astype(np.int32)),
+            "word_start": tf.constant(np.asarray(tokenizer.word_start, dtype=bool))}
 
   def mask(features, g):
     input_ids, positions, ids, weights = mask_row(
-        features["input_ids"], g, seed=seed, cfg=cfg, vocab_size=vocab_size,
-        word_start=word_start_tf)
+        features["input_ids"], g, seed=seed, cfg=cfg, mask_id=tokenizer.mask_id, **tables)
     return dict(features, input_ids=input_ids, masked_positions=positions, masked_ids=ids,
                 masked_weights=weights)
 

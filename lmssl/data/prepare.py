@@ -36,15 +36,16 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 ARRAYS = ("tokens", "segment_ids")
 FORMATS = ("packed", "pairs")  # meta.json "format"; files of format 1 without one are packed
-_ENCODE_BATCH = 2048  # documents per sentencepiece call
+_ENCODE_BATCH = 2048  # documents per tokenizer call
 
 
-def pack(docs_token_ids: Iterable[Sequence[int]], seq_len: int) -> dict[str, np.ndarray]:
+def pack(docs_token_ids: Iterable[Sequence[int]], seq_len: int,
+         tokenizer: tok.AnyTokenizer) -> dict[str, np.ndarray]:
   """Frames each document as `[CLS] ids [SEP]`, concatenates them and cuts rows of seq_len.
 
-  A document crossing a row boundary continues in the next row as a new segment. Segment ids
-  count 1, 2, 3... within each row; padding (only at the end of the last row) is PAD_ID with
-  segment 0.
+  [CLS], [SEP] and padding are the tokenizer's cls_id, sep_id and pad_id. A document crossing
+  a row boundary continues in the next row as a new segment. Segment ids count 1, 2, 3...
+  within each row; padding (only at the end of the last row) has segment 0.
   """
   docs = [np.asarray(d, dtype=np.int32) for d in docs_token_ids]
   if not docs:
@@ -54,15 +55,15 @@ def pack(docs_token_ids: Iterable[Sequence[int]], seq_len: int) -> dict[str, np.
   starts = ends - framed
   total = int(ends[-1])
   num_rows = -(-total // seq_len)
-  flat = np.full(num_rows * seq_len, tok.PAD_ID, dtype=np.int32)
+  flat = np.full(num_rows * seq_len, tokenizer.pad_id, dtype=np.int32)
   doc_of = np.full(num_rows * seq_len, -1, dtype=np.int64)
   doc_of[:total] = np.repeat(np.arange(len(docs)), framed)
   is_body = np.ones(total, dtype=bool)
   is_body[starts] = False
   is_body[ends - 1] = False
   flat[:total][is_body] = np.concatenate(docs)
-  flat[starts] = tok.CLS_ID
-  flat[ends - 1] = tok.SEP_ID
+  flat[starts] = tokenizer.cls_id
+  flat[ends - 1] = tokenizer.sep_id
   doc_of = doc_of.reshape(num_rows, seq_len)
   new_segment = np.ones_like(doc_of, dtype=bool)
   new_segment[:, 1:] = doc_of[:, 1:] != doc_of[:, :-1]
@@ -71,12 +72,12 @@ def pack(docs_token_ids: Iterable[Sequence[int]], seq_len: int) -> dict[str, np.
   return dict(tokens=flat.reshape(num_rows, seq_len), segment_ids=segment_ids)
 
 
-def _cache_key(model_bytes: bytes, seq_len: int, splits: dict[str, list[str]],
+def _cache_key(fingerprint: bytes, seq_len: int, splits: dict[str, list[str]],
                layout: str = "") -> str:
   h = hashlib.sha256()
   h.update(f"lmssl-prepared-v{FORMAT_VERSION}:seq_len={seq_len}:".encode())
   h.update(layout.encode())  # Empty for packed rows, so their keys predate pairs unchanged.
-  h.update(hashlib.sha256(model_bytes).digest())
+  h.update(hashlib.sha256(fingerprint).digest())
   for name, docs in splits.items():
     h.update(f"{name}:{len(docs)}:".encode())
     for doc in docs:
@@ -114,12 +115,12 @@ def prepare(cfg: ml_collections.ConfigDict, tokenizer_path: Optional[str],
   pairs.check_settings(cfg.sentence_pair, cfg.short_seq_prob, cfg.seq_len)
   train_docs, val_docs = sources.train_and_val_documents(cfg)
   tokenizer_path = _resolve_tokenizer(cfg, tokenizer_path, workdir, train_docs)
-  tokenizer = tok.Tokenizer.load(tokenizer_path)
+  tokenizer = tok.load(tokenizer_path)
   splits = dict(train=train_docs, validation=val_docs)
   layout = ""
   if cfg.sentence_pair:
     layout = f"pairs-v{pairs.VERSION}:short_seq_prob={float(cfg.short_seq_prob)!r}:"
-  key = _cache_key(tokenizer.model_bytes, cfg.seq_len, splits, layout)
+  key = _cache_key(tokenizer.fingerprint, cfg.seq_len, splits, layout)
   cache_dir = os.path.expanduser(cfg.cache_dir or "~/.cache/lmssl")
   prepared_dir = os.path.join(cache_dir, "prepared", key[:16])
   if os.path.isdir(prepared_dir):
@@ -134,7 +135,7 @@ def prepare(cfg: ml_collections.ConfigDict, tokenizer_path: Optional[str],
   meta = dict(format_version=FORMAT_VERSION, format="pairs" if layout else "packed",
               seq_len=cfg.seq_len, vocab_size=tokenizer.vocab_size, source=cfg.source,
               val_source=cfg.val_source,
-              tokenizer_sha256=hashlib.sha256(tokenizer.model_bytes).hexdigest(), splits={})
+              tokenizer_sha256=hashlib.sha256(tokenizer.fingerprint).hexdigest(), splits={})
   if layout:
     meta["short_seq_prob"] = cfg.short_seq_prob
   arrays = {}
@@ -149,17 +150,17 @@ def prepare(cfg: ml_collections.ConfigDict, tokenizer_path: Optional[str],
   return tokenizer_path, prepared_dir
 
 
-def _encode(tokenizer: tok.Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def _encode(tokenizer: tok.AnyTokenizer, texts: Sequence[str]) -> list[list[int]]:
   return [i for b in range(0, len(texts), _ENCODE_BATCH)
           for i in tokenizer.encode_batch(texts[b:b + _ENCODE_BATCH])]
 
 
-def _build_split(docs: list[str], tokenizer: tok.Tokenizer, cfg: ml_collections.ConfigDict,
+def _build_split(docs: list[str], tokenizer: tok.AnyTokenizer, cfg: ml_collections.ConfigDict,
                  seed: tuple[int, int]) -> tuple[dict[str, np.ndarray], int]:
   """One split's arrays in cfg's format, and its number of document tokens."""
   if not cfg.sentence_pair:
     ids = _encode(tokenizer, docs)
-    return pack(ids, cfg.seq_len), int(sum(map(len, ids)))
+    return pack(ids, cfg.seq_len, tokenizer), int(sum(map(len, ids)))
   return pairs.prepare_split(docs, functools.partial(_encode, tokenizer), cfg.seq_len,
                              cfg.short_seq_prob, np.random.default_rng(seed))
 

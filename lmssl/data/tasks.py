@@ -6,7 +6,8 @@ Shape letters: N examples, L = seq_len. Arrays returned by `encode`:
                   int32 [N, L] for tokens (the tag index at the first piece of each word)
   label_weights   float32 [N]; float32 [N, L] for tokens (1 where a label counts)
 
-Padding is 0 in every array (PAD id, segment 0, weight 0). Nothing here writes to disk.
+[CLS], [SEP], [UNK] and the padding of input_ids are the tokenizer's ids; padding is 0 in every
+other array (segment 0, weight 0). Nothing here writes to disk.
 """
 
 from collections.abc import Sequence
@@ -67,7 +68,7 @@ class _LabelIndex:
                     f"with --config.task.labels={fixed}")
 
 
-def encode(examples: Sequence[task_files.Example], tokenizer: tok.Tokenizer, seq_len: int,
+def encode(examples: Sequence[task_files.Example], tokenizer: tok.AnyTokenizer, seq_len: int,
            task_cfg: ml_collections.ConfigDict, names: Sequence[str]) -> Arrays:
   """N examples -> fixed-length arrays (keys, shapes and dtypes in the module docstring).
 
@@ -113,7 +114,7 @@ def _truncate_longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, i
   return len_a - excess // 2, len_b - (excess + 1) // 2
 
 
-def _encode_texts(examples: Sequence[task_files.Example], tokenizer: tok.Tokenizer,
+def _encode_texts(examples: Sequence[task_files.Example], tokenizer: tok.AnyTokenizer,
                   seq_len: int) -> Arrays:
   num_texts = len(examples[0].texts) if examples else 1
   if any(len(e.texts) != num_texts for e in examples):
@@ -121,26 +122,27 @@ def _encode_texts(examples: Sequence[task_files.Example], tokenizer: tok.Tokeniz
   _check_room(seq_len, 2 * num_texts + 1, "[CLS], [SEP]s and one piece per text")
   pieces = [tokenizer.encode_batch([e.texts[k] for e in examples]) for k in range(num_texts)]
   budget = seq_len - num_texts - 1
+  cls, sep = tokenizer.cls_id, tokenizer.sep_id
   rows, first_lengths = [], []
   for i in range(len(examples)):
     if num_texts == 1:
-      rows.append([tok.CLS_ID, *pieces[0][i][:budget], tok.SEP_ID])
+      rows.append([cls, *pieces[0][i][:budget], sep])
       first_lengths.append(len(rows[-1]))
     else:
       a, b = pieces[0][i], pieces[1][i]
       len_a, len_b = _truncate_longest_first(len(a), len(b), budget)
-      rows.append([tok.CLS_ID, *a[:len_a], tok.SEP_ID, *b[:len_b], tok.SEP_ID])
+      rows.append([cls, *a[:len_a], sep, *b[:len_b], sep])
       first_lengths.append(len_a + 2)
-  return _layout(rows, first_lengths, seq_len)
+  return _layout(rows, first_lengths, seq_len, tokenizer.pad_id)
 
 
-def _layout(rows: Sequence[Sequence[int]], first_lengths: Sequence[int],
-            seq_len: int) -> Arrays:
+def _layout(rows: Sequence[Sequence[int]], first_lengths: Sequence[int], seq_len: int,
+            pad_id: int) -> Arrays:
   """Rows of ids (each at most seq_len) -> padded arrays; type 1 from first_lengths[i] on."""
   lengths = np.array([len(r) for r in rows], dtype=np.int64).reshape(-1, 1)
   columns = np.arange(seq_len)
   real = columns < lengths
-  input_ids = np.full(real.shape, tok.PAD_ID, dtype=np.int32)
+  input_ids = np.full(real.shape, pad_id, dtype=np.int32)
   # Row-major boolean assignment fills row by row, in order: the rows laid end to end.
   input_ids[real] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32,
                                 count=int(lengths.sum()))
@@ -150,13 +152,13 @@ def _layout(rows: Sequence[Sequence[int]], first_lengths: Sequence[int],
           "positions": np.where(real, columns, 0).astype(np.int32)}
 
 
-def _encode_words(examples: Sequence[task_files.Example], tokenizer: tok.Tokenizer, seq_len: int,
-                  label_index: _LabelIndex) -> Arrays:
+def _encode_words(examples: Sequence[task_files.Example], tokenizer: tok.AnyTokenizer,
+                  seq_len: int, label_index: _LabelIndex) -> Arrays:
   _check_room(seq_len, 3, "[CLS], [SEP] and one word")
   budget = seq_len - 2
   words = [w for e in examples for w in e.texts]
   # A word of only e.g. zero-width characters encodes to nothing; [UNK] keeps its label a place.
-  pieces = [p or [tok.UNK_ID] for p in (tokenizer.encode_batch(words) if words else [])]
+  pieces = [p or [tokenizer.unk_id] for p in (tokenizer.encode_batch(words) if words else [])]
   rows, label_rows, label_cols, label_ids = [], [], [], []
   dropped_words = dropped_sentences = offset = 0
   for row, example in enumerate(examples):
@@ -168,7 +170,8 @@ def _encode_words(examples: Sequence[task_files.Example], tokenizer: tok.Tokeniz
     if keep < len(word_pieces):
       dropped_words += len(word_pieces) - keep
       dropped_sentences += 1
-    rows.append([tok.CLS_ID, *itertools.chain.from_iterable(word_pieces[:keep]), tok.SEP_ID])
+    rows.append([tokenizer.cls_id, *itertools.chain.from_iterable(word_pieces[:keep]),
+                 tokenizer.sep_id])
     label_rows += [row] * keep
     label_cols += [1, *(ends[:keep - 1] + 1)] if keep else []
     label_ids += tags[:keep]
@@ -176,7 +179,7 @@ def _encode_words(examples: Sequence[task_files.Example], tokenizer: tok.Tokeniz
     logging.warning("%d words in %d of %d sentences did not fit seq_len=%d and were dropped "
                     "(each sentence is cut at a word boundary)", dropped_words,
                     dropped_sentences, len(examples), seq_len)
-  arrays = _layout(rows, [seq_len] * len(rows), seq_len)
+  arrays = _layout(rows, [seq_len] * len(rows), seq_len, tokenizer.pad_id)
   labels = np.zeros((len(rows), seq_len), dtype=np.int32)
   weights = np.zeros((len(rows), seq_len), dtype=np.float32)
   labels[label_rows, label_cols] = label_ids
@@ -188,8 +191,9 @@ def _encode_words(examples: Sequence[task_files.Example], tokenizer: tok.Tokeniz
 def pad_rows(arrays: Arrays, multiple: int) -> Arrays:
   """Appends all-zero rows up to a multiple of `multiple` rows, so full batches cover every row.
 
-  Zero is padding in every array (PAD id, segment 0, label weight 0), so an added row is an
-  all-padding example that contributes nothing to losses or metrics.
+  Segment 0 and label weight 0 make an added row an all-padding example that contributes
+  nothing to losses or metrics; nothing attends to segment-0 positions, so their input ids (0)
+  need not be the tokenizer's pad id.
   """
   if multiple < 1:
     raise ValueError(f"pad_rows needs a positive multiple, got {multiple}")
@@ -202,7 +206,7 @@ def pad_rows(arrays: Arrays, multiple: int) -> Arrays:
 
 
 
-def load(task_cfg: ml_collections.ConfigDict, tokenizer: tok.Tokenizer,
+def load(task_cfg: ml_collections.ConfigDict, tokenizer: tok.AnyTokenizer,
          seq_len: int) -> tuple[Arrays, Arrays, tuple[str, ...]]:
   """(train arrays, eval arrays, label names) of config.task; names come from the train data."""
   train = task_files.read_examples(task_cfg.train_source, task_cfg)

@@ -1,22 +1,29 @@
-"""SentencePiece tokenizer: training with the reserved ids lmssl relies on, and a small wrapper.
+"""Tokenizers: lmssl's own SentencePiece models, and `load` for those or HuggingFace ones.
 
-Every lmssl tokenizer has the same five reserved ids at the front of its vocabulary, so the
-model, the packer and the masker can name them as constants:
+A tokenizer lmssl trains has five reserved ids at the front of its vocabulary:
 
   0 [PAD]   1 [UNK]   2 [CLS] (= BOS)   3 [SEP] (= EOS)   4 [MASK]
 
+An imported HuggingFace tokenizer (hf_tokenizer.py) keeps its original's ids, so code outside
+this module reads special ids from the tokenizer object, never these constants. Both kinds have
+  path, vocab_size, pad_id, unk_id, cls_id, sep_id, bos_id, eos_id, mask_id (None: no mask
+  token); special (bool[vocab]: ids text does not produce, never masked nor drawn as random
+  replacements); word_start (bool[vocab]); fingerprint (bytes naming its behaviour, for cache
+  keys); encode, encode_batch (neither adds special tokens), decode, encode_with_masks,
+  piece_bytes and id_to_piece.
 [CLS]/[SEP] double as BOS/EOS: a packed document is `[CLS] ids [SEP]` for both objectives.
 """
 
 import io
 import os
 import tempfile
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
 from lmssl import errors
+from lmssl.data import hf_tokenizer
 
 PAD_ID = 0
 UNK_ID = 1
@@ -102,16 +109,21 @@ def _check_reserved(sp: spm.SentencePieceProcessor, path: str) -> None:
 class Tokenizer:
   """A loaded SentencePiece model with lmssl's reserved ids."""
 
+  pad_id, unk_id, cls_id, sep_id, mask_id = PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID
+  bos_id, eos_id = BOS_ID, EOS_ID
+
   def __init__(self, model_bytes: bytes, path: str = "<bytes>"):
     try:
       self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
     except RuntimeError as e:
       raise errors.UserError(f"tokenizer {path} is not a valid sentencepiece .model ({e}); "
-                       f"point --config.data.tokenizer at a .model file or leave it empty "
-                       f"to train one") from e
+                       f"point --config.data.tokenizer at a .model file or a HuggingFace "
+                       f"tokenizer directory, or leave it empty to train one") from e
     _check_reserved(self.sp, path)
     self.path = path
     self.model_bytes = model_bytes
+    self.fingerprint = model_bytes  # prepared-data cache keys hash exactly these bytes
+    self.special = np.arange(self.vocab_size) < NUM_RESERVED
     self.word_start = self._word_start()
 
   @classmethod
@@ -119,7 +131,8 @@ class Tokenizer:
     if not os.path.isfile(path):
       raise errors.UserError(
           f"tokenizer file {path} does not exist; point --config.data.tokenizer at a "
-          f"sentencepiece .model or leave it empty to train one")
+          f"sentencepiece .model (or a HuggingFace tokenizer directory), or leave it empty to "
+          f"train one")
     with open(path, "rb") as f:
       return cls(f.read(), path)
 
@@ -136,6 +149,9 @@ class Tokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.sp.decode([int(i) for i in ids])
+
+  def id_to_piece(self, i: int) -> str:
+    return self.sp.id_to_piece(int(i))
 
   def encode_with_masks(self, text: str) -> list[int]:
     """Encodes `text` with each literal "[MASK]" as MASK_ID (for fill-mask queries)."""
@@ -170,3 +186,15 @@ class Tokenizer:
     starts = np.array([p.startswith("\u2581") for p in pieces], dtype=bool)
     starts[:NUM_RESERVED] = True
     return starts
+
+
+AnyTokenizer = Tokenizer | hf_tokenizer.HFTokenizer
+
+
+def load(path: str) -> AnyTokenizer:
+  """The tokenizer at `path`: a sentencepiece `.model` file, or a HuggingFace tokenizer
+  directory (tokenizer.json, BERT's vocab.txt or GPT-2's vocab.json + merges.txt) or its
+  tokenizer.json."""
+  if os.path.isdir(path) or os.path.basename(path) == "tokenizer.json":
+    return hf_tokenizer.HFTokenizer.load(path)
+  return Tokenizer.load(path)

@@ -15,7 +15,8 @@ Variants (comma-separated after the colon):
   lora                 LoRA rank 8 on query/value: backbone frozen, adapters + head train
   smoke                a seconds-long run (tests use it)
 Any knob: --config.task.text_fields=question,sentence --config.train.lr=3e-5 ...
-The model's shape and tokenizer come from init.params_from (its config.json).
+The model's shape and tokenizer come from init.params_from (its config.json); from a HuggingFace
+BERT folder: --config.init.params_from=hf:/path/to/bert-base-uncased.
 """
 
 from lmssl import config as config_lib

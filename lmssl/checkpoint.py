@@ -7,6 +7,7 @@ restoring the step restores the stream. The seed is stored beside the state to c
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lmssl import errors
@@ -35,6 +36,12 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
   step = mngr.latest_step() if step is None else step
   if step is None:
     return None
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  if abstract_state is not None and meta.get("params_only"):
+    raise errors.UserError(
+        f"{mngr.directory} holds parameters only ({meta.get('converted_from') or 'converted'}), "
+        "not a run to resume; train in a new --workdir with --config.init.params_from="
+        f"{os.path.dirname(str(mngr.directory))}")
   target = None if abstract_state is None else jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)
   restored = mngr.restore(step, args=ocp.args.Composite(
@@ -69,6 +76,26 @@ def run_dir(path: str) -> str:
   return run
 
 
+def read_params(path: str) -> dict:
+  """The parameters saved at `path` (as `_locate` reads it), as host numpy arrays."""
+  directory, step = _locate(path)
+  mngr = _reader(directory)
+  metadata = mngr.item_metadata(step).state["params"]
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)},
+      restore_args={"params": jax.tree.map(
+          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)},
+      partial_restore=True)))
+  mngr.close()
+  return restored.state["params"]
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+
 def _shape_table(tree) -> dict:
   return {jax.tree_util.keystr(path): tuple(leaf.shape)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -84,22 +111,9 @@ def load_params(path: str, abstract_params, may_be_new) -> tuple[dict, list[str]
   keys.
   """
   directory, step = _locate(path)
-  mngr = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  mngr = _reader(directory)
   saved = _shape_table(mngr.item_metadata(step).state["params"])
-  wanted = {jax.tree_util.keystr(p): leaf
-            for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
-  missing = [k for k in wanted if k not in saved and not may_be_new(k)]
-  mismatched = [f"{k} {saved[k]} in the checkpoint vs {tuple(wanted[k].shape)}" for k in wanted
-                if k in saved and saved[k] != tuple(wanted[k].shape) and not may_be_new(k)]
-  if missing or mismatched:
-    problems = ([f"missing: {', '.join(missing[:8])}"] if missing else []) + (
-        [f"shape differs: {'; '.join(mismatched[:8])}"] if mismatched else [])
-    raise errors.UserError(
-        f"checkpoint {directory}/{step} does not fit this model ({' | '.join(problems)}); "
-        f"start from a run with the same model settings (its config.json) or train from scratch")
-  take = {k for k in wanted if k in saved and saved[k] == tuple(wanted[k].shape)}
+  take, wanted = _fit(saved, abstract_params, may_be_new, f"checkpoint {directory}/{step}")
   target = jax.tree_util.tree_map_with_path(
       lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
       if jax.tree_util.keystr(p) in take else None, abstract_params)
@@ -112,6 +126,36 @@ def load_params(path: str, abstract_params, may_be_new) -> tuple[dict, list[str]
   values = {jax.tree_util.keystr(p): v for p, v in
             jax.tree_util.tree_flatten_with_path(restored.state["params"])[0]}
   return values, sorted(set(wanted) - take)
+
+
+def place_params(source: dict, abstract_params, may_be_new, where: str):
+  """`load_params` for parameters already in host memory (numpy), e.g. converted from HF."""
+  arrays = {jax.tree_util.keystr(p): a
+            for p, a in jax.tree_util.tree_flatten_with_path(source)[0]}
+  take, wanted = _fit({k: tuple(a.shape) for k, a in arrays.items()}, abstract_params,
+                      may_be_new, where)
+  values = {}
+  for k in take:
+    array = np.asarray(arrays[k], wanted[k].dtype)
+    values[k] = jax.make_array_from_callback(array.shape, wanted[k].sharding,
+                                             lambda index, a=array: a[index])
+  return values, sorted(set(wanted) - take)
+
+
+def _fit(saved: dict, abstract_params, may_be_new, where: str) -> tuple[set, dict]:
+  """(keys to read, {key: abstract leaf}); fails naming every parameter that does not fit."""
+  wanted = {jax.tree_util.keystr(p): leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  missing = [k for k in wanted if k not in saved and not may_be_new(k)]
+  mismatched = [f"{k} {saved[k]} in the checkpoint vs {tuple(wanted[k].shape)}" for k in wanted
+                if k in saved and saved[k] != tuple(wanted[k].shape) and not may_be_new(k)]
+  if missing or mismatched:
+    problems = ([f"missing: {', '.join(missing[:8])}"] if missing else []) + (
+        [f"shape differs: {'; '.join(mismatched[:8])}"] if mismatched else [])
+    raise errors.UserError(
+        f"{where} does not fit this model ({' | '.join(problems)}); start from a run with the "
+        "same model settings (its config.json) or train from scratch")
+  return {k for k in wanted if k in saved and saved[k] == tuple(wanted[k].shape)}, wanted
 
 
 def _prune(tree):

@@ -17,6 +17,7 @@ from lmssl import config as config_lib
 from lmssl import errors
 from lmssl import evaluate as evaluate_lib
 from lmssl import heads
+from lmssl import hf
 from lmssl import inference
 from lmssl import lora as lora_lib
 from lmssl import metrics as metrics_lib
@@ -69,25 +70,34 @@ def _datasets(cfg, workdir, full_eval: bool = False):
 
 
 def _start_from(cfg):
-  """For init.params_from: the source run's checkpoint path, after adopting its architecture."""
+  """For init.params_from: (where, parameters already in memory or None), after adopting the
+  source's architecture and tokenizer; None when there is no source."""
   path = cfg.init.params_from
   if not path:
     return None
   if path.startswith("hf:"):
-    raise errors.UserError(f"init.params_from={path!r}: HuggingFace checkpoints must be "
-                           "converted first with `python -m lmssl.convert from-hf`; then name "
-                           "the converted workdir")
+    source, params = hf.load(path[len("hf:"):])
+    if not source.data.tokenizer:
+      raise errors.UserError(f"init.params_from={path}: the folder has no tokenizer files "
+                             "(tokenizer.json, vocab.txt, or vocab.json + merges.txt); add the "
+                             "model's tokenizer files to it")
+    config_lib.inherit_model(cfg, source, source.data.tokenizer)
+    return path, params
   source_workdir = checkpoint.run_dir(path)
   config_lib.inherit_model(cfg, config_lib.load_run_config(source_workdir), source_workdir)
-  return path
+  return path, None
 
 
-def _warm_start(state, path: str):
-  """The state with another run's parameters: the backbone must fit exactly; heads and
-  adapters the source lacks (or shapes differently) keep their fresh init."""
+def _warm_start(state, path: str, in_memory=None):
+  """The state with another run's (or a converted HF model's) parameters: the backbone must
+  fit exactly; heads and adapters the source lacks (or shapes differently) keep their fresh
+  init."""
   def may_be_new(key):
     return not key.startswith("['transformer']") or "lora_" in key
-  values, fresh = checkpoint.load_params(path, state.params, may_be_new)
+  if in_memory is not None:
+    values, fresh = checkpoint.place_params(in_memory, state.params, may_be_new, path)
+  else:
+    values, fresh = checkpoint.load_params(path, state.params, may_be_new)
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: values.get(jax.tree_util.keystr(p), x), state.params)
   if fresh:
@@ -102,7 +112,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   follows `train.steps`.
   """
   # 1. Mesh, and the config checked against it before anything is written.
-  init_path = _start_from(cfg)
+  init = _start_from(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   config_lib.validate(cfg, batch_shards=sharding.batch_shards(mesh),
                       process_count=jax.process_count())
@@ -140,9 +150,9 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
         raise errors.UserError(f"workdir {workdir} was trained with seed {meta['seed']}, not "
                                f"{cfg.seed}; use the same seed to resume or a new workdir")
       metrics_lib.log(f"resumed from step {int(state.step)} in {ckpt.directory}")
-    elif init_path:
-      state = _warm_start(state, init_path)
-      metrics_lib.log(f"parameters from {init_path}")
+    elif init is not None:
+      state = _warm_start(state, *init)
+      metrics_lib.log(f"parameters from {init[0]}")
     start = int(state.step)
 
     # 5. Loop.

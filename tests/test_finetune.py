@@ -74,14 +74,14 @@ def test_warm_start_on_another_mesh_restores_backbone_and_inits_heads(pretrained
   cfg = load_config("cls_finetune", "smoke")
   cfg.init.params_from = pretrained
   cfg.task.labels = "original,shuffled"
-  path = train._start_from(cfg)  # adopts the source's architecture and tokenizer
+  init = train._start_from(cfg)  # adopts the source's architecture and tokenizer
   assert cfg.model.d_model == 64 and cfg.data.tokenizer.endswith("wiki.model")
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
   mesh = sharding.make_mesh(cfg.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     fresh, _ = steps.create_state(cfg, mesh)
     fresh_heads = _leaves(fresh.params, "task_head")
-    state = train._warm_start(fresh, path)
+    state = train._warm_start(fresh, *init)
   want, got = _leaves(source), _leaves(state.params)
   assert got.keys() == want.keys() and len(got) > 10
   for key in want:

@@ -311,10 +311,10 @@ def check_exportable(c: ml_collections.ConfigDict) -> Family:
   _check(m.position == "learned", "model.position='rope' has no BERT/GPT-2 counterpart (they "
          "learn absolute positions); only runs with model.position='learned' export")
   if m.norm == "post":
-    _check(m.tie_embeddings and m.output_bias and m.type_vocab_size > 0,
-           "a post-LN model exports as BERT, which ties the output embedding, has an output "
-           "bias and token types: model.tie_embeddings, model.output_bias and "
-           "model.type_vocab_size > 0 must hold")
+    _check(m.tie_embeddings and m.output_bias and m.type_vocab_size > 0 and c.objective == "mlm",
+           "a post-LN model exports as BERT, a bidirectional encoder that ties the output "
+           "embedding, has an output bias and token types: objective='mlm', "
+           "model.tie_embeddings, model.output_bias and model.type_vocab_size > 0 must hold")
     return BERT
   _check(not m.output_bias and m.type_vocab_size == 0 and c.objective == "clm",
          "a pre-LN model exports as GPT-2, a causal LM with no output bias and no token types: "

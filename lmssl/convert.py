@@ -68,11 +68,11 @@ def _copy_tokenizer(source_dir: str, target_dir: str) -> list[str]:
 
 def from_hf(hf_dir: str, workdir: str) -> dict:
   """Converts the HF folder into a new lmssl run directory; returns a summary."""
-  converted = hf.convert(hf_dir)
-  cfg, params, notes = converted.config, converted.params, converted.notes
   tmp = _fresh_output(workdir, "--workdir")
   final = os.path.abspath(os.path.expanduser(workdir))
   try:
+    converted = hf.convert(hf_dir)
+    cfg, params, notes = converted.config, converted.params, converted.notes
     if cfg.data.tokenizer:
       _copy_tokenizer(cfg.data.tokenizer, os.path.join(tmp, "tokenizer"))
       cfg.data.tokenizer = os.path.join(final, "tokenizer")
@@ -91,7 +91,7 @@ def from_hf(hf_dir: str, workdir: str) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
-  return {"workdir": final, "objective": cfg.objective, "heads": sorted(params),
+  return {"workdir": final, "objective": cfg.objective, "modules": sorted(params),
           "parameters": count, "tokenizer": cfg.data.tokenizer or None, "notes": notes}
 
 
@@ -101,7 +101,7 @@ def _architecture(family: hf.Family, cfg, params: dict) -> str:
     if cfg.task.kind:
       raise errors.UserError(f"a GPT-2 {cfg.task.kind} fine-tune does not export: HF's GPT-2 "
                              "heads have no bias; export the pretrained causal LM instead")
-    return "GPT2LMHeadModel" if cfg.objective == "clm" else "GPT2Model"
+    return "GPT2LMHeadModel"  # also for an imported GPT2Model: a tied head adds no weights
   if cfg.task.kind:
     return ("BertForTokenClassification" if cfg.task.kind == "tokens"
             else "BertForSequenceClassification")
@@ -128,7 +128,7 @@ def to_hf(workdir: str, hf_dir: str, best: bool = False) -> dict:
   cfg, params = inference.merged(cfg, params)
   params = jax.tree.map(np.asarray, params)
   architecture = _architecture(family, cfg, params)
-  tensors = hf.from_lmssl(family, params, base_only=architecture in ("BertModel", "GPT2Model"))
+  tensors = hf.from_lmssl(family, params, base_only=architecture == family.base_model)
   tokenizer_path = config_lib.tokenizer_path(cfg, workdir)
   tok = tokenizer_lib.load(tokenizer_path) if os.path.exists(tokenizer_path) else None
   hf_config = hf.hf_config_for(cfg, architecture, _special_ids(family, tok))
@@ -218,7 +218,7 @@ def check(hf_dir: str, texts=SAMPLE_TEXTS) -> dict:
   import transformers
   converted = hf.convert(hf_dir)
   cfg, params, family = converted.config, converted.params, converted.family
-  architecture = (converted.hf_config.get("architectures") or [next(iter(family.architectures))])[0]
+  architecture = (converted.hf_config.get("architectures") or [family.base_model])[0]
   model = getattr(transformers, architecture).from_pretrained(hf_dir, dtype=torch.float32).eval()
   tok = tokenizer_lib.load(cfg.data.tokenizer) if cfg.data.tokenizer else None
   ids, real = _inputs(cfg, tok, texts, family)
@@ -232,6 +232,7 @@ def check(hf_dir: str, texts=SAMPLE_TEXTS) -> dict:
   mask = real.astype(bool)
   for key in sorted(set(theirs) & set(ours)):
     a, b = theirs[key], ours[key]
+    a = a.reshape(b.shape) if a.size == b.size else a  # regression: [B, 1] vs [B]
     diff = np.abs(a - b)[mask] if a.ndim >= 2 and a.shape[:2] == mask.shape else np.abs(a - b)
     report[f"max_abs_diff_{'hidden' if key == 'hidden' else key + '_logits'}"] = float(
         diff.max())

@@ -37,7 +37,7 @@ class Family:
   transposed: frozenset  # tensors stored [out, in] (torch Linear)
   tied: dict  # tensor -> the tensor it must equal (not stored by lmssl)
   buffers: tuple  # tensors that are not weights (masks, position ids)
-  architectures: dict  # HF architecture -> the lmssl heads it carries
+  base_model: str  # the HF class of the bare model, whose tensors carry no prefix
 
 
 BERT = Family(
@@ -94,13 +94,7 @@ BERT = Family(
     tied={"cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",
           "cls.predictions.decoder.bias": "cls.predictions.bias"},
     buffers=("embeddings.position_ids",),
-    architectures={
-        "BertModel": (),
-        "BertForMaskedLM": ("mlm",),
-        "BertForPreTraining": ("mlm", "pair"),
-        "BertForSequenceClassification": ("classification",),
-        "BertForTokenClassification": ("tokens",),
-    },
+    base_model="BertModel",
 )
 
 GPT2 = Family(
@@ -131,7 +125,7 @@ GPT2 = Family(
     transposed=frozenset({"lm_head.weight"}),
     tied={"lm_head.weight": "wte.weight"},
     buffers=("h.{i}.attn.bias", "h.{i}.attn.masked_bias"),
-    architectures={"GPT2Model": (), "GPT2LMHeadModel": ("clm",)},
+    base_model="GPT2Model",
 )
 
 FAMILIES = {f.model_type: f for f in (BERT, GPT2)}
@@ -465,6 +459,7 @@ def from_lmssl(family: Family, params: dict, base_only: bool) -> dict:
 def present_heads(family: Family, hf_config: dict, tensors: dict) -> tuple:
   """The lmssl heads a checkpoint's tensors carry (the config names the classifier kind)."""
   names = set(tensors)
+  architecture = (hf_config.get("architectures") or [family.base_model])[0]
   found = []
   if family is BERT:
     if any(n.startswith("cls.predictions.") for n in names):
@@ -472,15 +467,13 @@ def present_heads(family: Family, hf_config: dict, tensors: dict) -> tuple:
     if any(n.startswith("cls.seq_relationship.") for n in names):
       found.append("pair")
     if any(n.startswith("classifier.") for n in names):
-      arch = (hf_config.get("architectures") or [""])[0]
-      if arch == "BertForTokenClassification":
+      if architecture == "BertForTokenClassification":
         found.append("tokens")
       elif hf_config.get("problem_type") == "regression" or len(_labels(hf_config)) == 1:
         found.append("regression")
       else:
         found.append("classification")
-  elif any(n.startswith("lm_head.") for n in names) or hf_config.get("architectures", [""])[
-      0] == "GPT2LMHeadModel":
+  elif any(n.startswith("lm_head.") for n in names) or architecture == "GPT2LMHeadModel":
     found.append("clm")
   return tuple(found)
 

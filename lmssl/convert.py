@@ -27,6 +27,7 @@ from lmssl import config as config_lib
 from lmssl import errors
 from lmssl import heads as heads_lib
 from lmssl import hf
+from lmssl import hf_families
 from lmssl import inference
 from lmssl import metrics
 from lmssl import model as model_lib
@@ -95,9 +96,9 @@ def from_hf(hf_dir: str, workdir: str) -> dict:
           "parameters": count, "tokenizer": cfg.data.tokenizer or None, "notes": notes}
 
 
-def _architecture(family: hf.Family, cfg, params: dict) -> str:
+def _architecture(family: hf_families.Family, cfg, params: dict) -> str:
   heads = set(params) - {"transformer", "pooler"}
-  if family is hf.GPT2:
+  if family is hf_families.GPT2:
     if cfg.task.kind:
       raise errors.UserError(f"a GPT-2 {cfg.task.kind} fine-tune does not export: HF's GPT-2 "
                              "heads have no bias; export the pretrained causal LM instead")
@@ -112,10 +113,10 @@ def _architecture(family: hf.Family, cfg, params: dict) -> str:
   return "BertModel"
 
 
-def _special_ids(family: hf.Family, tok) -> dict:
+def _special_ids(family: hf_families.Family, tok) -> dict:
   if tok is None:
     return {}
-  if family is hf.GPT2:
+  if family is hf_families.GPT2:
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
   return {"pad_token_id": tok.pad_id}
 
@@ -123,7 +124,7 @@ def _special_ids(family: hf.Family, tok) -> dict:
 def to_hf(workdir: str, hf_dir: str, best: bool = False) -> dict:
   """Writes the run's model as a HF folder (config.json, model.safetensors, tokenizer)."""
   cfg = config_lib.load_run_config(workdir)
-  family = hf.check_exportable(cfg)
+  family = hf_families.check_exportable(cfg)
   params = checkpoint.read_params(os.path.join(workdir, "best") if best else workdir)
   cfg, params = inference.merged(cfg, params)
   params = jax.tree.map(np.asarray, params)
@@ -131,7 +132,7 @@ def to_hf(workdir: str, hf_dir: str, best: bool = False) -> dict:
   tensors = hf.from_lmssl(family, params, base_only=architecture == family.base_model)
   tokenizer_path = config_lib.tokenizer_path(cfg, workdir)
   tok = tokenizer_lib.load(tokenizer_path) if os.path.exists(tokenizer_path) else None
-  hf_config = hf.hf_config_for(cfg, architecture, _special_ids(family, tok))
+  hf_config = hf_families.hf_config_for(cfg, architecture, _special_ids(family, tok))
   tmp = _fresh_output(hf_dir, "--hf_dir")
   try:
     hf.write_dir(tmp, hf_config, tensors)
@@ -144,7 +145,7 @@ def to_hf(workdir: str, hf_dir: str, best: bool = False) -> dict:
           "tensors": len(tensors), "tokenizer": tokenizer}
 
 
-def _export_tokenizer(tok, path: str, hf_dir: str, family: hf.Family) -> list[str]:
+def _export_tokenizer(tok, path: str, hf_dir: str, family: hf_families.Family) -> list[str]:
   """Writes the run's tokenizer for transformers; returns the files written."""
   if tok is None:
     return []
@@ -152,7 +153,7 @@ def _export_tokenizer(tok, path: str, hf_dir: str, family: hf.Family) -> list[st
     return _copy_tokenizer(path, hf_dir)
   try:
     hf_tokenizer.HFTokenizer.from_sentencepiece(
-        tok.model_bytes, path, cls_sep_template=family is hf.BERT).save(hf_dir)
+        tok.model_bytes, path, cls_sep_template=family is hf_families.BERT).save(hf_dir)
   except errors.UserError as e:  # a sentencepiece BPE model: hand over the model itself
     shutil.copyfile(path, os.path.join(hf_dir, "tokenizer.model"))
     return [f"tokenizer.model (sentencepiece, not converted: {e})"]
@@ -164,7 +165,7 @@ def _inputs(cfg, tok, texts, family):
   if tok is None:  # no tokenizer files: fixed pseudo-random ids
     rng = np.random.default_rng(0)
     rows = [list(rng.integers(0, cfg.model.vocab_size, size=n)) for n in (16, 11, 5)]
-  elif family is hf.BERT:
+  elif family is hf_families.BERT:
     rows = [[tok.cls_id, *tok.encode(t)[:cfg.data.seq_len - 2], tok.sep_id] for t in texts]
   else:
     rows = [tok.encode(t)[:cfg.data.seq_len] for t in texts]
@@ -200,7 +201,7 @@ def _hf_outputs(model, ids, real, family) -> dict:
   kwargs = dict(input_ids=torch.from_numpy(ids.astype(np.int64)),
                 attention_mask=torch.from_numpy(real.astype(np.int64)),
                 output_hidden_states=True)
-  if family is hf.BERT:
+  if family is hf_families.BERT:
     kwargs["token_type_ids"] = torch.zeros_like(kwargs["input_ids"])
   with torch.no_grad():
     out = model(**kwargs)

@@ -76,12 +76,13 @@ def _start_from(cfg):
   if not path:
     return None
   if path.startswith("hf:"):
-    source, params = hf.load(path[len("hf:"):])
+    hf_dir = path[len("hf:"):]
+    source, params = hf.load(hf_dir)
     if not source.data.tokenizer:
       raise errors.UserError(f"init.params_from={path}: the folder has no tokenizer files "
                              "(tokenizer.json, vocab.txt, or vocab.json + merges.txt); add the "
                              "model's tokenizer files to it")
-    config_lib.inherit_model(cfg, source, source.data.tokenizer)
+    config_lib.inherit_model(cfg, source, hf_dir)
     return path, params
   source_workdir = checkpoint.run_dir(path)
   config_lib.inherit_model(cfg, config_lib.load_run_config(source_workdir), source_workdir)

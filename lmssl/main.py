@@ -21,12 +21,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variants
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer.")
 _MODE = flags.DEFINE_enum("mode", None, MODES, "Same as the first argument; default train.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator", None, "host:port of process 0 for multi-process runs without auto-detection "
-    "(with --num_processes and --process_id); Cloud TPU VMs need none of these.")
+    "coordinator", None, "HOST:PORT of process 0 for multi-process runs without auto-detection "
+    "(with --num_processes and --process_id; or env JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+    "JAX_PROCESS_ID). Cloud TPU VMs and SLURM need none of these: use --distributed.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() (auto-detects TPU pods).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join the other processes with jax.distributed.initialize(), which "
+    "finds them itself on Cloud TPU VMs, SLURM and Open MPI.")
 _BEST = flags.DEFINE_bool("best", False, "eval/sample: a fine-tuning run's best checkpoint.")
 _EVAL_SOURCE = flags.DEFINE_string("eval_source", "", "eval: a corpus or task file instead of "
                                    "the run's own eval data (same forms as the config).")
@@ -78,13 +80,11 @@ def main(argv):
                          f"mode ({'|'.join(MODES)}); knobs go as --config.KEY=VALUE")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter; lmssl prints its own progress
-  import jax
-  if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  from lmssl import distributed
   from lmssl import errors
   try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           auto=_DISTRIBUTED.value)
     _run(mode)
   except errors.UserError as e:
     sys.exit(f"lmssl: error: {e}")

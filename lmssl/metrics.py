@@ -6,6 +6,7 @@ writer, so nothing here imports TensorFlow.
 
 import json
 import os
+import sys
 import time
 
 from absl import logging
@@ -127,3 +128,11 @@ def log(message: str) -> None:
   if jax.process_index() == 0:
     logging.info(message)
     print(message, flush=True)
+
+
+def log_all(message: str) -> None:
+  """From every process, prefixed with its index: what each host has and does. Process 0's
+  line joins the console output; the others' go to their stderr (their logs)."""
+  line = f"process {jax.process_index()}/{jax.process_count()}: {message}"
+  logging.info(line)
+  print(line, file=sys.stderr if jax.process_index() else sys.stdout, flush=True)

@@ -10,6 +10,7 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lmssl import errors
@@ -51,10 +52,47 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: all, of every process).
+
+  Within a host (or a TPU slice) devices are laid out along the fast interconnect; across
+  hosts (or slices: `slice_index`) only the data axis goes, then fsdp if data is smaller than
+  the number of hosts. Tensor parallelism never crosses hosts.
+  """
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  auto = (AxisType.Auto,) * len(MESH_AXES)
+  by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+  granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+  if granules == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  outer = across_hosts(shape, granules, "slices" if by_slice else "hosts")
+  inner = tuple(s // o for s, o in zip(shape, outer))
+  grid = mesh_utils.create_hybrid_device_mesh(inner, outer, devices,
+                                              process_is_granule=not by_slice)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def across_hosts(shape: tuple[int, ...], hosts: int, what: str = "hosts") -> tuple[int, ...]:
+  """How many of each mesh axis's positions lie across `hosts`: data first, then fsdp."""
+  data, fsdp, tensor = shape
+  named = f"mesh {dict(zip(MESH_AXES, shape))}"
+  if data % hosts == 0:
+    return hosts, 1, 1
+  if hosts % data == 0 and fsdp % (hosts // data) == 0:
+    return data, hosts // data, 1
+  raise errors.UserError(
+      f"{named} cannot span {hosts} {what}: the data axis (then fsdp) is what crosses "
+      f"{what}, so data must be a multiple of {hosts}, or divide it with fsdp taking the rest; "
+      f"e.g. --config.mesh.data=-1 --config.mesh.tensor={tensor} keeps tensor within a host")
+
+
+def host_rows(mesh, global_batch: int) -> np.ndarray:
+  """The rows of a global batch that this process's devices hold, ascending: what it reads."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  rows = set()
+  for (index,) in index_map.values():
+    rows.update(range(*index.indices(global_batch)))
+  return np.array(sorted(rows), dtype=np.int64)
 
 
 def logical_shardings(abstract_tree, mesh):
@@ -77,7 +115,8 @@ def batch_shards(mesh) -> int:
 
 
 def global_batch(local_batch: dict, mesh) -> dict:
-  """Assembles each host's slice into global arrays sharded over the batch axes."""
+  """Assembles each host's rows (`host_rows`, in order) into global arrays sharded over the
+  batch axes."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}

@@ -14,6 +14,7 @@ import ml_collections
 
 from lmssl import checkpoint
 from lmssl import config as config_lib
+from lmssl import distributed
 from lmssl import errors
 from lmssl import evaluate as evaluate_lib
 from lmssl import heads
@@ -30,11 +31,12 @@ from lmssl.data import tasks
 from lmssl.data import tokenizer as tokenizer_lib
 
 
-def _datasets(cfg, workdir, full_eval: bool = False):
+def _datasets(cfg, workdir, mesh, full_eval: bool = False):
   """The tokenizer, a factory of per-host train iterators, this host's fixed list of eval
-  batches, and where the data lives. Pretraining data is prepared (and cached) on first use;
-  a task's files are read and encoded. Task evals, and all evals with `full_eval`, cover every
-  example once; else pretraining evals read eval.steps batches."""
+  batches, and where the data lives. Each host reads the rows of each batch that its devices
+  in `mesh` hold. Pretraining data is prepared (and cached) on first use, by process 0 before
+  the others; a task's files are read and encoded. Task evals, and all evals with
+  `full_eval`, cover every example once; else pretraining evals read eval.steps batches."""
   if cfg.task.kind:
     if not cfg.data.tokenizer:
       raise errors.UserError("fine-tuning needs the pretrained model's tokenizer: set "
@@ -44,7 +46,8 @@ def _datasets(cfg, workdir, full_eval: bool = False):
     config_lib.set_labels(cfg, names)
     objective, where, full_eval = "task", f"{cfg.task.train_source}, {cfg.task.eval_source}", True
   else:
-    tokenizer_path, where = prepare.prepare(cfg.data, None, workdir)
+    tokenizer_path, where = distributed.process_0_first(
+        lambda: prepare.prepare(cfg.data, None, workdir), "prepare the data")
     tok = tokenizer_lib.load(tokenizer_path)
     train_arrays = prepare.load_prepared(where, "train")
     eval_arrays = prepare.load_prepared(where, "validation")
@@ -54,18 +57,20 @@ def _datasets(cfg, workdir, full_eval: bool = False):
   if full_eval:  # pad to whole batches with rows that weigh nothing
     eval_arrays = tasks.pad_rows(dict(eval_arrays), cfg.eval.batch_size)
     eval_steps = len(next(iter(eval_arrays.values()))) // cfg.eval.batch_size
-  common = dict(objective=objective, seed=cfg.seed, process_index=jax.process_index(),
-                process_count=jax.process_count(), cfg=cfg.data, tokenizer=tok)
+  common = dict(objective=objective, seed=cfg.seed, cfg=cfg.data, tokenizer=tok)
 
   def train_batches(start_step, end_step):
-    ds = pipeline.make_dataset(train_arrays, global_batch=cfg.train.batch_size,
-                               start_step=start_step, num_steps=end_step - start_step, **common)
+    ds = pipeline.make_dataset(
+        train_arrays, global_batch=cfg.train.batch_size, start_step=start_step,
+        host_rows=sharding.host_rows(mesh, cfg.train.batch_size),
+        num_steps=end_step - start_step, **common)
     return ds.as_numpy_iterator()
 
   # The eval set is the same rows and masks every time: read it once, reuse it each evaluation.
   eval_batches = list(pipeline.make_dataset(
       eval_arrays, global_batch=cfg.eval.batch_size, start_step=0, shuffle=False,
-      num_steps=eval_steps, **common).as_numpy_iterator())
+      host_rows=sharding.host_rows(mesh, cfg.eval.batch_size), num_steps=eval_steps,
+      **common).as_numpy_iterator())
   return tok, train_batches, eval_batches, where
 
 
@@ -119,12 +124,14 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
                       process_count=jax.process_count())
   best_key = evaluate_lib.main_metric(cfg) if cfg.task.kind else None
   os.makedirs(workdir, exist_ok=True)
-  metrics_lib.log(f"process {jax.process_index()}/{jax.process_count()}: "
-                  f"{jax.local_device_count()} local / {jax.device_count()} global devices, "
-                  f"mesh {dict(mesh.shape)}")
+  rows = sharding.host_rows(mesh, cfg.train.batch_size)
+  metrics_lib.log_all(
+      f"{jax.local_device_count()} local / {jax.device_count()} global devices "
+      f"({jax.devices()[0].platform}), mesh {dict(mesh.shape)}; reads rows "
+      f"{_ranges(rows)} of each global batch of {cfg.train.batch_size}")
 
   # 2. Data.
-  tok, train_batches, eval_batches, data_where = _datasets(cfg, workdir)
+  tok, train_batches, eval_batches, data_where = _datasets(cfg, workdir, mesh)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(cfg.to_json(indent=2))
@@ -200,13 +207,20 @@ def evaluate_run(workdir: str, eval_source: str = "", best: bool = False) -> dic
   cfg.data.tokenizer = config_lib.tokenizer_path(cfg, workdir)
   cfg.eval.batch_size = sharding.batch_shards(mesh) * max(
       1, cfg.eval.batch_size // sharding.batch_shards(mesh))
-  tok, _, eval_batches, where = _datasets(cfg, workdir, full_eval=True)
+  tok, _, eval_batches, where = _datasets(cfg, workdir, mesh, full_eval=True)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     eval_fn = steps.compile_eval(cfg, jax.tree.map(lambda x: x.sharding, params), mesh)
     evals = evaluate_lib.run(eval_fn, params, eval_batches, mesh, cfg,
                              np.asarray(tok.piece_bytes()))
   return {"workdir": os.path.abspath(workdir), "data": where, "checkpoint": "best" if best
           else "latest", **evals}
+
+
+def _ranges(rows) -> str:
+  """[0, 4) + [8, 12) for rows 0..3 and 8..11."""
+  breaks = [i + 1 for i in range(len(rows) - 1) if rows[i + 1] != rows[i] + 1]
+  runs = [(part[0], part[-1] + 1) for part in np.split(np.asarray(rows), breaks)]
+  return " + ".join(f"[{a}, {b})" for a, b in runs)
 
 
 class _Best:

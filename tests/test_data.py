@@ -44,8 +44,8 @@ def data_cfg(**overrides):
 
 
 def batches(arrays, tokenizer, *, steps, cfg=None, **kwargs):
-  args = dict(objective="mlm", global_batch=8, seed=0, start_step=0, process_index=0,
-              process_count=1, cfg=cfg or data_cfg(), tokenizer=tokenizer, num_steps=steps)
+  args = dict(objective="mlm", global_batch=8, seed=0, start_step=0, cfg=cfg or data_cfg(),
+              tokenizer=tokenizer, num_steps=steps)
   args.update(kwargs)
   return list(pipeline.make_dataset(arrays, **args).as_numpy_iterator())
 
@@ -212,11 +212,20 @@ def test_resumed_equals_uninterrupted(packed, tokenizer):
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_global_batch_independent_of_process_count(packed, tokenizer, process_count):
   one = _stack(batches(packed, tokenizer, steps=3, seed=1, start_step=2))
-  parts = [_stack(batches(packed, tokenizer, steps=3, seed=1, start_step=2, process_index=p,
-                          process_count=process_count)) for p in range(process_count)]
+  b = 8 // process_count
+  parts = [_stack(batches(packed, tokenizer, steps=3, seed=1, start_step=2,
+                          host_rows=range(p * b, (p + 1) * b))) for p in range(process_count)]
   for key in one:
     np.testing.assert_array_equal(np.concatenate([p[key] for p in parts], axis=1), one[key],
                                   err_msg=key)
+
+
+def test_a_host_reads_exactly_the_rows_its_devices_hold(packed, tokenizer):
+  # A mesh may give a host rows that are not one block (e.g. data inner, hosts outer on fsdp).
+  one = _stack(batches(packed, tokenizer, steps=2, seed=1))
+  odd = _stack(batches(packed, tokenizer, steps=2, seed=1, host_rows=[1, 3, 6, 7]))
+  for key in one:
+    np.testing.assert_array_equal(odd[key], one[key][:, [1, 3, 6, 7]], err_msg=key)
 
 
 def test_seeds_change_order_and_masks(packed, tokenizer):
@@ -243,8 +252,11 @@ def test_each_epoch_visits_every_example_once(tokenizer, num_rows):
 
 
 def test_bad_pipeline_arguments(packed, tokenizer):
-  with pytest.raises(ValueError, match="global batch 10 is not a positive multiple of 4"):
-    batches(packed, tokenizer, steps=1, global_batch=10, process_count=4)
+  with pytest.raises(ValueError, match=r"host rows \[2, 1\] must be distinct ascending rows of "
+                     r"the global batch of 8; take them from sharding.host_rows"):
+    batches(packed, tokenizer, steps=1, host_rows=[2, 1])
+  with pytest.raises(ValueError, match=r"host rows \[6, 8\] must be distinct ascending"):
+    batches(packed, tokenizer, steps=1, host_rows=[6, 8])
   with pytest.raises(ValueError, match="unknown objective 'xlm'"):
     batches(packed, tokenizer, steps=1, objective="xlm")
   no_mask = SimpleNamespace(**{k: getattr(tokenizer, k) for k in (

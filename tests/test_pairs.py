@@ -66,8 +66,8 @@ def with_kind(cfg, kind):
 
 
 def batches(arrays, tokenizer, cfg, *, steps, **kwargs):
-  args = dict(objective="mlm", global_batch=8, seed=0, start_step=0, process_index=0,
-              process_count=1, cfg=cfg, tokenizer=tokenizer, num_steps=steps)
+  args = dict(objective="mlm", global_batch=8, seed=0, start_step=0, cfg=cfg,
+              tokenizer=tokenizer, num_steps=steps)
   args.update(kwargs)
   got = list(pipeline.make_dataset(arrays, **args).as_numpy_iterator())
   return {k: np.concatenate([b[k] for b in got]) for k in got[0]}
@@ -187,8 +187,8 @@ def test_short_seq_prob_shortens_rows(corpus, tokenizer_path, cache_dir):
 def test_batches_are_pure_functions_of_seed_and_step(prepared, tokenizer):
   cfg, _, arrays = prepared
   one = batches(arrays, tokenizer, cfg, steps=3, seed=1, start_step=2)
-  halves = [batches(arrays, tokenizer, cfg, steps=3, seed=1, start_step=2, process_index=p,
-                    process_count=2) for p in range(2)]
+  halves = [batches(arrays, tokenizer, cfg, steps=3, seed=1, start_step=2,
+                    host_rows=range(4 * p, 4 * p + 4)) for p in range(2)]
   for key in one:  # row order: step 2 host 0, step 2 host 1, step 3 host 0, ...
     joined = np.stack([np.split(h[key], 3) for h in halves], axis=1).reshape(one[key].shape)
     np.testing.assert_array_equal(joined, one[key], err_msg=key)

@@ -1,13 +1,16 @@
 """The tf.data input pipeline: per-host batches whose content is a pure function of (seed, step).
 
 Row r of the global batch at step s is global row g = s * global_batch + r; it reads example
-`shuffle(g % N)` of epoch g // N, where the permutation is seeded by (seed, epoch). Host p of P
-reads rows [p * b, (p + 1) * b) with b = global_batch // P. MLM masks, and the negatives of
-sentence-pair rows (pairs.py), are seeded by (seed, g). So a resumed run starts at any step
-without replaying the stream, and the global batch does not depend on how many hosts read it.
+`shuffle(g % N)` of epoch g // N, where the permutation is seeded by (seed, epoch). A host reads
+only the rows r its devices hold (`host_rows`, from `sharding.host_rows`). MLM masks, and the
+negatives of sentence-pair rows (pairs.py), are seeded by (seed, g). So a resumed run starts at
+any step without replaying the stream, and the global batch does not depend on how many hosts
+read it or how the mesh spreads it.
 
 Shapes: B = per-host batch, L = seq_len, P = max_predictions.
 """
+
+from typing import Sequence
 
 import ml_collections
 import numpy as np
@@ -27,14 +30,15 @@ _SHUFFLE_STREAM = 0x5EED  # third word of the shuffle's seed
 OBJECTIVES = ("mlm", "clm", "task")
 
 
-def _check_args(objective, global_batch, process_index, process_count, num_rows, cfg, tokenizer):
+def _check_args(objective, global_batch, rows, num_rows, cfg, tokenizer):
   if objective not in OBJECTIVES:
     raise errors.UserError(f"unknown objective {objective!r}; known: {list(OBJECTIVES)}")
-  if global_batch <= 0 or global_batch % process_count:
-    raise errors.UserError(f"global batch {global_batch} is not a positive multiple of "
-                     f"{process_count} processes; use a multiple of {process_count}")
-  if not 0 <= process_index < process_count:
-    raise errors.UserError(f"process_index {process_index} is outside [0, {process_count})")
+  if global_batch <= 0:
+    raise errors.UserError(f"global batch {global_batch} must be positive")
+  if (not len(rows) or rows.min() < 0 or rows.max() >= global_batch
+      or np.any(np.diff(rows) <= 0)):
+    raise errors.UserError(f"host rows {rows.tolist()} must be distinct ascending rows of the "
+                           f"global batch of {global_batch}; take them from sharding.host_rows")
   if num_rows == 0:
     raise errors.UserError("the prepared split has no rows; use a larger corpus")
   if objective == "mlm":
@@ -54,9 +58,10 @@ def _check_args(objective, global_batch, process_index, process_count, num_rows,
                              f"to draw random tokens from; use a real tokenizer")
 
 
-def _step_rows(step, *, global_batch, first_row, batch, num_rows, seed, shuffle):
+def _step_rows(step, *, global_batch, rows_B, num_rows, seed, shuffle):
   """Global row ids g [B] and the example index each reads, for one step on this host."""
-  g_B = step * global_batch + tf.range(first_row, first_row + batch, dtype=tf.int64)
+  batch = rows_B.shape[0]
+  g_B = step * global_batch + rows_B
   if not shuffle:
     return g_B, g_B % num_rows
   epoch_B = g_B // num_rows
@@ -138,10 +143,13 @@ def mask_row(ids_L, g, *, seed, cfg, special, normal_ids, mask_id, word_start):
 
 
 def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_step: int,
-                 process_index: int, process_count: int, cfg: ml_collections.ConfigDict,
-                 tokenizer: tok.AnyTokenizer, shuffle: bool = True,
+                 cfg: ml_collections.ConfigDict, tokenizer: tok.AnyTokenizer,
+                 host_rows: Sequence[int] | None = None, shuffle: bool = True,
                  num_steps=None) -> tf.data.Dataset:
   """Per-host batches {input_ids, segment_ids, positions [B, L] (+ MLM targets [B, P])}.
+
+  `host_rows`: the rows of each global batch this host reads, ascending (`sharding.host_rows`
+  of the mesh); None reads them all. B = len(host_rows).
 
   `arrays`: {"tokens" (or "input_ids"), "segment_ids"} int32 [N, L], e.g.
   `prepare.load_prepared`, plus any other per-row arrays [N, ...] (token types, labels), which
@@ -159,8 +167,9 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   # Fine-tuning rows are never pairs, whatever the data config they came with says.
   pair_rows = objective != "task" and pairs.check_arrays(arrays, cfg.sentence_pair)
   num_rows = arrays["a_ids" if pair_rows else "input_ids"].shape[0]
-  _check_args(objective, global_batch, process_index, process_count, num_rows, cfg, tokenizer)
-  batch = global_batch // process_count
+  rows = np.arange(global_batch) if host_rows is None else np.asarray(host_rows, np.int64)
+  _check_args(objective, global_batch, rows, num_rows, cfg, tokenizer)
+  batch = len(rows)
   if num_steps is None:
     steps = tf.data.Dataset.counter(start_step)
   else:
@@ -169,10 +178,11 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   # tf.numpy_function instead would save that memory, but a live iterator then hangs
   # interpreter exit (TF background threads wait on the GIL), seen with TF 2.21.
   tables = {k: tf.constant(np.asarray(v)) for k, v in arrays.items()}
+  rows_B = tf.constant(rows)
 
   def read_step(step):
-    g_B, index_B = _step_rows(step, global_batch=global_batch, first_row=process_index * batch,
-                              batch=batch, num_rows=num_rows, seed=seed, shuffle=shuffle)
+    g_B, index_B = _step_rows(step, global_batch=global_batch, rows_B=rows_B,
+                              num_rows=num_rows, seed=seed, shuffle=shuffle)
     features = {k: tf.gather(table, index_B) for k, table in tables.items()}
     if "positions" not in features and not pair_rows:
       features["positions"] = positions_from_segments(features["segment_ids"])

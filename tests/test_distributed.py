@@ -1,0 +1,72 @@
+"""Start-up settings of a multi-process run and how meshes lie across hosts (the real
+two-process run is test_multiprocess.py)."""
+
+import jax
+import numpy as np
+import pytest
+
+from lmssl import config
+from lmssl import distributed
+from lmssl import errors
+from lmssl import sharding
+
+
+def test_flags_come_before_the_environment():
+  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:8476", "JAX_NUM_PROCESSES": "4",
+         "JAX_PROCESS_ID": "3"}
+  assert distributed.settings(environ=env) == ("10.0.0.2:8476", 4, 3)
+  assert distributed.settings("h:1", 2, 0, environ=env) == ("h:1", 2, 0)
+  assert distributed.settings(process_id=1, environ=env) == ("10.0.0.2:8476", 4, 1)
+  assert distributed.settings(environ={}) == (None, None, None)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (("10.0.0.2", 2, 0), {}, "coordinator '10.0.0.2' is not HOST:PORT; give process 0's address "
+     "and a free port, e.g. --coordinator=10.0.0.2:8476"),
+    (("h:1", 2, 2), {}, r"process_id 2 is outside \[0, 2\); number the processes 0..1"),
+    (("h:1", 0, 0), {}, "num_processes 0 must be at least 1"),
+    ((), {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' is not an integer; set it to "
+     "the number --num_processes takes, or unset it"),
+])
+def test_bad_settings_name_the_value_and_the_fix(args, env, message):
+  with pytest.raises(errors.UserError, match=message):
+    distributed.settings(*args, environ=env)
+
+
+def test_a_partial_multi_process_setting_is_refused_before_joining(monkeypatch):
+  for name in distributed.ENV:
+    monkeypatch.delenv(name, raising=False)
+  with pytest.raises(errors.UserError, match="a multi-process run needs all of --coordinator, "
+                     "--num_processes, --process_id .*; --num_processes, --process_id are "
+                     "missing. On Cloud TPU VMs and SLURM use --distributed instead"):
+    distributed.initialize("127.0.0.1:1234")
+  distributed.initialize()  # a single process: nothing to join
+  assert jax.process_count() == 1
+
+
+@pytest.mark.parametrize("shape, hosts, outer", [
+    ((8, 1, 1), 2, (2, 1, 1)),
+    ((2, 2, 2), 2, (2, 1, 1)),
+    ((4, 2, 1), 4, (4, 1, 1)),
+    ((2, 4, 1), 4, (2, 2, 1)),  # data 2 < 4 hosts: fsdp takes the rest across hosts
+    ((1, 8, 1), 2, (1, 2, 1)),
+])
+def test_only_data_then_fsdp_cross_hosts(shape, hosts, outer):
+  assert sharding.across_hosts(shape, hosts) == outer
+
+
+@pytest.mark.parametrize("shape, hosts", [((1, 1, 8), 2), ((2, 1, 4), 4), ((6, 1, 1), 4)])
+def test_a_mesh_that_cannot_span_the_hosts_says_how_to_fix_it(shape, hosts):
+  with pytest.raises(errors.UserError, match=f"cannot span {hosts} hosts: the data axis "
+                     r"\(then fsdp\) is what crosses hosts.*--config.mesh.data=-1"):
+    sharding.across_hosts(shape, hosts)
+
+
+def test_one_host_reads_every_row_and_the_mesh_divides_the_devices():
+  mesh_cfg = config.base_config().mesh
+  mesh_cfg.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(mesh_cfg)
+  np.testing.assert_array_equal(sharding.host_rows(mesh, 16), np.arange(16))
+  mesh_cfg.update(data=3, fsdp=1, tensor=1)
+  with pytest.raises(errors.UserError, match="does not divide 8 devices"):
+    sharding.make_mesh(mesh_cfg)

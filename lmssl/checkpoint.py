@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lmssl import errors
+from lmssl import files
 
 
 def manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
@@ -19,7 +20,7 @@ def manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
       max_to_keep=ckpt_cfg.keep,
       enable_async_checkpointing=ckpt_cfg.async_save,
   )
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  return ocp.CheckpointManager(os.path.join(files.absolute(workdir), "checkpoints"),
                                options=options, item_names=("state", "meta"))
 
 
@@ -51,14 +52,14 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
 
 def _locate(path: str) -> tuple[str, int]:
   """(checkpoints directory, step) for a run's workdir, its checkpoints/ or a checkpoints/STEP."""
-  path = os.path.abspath(os.path.expanduser(path))
-  name = os.path.basename(path.rstrip("/"))
-  if name.isdigit() and os.path.isdir(path):
+  path = files.absolute(path).rstrip("/")
+  name = os.path.basename(path)
+  if name.isdigit() and files.Path(path).is_dir():
     return os.path.dirname(path), int(name)
   directory = os.path.join(path, "checkpoints")
-  directory = directory if os.path.isdir(directory) else path
-  steps = sorted(int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
-                 if n.isdigit())
+  directory = directory if files.Path(directory).is_dir() else path
+  listed = files.Path(directory).iterdir() if files.Path(directory).is_dir() else []
+  steps = sorted(int(p.name) for p in listed if p.name.isdigit())
   if not steps:
     raise errors.UserError(
         f"init.params_from={path} holds no checkpoint; name a run's workdir, its checkpoints/ "
@@ -71,7 +72,7 @@ def run_dir(path: str) -> str:
   directory, _ = _locate(path)
   run = os.path.dirname(directory) if os.path.basename(directory) == "checkpoints" else directory
   # A fine-tuning run's best/ checkpoints sit one level below the run's config.json.
-  if not os.path.exists(os.path.join(run, "config.json")):
+  if not files.Path(os.path.join(run, "config.json")).exists():
     run = os.path.dirname(run)
   return run
 

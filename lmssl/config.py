@@ -10,6 +10,7 @@ import os
 import ml_collections
 
 from lmssl import errors
+from lmssl import files
 
 # name: (num_layers, d_model, num_heads, mlp_dim). base/large are BERT-base/large shaped,
 # which is also GPT-2 small/medium (12x768x12, 24x1024x16).
@@ -190,8 +191,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """A run's config.json over today's base config (so keys added since are present)."""
   path = os.path.join(workdir, "config.json")
   try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+    saved = json.loads(files.read_text(path))
   except FileNotFoundError:
     raise errors.UserError(f"{path} does not exist: {workdir} is not an lmssl run directory; "
                            "name the --workdir of a run") from None

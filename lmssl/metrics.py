@@ -12,6 +12,8 @@ import time
 from absl import logging
 import jax
 
+from lmssl import files
+
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix. CPUs have none listed: their MFU
 # needs `train.peak_flops_per_device` (a measured large-matmul rate).
 PEAK_FLOPS = {
@@ -59,16 +61,18 @@ class Writer:
     if not self.active:
       return
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(self.path):
-      with open(self.path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-      with open(self.path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept)
-      os.replace(self.path + ".tmp", self.path)
-    self._jsonl = open(self.path, "a", encoding="utf-8")
-    self._events = EventFileWriter(os.path.join(workdir, "tensorboard"))
+    self.path = os.path.join(files.absolute(workdir), "metrics.jsonl")
+    kept = []
+    if files.Path(self.path).exists():
+      kept = [line + "\n" for line in files.read_text(self.path).splitlines()
+              if line.strip() and json.loads(line)["step"] <= start_step]
+    if files.is_url(self.path):  # objects cannot be appended to: rewrite it on each flush
+      self._jsonl = files.Path(self.path).open("w")
+      self._jsonl.writelines(kept)
+    else:
+      files.write_atomically(self.path, "".join(kept))
+      self._jsonl = open(self.path, "a", encoding="utf-8")
+    self._events = EventFileWriter(os.path.join(files.absolute(workdir), "tensorboard"))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.active:

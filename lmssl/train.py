@@ -17,6 +17,7 @@ from lmssl import config as config_lib
 from lmssl import distributed
 from lmssl import errors
 from lmssl import evaluate as evaluate_lib
+from lmssl import files
 from lmssl import heads
 from lmssl import hf
 from lmssl import inference
@@ -123,7 +124,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   config_lib.validate(cfg, batch_shards=sharding.batch_shards(mesh),
                       process_count=jax.process_count())
   best_key = evaluate_lib.main_metric(cfg) if cfg.task.kind else None
-  os.makedirs(workdir, exist_ok=True)
+  files.Path(workdir).mkdir(parents=True, exist_ok=True)
   rows = sharding.host_rows(mesh, cfg.train.batch_size)
   metrics_lib.log_all(
       f"{jax.local_device_count()} local / {jax.device_count()} global devices "
@@ -133,8 +134,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   # 2. Data.
   tok, train_batches, eval_batches, data_where = _datasets(cfg, workdir, mesh)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(cfg.to_json(indent=2))
+    files.write_atomically(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     # 3. Model and optimizer, state born sharded.
@@ -189,7 +189,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   metrics_lib.log("final: " + ", ".join(
       f"{k} {v:.4g}" for k, v in final.items() if k in ("step", "loss", "accuracy") or
       k.startswith("eval_")))
-  metrics_lib.log(f"outputs in {os.path.abspath(workdir)}: metrics.jsonl, tensorboard/, "
+  metrics_lib.log(f"outputs in {files.absolute(workdir)}: metrics.jsonl, tensorboard/, "
                   f"checkpoints/, config.json{', best/' if best else ''}; tokenizer "
                   f"{tok.path}; data {data_where}")
   return final
@@ -212,7 +212,7 @@ def evaluate_run(workdir: str, eval_source: str = "", best: bool = False) -> dic
     eval_fn = steps.compile_eval(cfg, jax.tree.map(lambda x: x.sharding, params), mesh)
     evals = evaluate_lib.run(eval_fn, params, eval_batches, mesh, cfg,
                              np.asarray(tok.piece_bytes()))
-  return {"workdir": os.path.abspath(workdir), "data": where, "checkpoint": "best" if best
+  return {"workdir": files.absolute(workdir), "data": where, "checkpoint": "best" if best
           else "latest", **evals}
 
 
@@ -228,15 +228,14 @@ class _Best:
 
   def __init__(self, workdir: str, key: str, higher_is_better: bool):
     self.key, self.sign = key, 1.0 if higher_is_better else -1.0
-    self.path = os.path.join(os.path.abspath(workdir), "best.json")
+    self.path = os.path.join(files.absolute(workdir), "best.json")
     # Laid out like a run's checkpoints ({"params"} as the state), so `init.params_from`,
     # `lmssl eval --best` and `lmssl sample --best` read it like any checkpoint.
     self.mngr = checkpoint.manager(os.path.join(workdir, "best"), ml_collections.ConfigDict(
         dict(keep=1, async_save=False)))
     self.record = None
-    if os.path.exists(self.path):  # resuming: beat the best of the interrupted run
-      with open(self.path, encoding="utf-8") as f:
-        self.record = json.load(f)
+    if files.Path(self.path).exists():  # resuming: beat the best of the interrupted run
+      self.record = json.loads(files.read_text(self.path))
 
   def update(self, step: int, evals: dict, params) -> None:
     value = evals[self.key]
@@ -246,10 +245,7 @@ class _Best:
     self.mngr.wait_until_finished()  # best.json only ever names a committed checkpoint
     self.record = {"step": step, "metric": self.key, "value": value, "evals": evals}
     if jax.process_index() == 0:
-      tmp = self.path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(self.record, f, indent=2)
-      os.replace(tmp, self.path)
+      files.write_atomically(self.path, json.dumps(self.record, indent=2))
     metrics_lib.log(f"best {self.key} {value:.4f} at step {step}")
 
   def close(self) -> None:

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from lmssl import errors
+from lmssl import files
 from lmssl.data import pairs
 from lmssl.data import sources
 from lmssl.data import tokenizer as tok
@@ -94,8 +95,8 @@ def _resolve_tokenizer(cfg, tokenizer_path: Optional[str], workdir: str,
   path = tokenizer_path or cfg.tokenizer
   if path:
     return path
-  path = os.path.join(workdir, "tokenizer.model")
-  if os.path.exists(path):
+  path = os.path.join(files.absolute(workdir), "tokenizer.model")
+  if files.Path(path).exists():
     logging.info("Reusing tokenizer %s", path)
     return path
   logging.info("Training a %s tokenizer (vocab %d) on %d documents into %s",

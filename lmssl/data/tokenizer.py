@@ -16,13 +16,13 @@ this module reads special ids from the tokenizer object, never these constants. 
 
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
 from lmssl import errors
+from lmssl import files
 from lmssl.data import hf_tokenizer
 
 PAD_ID = 0
@@ -79,20 +79,7 @@ def train(docs: Iterable[str], path: str, vocab_size: int, model_type: str,
         f"use more text or a smaller --config.data.vocab_size") from e
   data = buffer.getvalue()
   _check_reserved(spm.SentencePieceProcessor(model_proto=data), path)
-  _atomic_write(path, data)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer-", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  files.write_atomically(path, data)
 
 
 def _check_reserved(sp: spm.SentencePieceProcessor, path: str) -> None:
@@ -128,13 +115,12 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
-    if not os.path.isfile(path):
+    if not files.Path(path).is_file():
       raise errors.UserError(
           f"tokenizer file {path} does not exist; point --config.data.tokenizer at a "
           f"sentencepiece .model (or a HuggingFace tokenizer directory), or leave it empty to "
           f"train one")
-    with open(path, "rb") as f:
-      return cls(f.read(), path)
+    return cls(files.Path(path).read_bytes(), path)
 
   @property
   def vocab_size(self) -> int:
@@ -195,6 +181,6 @@ def load(path: str) -> AnyTokenizer:
   """The tokenizer at `path`: a sentencepiece `.model` file, or a HuggingFace tokenizer
   directory (tokenizer.json, BERT's vocab.txt or GPT-2's vocab.json + merges.txt) or its
   tokenizer.json."""
-  if os.path.isdir(path) or os.path.basename(path) == "tokenizer.json":
+  if files.Path(path).is_dir() or os.path.basename(path) == "tokenizer.json":
     return hf_tokenizer.HFTokenizer.load(path)
   return Tokenizer.load(path)

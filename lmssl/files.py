@@ -1,0 +1,44 @@
+"""Run files at a local path or a cloud URL (gs://bucket/run), through etils.epath: the path
+library Orbax uses, so a workdir on Cloud Storage holds the checkpoints and everything beside
+them (config.json, metrics.jsonl, best.json, the trained tokenizer; TensorBoard writes its own).
+"""
+
+import os
+
+from etils import epath
+
+
+def is_url(path: str) -> bool:
+  return "://" in str(path)
+
+
+def absolute(path: str) -> str:
+  """`path` made absolute; URLs are left as they are."""
+  return str(path) if is_url(path) else os.path.abspath(os.path.expanduser(str(path)))
+
+
+def Path(path: str) -> epath.Path:  # noqa: N802 (reads like the class it returns)
+  return epath.Path(absolute(path))
+
+
+def read_text(path: str) -> str:
+  return Path(path).read_text(encoding="utf-8")
+
+
+def write_atomically(path: str, data: str | bytes) -> None:
+  """All of `data` or nothing at `path`: a local file is written under a temporary name and
+  renamed into place; a cloud object appears only when its upload completes."""
+  target = Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target if is_url(path) else target.with_name(f".{target.name}.tmp-{os.getpid()}")
+  try:
+    if isinstance(data, bytes):
+      tmp.write_bytes(data)
+    else:
+      tmp.write_text(data, encoding="utf-8")
+    if tmp != target:
+      os.replace(tmp, target)
+  except BaseException:
+    if tmp != target:
+      tmp.unlink(missing_ok=True)
+    raise

@@ -1,0 +1,330 @@
+#!/usr/bin/env bash
+# lmssl on Cloud TPU VM pod slices: create a slice (directly or as a queued resource), copy the
+# project to every worker, train with one process per worker, follow the log, stop, delete,
+# and keep a spot run going across preemptions. See launch/README.md.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$HERE")
+LAUNCH_NAME=tpu.sh
+DRY_RUN=0
+# shellcheck source=launch/common.sh
+source "$HERE/common.sh"
+
+# On each worker, relative to the home directory: the unpacked project and the training log.
+REMOTE_DIR=lmssl
+# shellcheck disable=SC2088  # the worker's shell expands it
+REMOTE_LOG='~/lmssl.log'
+# pkill/pgrep pattern for the trainer; "[.]" keeps it from matching the shell running pkill.
+TRAIN_PATTERN='python3 -m lmssl[.]main'
+# A preempted worker can vanish without closing its connection: notice within ~5 minutes.
+SSH_KEEPALIVE=(--ssh-flag=-oServerAliveInterval=60 --ssh-flag=-oServerAliveCountMax=5)
+
+usage() {
+  cat <<'EOF'
+usage: launch/tpu.sh COMMAND --name NAME --zone ZONE [options] [-- LMSSL_ARGS...]
+
+Commands:
+  create     create a TPU VM slice (gcloud compute tpus tpu-vm create)
+  queued     request a slice as a queued resource and wait until it is ACTIVE
+  setup      copy the committed project (git HEAD) to every worker and pip install it there
+  run        train on every worker: python3 -m lmssl.main --distributed ... (output streams
+             here and goes to ~/lmssl.log on each worker; --detach returns at once)
+  logs       follow ~/lmssl.log on one worker (default worker 0, which prints the progress)
+  stop       stop the training processes on every worker
+  delete     delete the slice (with --queued: the queued resource and its slice)
+  resilient  queued resource + setup + run, recreating the slice and running again after a
+             preemption until training exits 0 (resumes from the workdir's latest checkpoint)
+
+Options:
+  --name NAME              TPU (and queued resource) name, e.g. lmssl-v5e
+  --zone ZONE              e.g. us-west4-a
+  --project PROJECT        default: gcloud's configured project
+  --accelerator-type TYPE  create/queued/resilient, e.g. v5litepod-16, v4-32, v6e-16
+  --version VERSION        TPU software version; default from the type: v6e v2-alpha-tpuv6e,
+                           v5p v2-alpha-tpuv5, v5e v2-alpha-tpuv5-lite, else tpu-ubuntu2204-base
+  --spot                   create/queued/resilient: spot capacity (cheaper, preemptible)
+  --config FILE[:ARGS]     run/resilient, relative to the repository root,
+                           e.g. configs/mlm_base.py:size=base
+  --workdir gs://B/PATH    run/resilient: checkpoints and metrics; must be gs://
+  --allow-local-workdir    run: accept a workdir on the workers' own disks (single-host
+                           slices only: every process must see the same checkpoints)
+  --detach                 run: start training in the background and return
+  --worker N               logs: which worker's log (default 0)
+  --queued                 delete: the slice was made by `queued` or `resilient`
+  --max-restarts N         resilient: restarts after preemptions before giving up (default 10)
+  --poll SECONDS           queued/resilient: seconds between state checks (default 60)
+  --dry-run                print the commands (one pass for resilient) instead of running them
+  -h, --help               this message
+  -- LMSSL_ARGS...         run/resilient: passed to lmssl.main verbatim (--config.KEY=VALUE)
+EOF
+}
+
+NAME='' ZONE='' PROJECT='' ACCEL='' VERSION='' SPOT=0 CONFIG='' WORKDIR=''
+ALLOW_LOCAL=0 DETACH=0 WORKER=0 QUEUED=0 MAX_RESTARTS=10 POLL=60
+EXTRA=()
+
+parse_args() {
+  while (($#)); do
+    case $1 in
+      --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+      --name) need_value "$@"; NAME=$2; shift ;;
+      --zone) need_value "$@"; ZONE=$2; shift ;;
+      --project) need_value "$@"; PROJECT=$2; shift ;;
+      --accelerator-type) need_value "$@"; ACCEL=$2; shift ;;
+      --version) need_value "$@"; VERSION=$2; shift ;;
+      --spot) SPOT=1 ;;
+      --config) need_value "$@"; CONFIG=$2; shift ;;
+      --workdir) need_value "$@"; WORKDIR=$2; shift ;;
+      --allow-local-workdir) ALLOW_LOCAL=1 ;;
+      --detach) DETACH=1 ;;
+      --worker) need_value "$@"; need_int --worker "$2" 0; WORKER=$2; shift ;;
+      --queued) QUEUED=1 ;;
+      --max-restarts) need_value "$@"; need_int --max-restarts "$2" 0; MAX_RESTARTS=$2; shift ;;
+      --poll) need_value "$@"; need_int --poll "$2" 0; POLL=$2; shift ;;
+      --dry-run) DRY_RUN=1 ;;
+      -h | --help) usage; exit 0 ;;
+      --) shift; EXTRA=("$@"); break ;;
+      -*) die "unknown option $1 (see launch/tpu.sh --help)" ;;
+      *) die "unexpected argument '$1'; lmssl arguments go after -- (see launch/tpu.sh --help)" ;;
+    esac
+    shift
+  done
+}
+
+check_args() {  # COMMAND
+  need_arg "$NAME" --name lmssl-v5e
+  [[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
+    die "--name '$NAME' must be lowercase letters, digits and hyphens, starting with a letter"
+  need_arg "$ZONE" --zone us-west4-a
+  LOC=(--zone="$ZONE")
+  if [[ -n $PROJECT ]]; then LOC+=(--project="$PROJECT"); fi
+  case $1 in
+    create | queued | resilient)
+      need_arg "$ACCEL" --accelerator-type v5litepod-16
+      [[ $ACCEL =~ ^v[0-9][a-z0-9]*-[0-9]+$ ]] ||
+        die "--accelerator-type '$ACCEL' is not a TPU type such as v5litepod-16, v4-32 or v6e-8"
+      if [[ -z $VERSION ]]; then VERSION=$(default_version "$ACCEL"); fi ;;
+  esac
+  case $1 in
+    run | resilient)
+      need_arg "$CONFIG" --config configs/mlm_base.py:size=base
+      [[ -f $REPO/${CONFIG%%:*} ]] ||
+        die "--config file ${CONFIG%%:*} not found in $REPO (give it relative to the" \
+          "repository root, which setup copies to the workers)"
+      need_arg "$WORKDIR" --workdir gs://my-bucket/lmssl/run1
+      if [[ $WORKDIR != gs://* ]]; then
+        if [[ $1 == resilient ]]; then
+          die "--workdir must be gs://... for resilient: a recreated slice has fresh disks," \
+            "and training resumes from the checkpoints in the workdir"
+        elif ((!ALLOW_LOCAL)); then
+          die "--workdir must be gs://... (got '$WORKDIR'): every worker must read and write" \
+            "the same checkpoints, which a path on the workers' own disks does not give;" \
+            "--allow-local-workdir overrides this for single-host slices"
+        fi
+      fi ;;
+    *)
+      ((${#EXTRA[@]} == 0)) || die "arguments after -- are for run and resilient only" ;;
+  esac
+  if [[ $1 == resilient ]] && ((DETACH)); then
+    die "--detach does not go with resilient, which watches the run to restart it"
+  fi
+}
+
+default_version() {  # ACCELERATOR_TYPE
+  case $1 in
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v5litepod-* | v5e-*) echo v2-alpha-tpuv5-lite ;;
+    *) echo tpu-ubuntu2204-base ;;
+  esac
+}
+
+spot_flag() { if ((SPOT)); then echo --spot; fi; }
+
+tpu_ssh() {  # WORKER REMOTE-COMMAND
+  run gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" "${SSH_KEEPALIVE[@]}" \
+    --command="$2"
+}
+
+# States from gcloud; MISSING when the resource is not there (or cannot be described).
+qr_state() {
+  gcloud compute tpus queued-resources describe "$NAME" "${LOC[@]}" \
+    --format='value(state.state)' 2>/dev/null || echo MISSING
+}
+
+node_state() {
+  gcloud compute tpus tpu-vm describe "$NAME" "${LOC[@]}" --format='value(state)' \
+    2>/dev/null || echo MISSING
+}
+
+create() {
+  # shellcheck disable=SC2046  # spot_flag is one word or nothing
+  run gcloud compute tpus tpu-vm create "$NAME" "${LOC[@]}" --accelerator-type="$ACCEL" \
+    --version="$VERSION" $(spot_flag)
+}
+
+create_queued() {
+  # shellcheck disable=SC2046
+  run gcloud compute tpus queued-resources create "$NAME" --node-id="$NAME" "${LOC[@]}" \
+    --accelerator-type="$ACCEL" --runtime-version="$VERSION" $(spot_flag)
+}
+
+wait_active() {
+  if ((DRY_RUN)); then
+    run gcloud compute tpus queued-resources describe "$NAME" "${LOC[@]}" \
+      --format='value(state.state)'
+    return
+  fi
+  local state
+  while state=$(qr_state) && [[ $state != ACTIVE ]]; do
+    case $state in
+      FAILED | SUSPENDING | SUSPENDED | DELETING | MISSING)
+        fail "queued resource $NAME is $state; details:" \
+          "gcloud compute tpus queued-resources describe $NAME --zone=$ZONE" ;;
+    esac
+    note "queued resource $NAME is $state; checking again in ${POLL}s"
+    sleep "$POLL"
+  done
+  note "queued resource $NAME is ACTIVE"
+}
+
+setup() {
+  local tarball=${TMPDIR:-/tmp}/lmssl-$NAME.tar.gz
+  if [[ -e $REPO/.git ]]; then
+    if ((!DRY_RUN)) && [[ -n $(git -C "$REPO" status --porcelain --untracked-files=no) ]]; then
+      note "warning: uncommitted changes are not copied; setup ships the last commit (HEAD)"
+    fi
+    run git -C "$REPO" archive --format=tar.gz --output="$tarball" HEAD
+  else
+    run tar -czf "$tarball" -C "$REPO" --exclude=.git --exclude=__pycache__ .
+  fi
+  run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:$REMOTE_DIR.tar.gz" "${LOC[@]}" --worker=all
+  run rm -f "$tarball"
+  local unpack="rm -rf $REMOTE_DIR && mkdir $REMOTE_DIR && tar -xzf $REMOTE_DIR.tar.gz -C $REMOTE_DIR"
+  tpu_ssh all "$unpack && cd $REMOTE_DIR && python3 -m pip install -q -e . -U 'jax[tpu]'"
+}
+
+train() {
+  local cmd
+  cmd=$(quote_all python3 -m lmssl.main --distributed --config "$CONFIG" --workdir "$WORKDIR" \
+    ${EXTRA[@]+"${EXTRA[@]}"})
+  if ((DETACH)); then
+    tpu_ssh all "cd $REMOTE_DIR && nohup $cmd > $REMOTE_LOG 2>&1 < /dev/null &"
+  else
+    tpu_ssh all "set -o pipefail; cd $REMOTE_DIR && $cmd 2>&1 | tee $REMOTE_LOG"
+  fi
+}
+
+stop_training() {
+  local p=$TRAIN_PATTERN
+  # SIGTERM, up to 30 s to exit, then SIGKILL for any process stuck in a collective.
+  local until_gone="for i in 1 2 3 4 5 6 7 8 9 10; do pgrep -f '$p' > /dev/null || break; sleep 3; done"
+  tpu_ssh all "pkill -f '$p' || true; $until_gone; pkill -9 -f '$p' || true"
+}
+
+delete() {
+  if ((QUEUED)) || { ((!DRY_RUN)) && [[ $(qr_state) != MISSING ]]; }; then
+    run gcloud compute tpus queued-resources delete "$NAME" "${LOC[@]}" --force --quiet
+  else
+    run gcloud compute tpus tpu-vm delete "$NAME" "${LOC[@]}" --quiet
+  fi
+}
+
+RESTARTS=0
+CREATED=0
+
+count_restart() {  # WHY
+  ((RESTARTS < MAX_RESTARTS)) || fail "$1; giving up after $MAX_RESTARTS restarts (--max-restarts)"
+  RESTARTS=$((RESTARTS + 1))
+  note "$1; restart $RESTARTS of $MAX_RESTARTS"
+}
+
+# Until the queued resource is ACTIVE with a READY node: create it when missing, recreate it
+# when preempted or failed, wait while it is queued or provisioning.
+ensure_active() {
+  if ((DRY_RUN)); then
+    create_queued
+    wait_active
+    return
+  fi
+  local qr node
+  while true; do
+    qr=$(qr_state)
+    node=-
+    if [[ $qr == ACTIVE ]]; then node=$(node_state); fi
+    case $qr in
+      ACTIVE) [[ $node == READY ]] && return 0
+              delete ;;
+      FAILED | SUSPENDING | SUSPENDED) delete ;;
+      MISSING) ;;
+      *) note "queued resource $NAME is $qr; checking again in ${POLL}s"
+         sleep "$POLL"
+         continue ;;
+    esac
+    if ((CREATED)); then
+      count_restart "queued resource $NAME is $qr (node $node): recreating it"
+    fi
+    CREATED=1
+    create_queued
+  done
+}
+
+resilient() {
+  QUEUED=1
+  local rc qr node
+  while true; do
+    ensure_active
+    # A subshell with -e of its own: a failed setup or run ends the attempt, not the loop.
+    set +e
+    (set -e; setup; train)
+    rc=$?
+    set -e
+    if ((DRY_RUN)); then return 0; fi
+    if ((rc == 0)); then
+      note "training finished; delete the slice with:" \
+        "launch/tpu.sh delete --queued --name $NAME --zone $ZONE"
+      return 0
+    fi
+    note "the run ended with status $rc; checking the slice in ${POLL}s"
+    sleep "$POLL"
+    qr=$(qr_state)
+    node=$(node_state)
+    if [[ $qr == ACTIVE && $node == READY ]]; then
+      ((rc == 255)) || fail "training exited with status $rc on a healthy slice, so it was not" \
+        "preempted; fix the cause and rerun this command (training resumes from the latest" \
+        "checkpoint in $WORKDIR)"
+      count_restart "lost the connection to a healthy slice: running again"
+      stop_training || note "could not reach every worker to stop leftover processes"
+    fi  # else ensure_active recreates the slice and counts the restart
+  done
+}
+
+main() {
+  if (($# == 0)); then usage >&2; exit 2; fi
+  local command=$1
+  case $command in
+    -h | --help) usage; exit 0 ;;
+    create | queued | setup | run | logs | stop | delete | resilient) shift ;;
+    *) die "unknown command '$command' (one of create, queued, setup, run, logs, stop," \
+         "delete, resilient)" ;;
+  esac
+  parse_args "$@"
+  check_args "$command"
+  need_tool gcloud "install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install)"
+  if [[ ($command == setup || $command == resilient) && -e $REPO/.git ]]; then
+    need_tool git "install git (setup packs the project with git archive)"
+  fi
+  case $command in
+    create) create ;;
+    queued) create_queued; wait_active ;;
+    setup) setup ;;
+    run) train ;;
+    logs) tpu_ssh "$WORKER" "tail -n +1 -F $REMOTE_LOG" ;;
+    stop) stop_training ;;
+    delete) delete ;;
+    resilient) resilient ;;
+  esac
+}
+
+main "$@"

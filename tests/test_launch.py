@@ -1,0 +1,483 @@
+"""launch/: the commands each script runs (read back from --dry-run, or recorded by stand-ins
+for gcloud, sbatch, srun, nvidia-smi and python), its argument checks, and the restart loop of
+`tpu.sh resilient` against a simulated preemption. No cloud or cluster is touched."""
+
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO
+
+LAUNCH = REPO / "launch"
+BASH = shutil.which("bash")
+SCRIPTS = ["common.sh", "tpu.sh", "gpu.sh", "slurm.sh", "slurm.sbatch"]
+TPU = ["--name", "lmssl-v5e", "--zone", "us-west4-a"]
+CONFIG = "configs/mlm_base.py:size=base"
+GS = "gs://my-bucket/lmssl/run1"
+# Passthrough arguments that only survive if every layer quotes them.
+TRICKY = ["--config.train.steps=10", "--config.data.source=text:/data/my corpus/*.txt", "it's",
+          'x"$HOME`', ""]
+
+
+def sh(script, *args, env=None, cwd=REPO, path=None):
+  environ = dict(os.environ, **(env or {}))
+  if path is not None:
+    environ["PATH"] = str(path)
+  return subprocess.run([BASH, str(LAUNCH / script), *args], cwd=cwd, env=environ,
+                        capture_output=True, text=True, timeout=60)
+
+
+def commands(result):
+  """The commands a dry run printed, each split as a shell would."""
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines and all(line.startswith("+ ") for line in lines), result.stdout
+  return [shlex.split(line[2:]) for line in lines]
+
+
+def usage_error(result, *needles):
+  assert result.returncode == 2, (result.stdout, result.stderr)
+  assert result.stdout == ""
+  for needle in needles:
+    assert needle in result.stderr, result.stderr
+  return result.stderr
+
+
+def remote(cmd):
+  """The --command of a gcloud tpu-vm ssh line, split as the worker's shell would."""
+  assert cmd[:4] == ["gcloud", "compute", "tpus", "tpu-vm"] and cmd[4] == "ssh"
+  [command] = [a[len("--command="):] for a in cmd if a.startswith("--command=")]
+  return command
+
+
+def lmssl_args(words):
+  """The arguments after `-m lmssl.main` in a split command line."""
+  i = words.index("lmssl.main")
+  assert words[i - 1] == "-m"
+  return words[i + 1:]
+
+
+# -- tpu.sh, dry run ------------------------------------------------------------------------
+
+
+def test_tpu_create():
+  [cmd] = commands(sh("tpu.sh", "create", *TPU, "--accelerator-type", "v5litepod-16",
+                      "--dry-run"))
+  assert cmd == ["gcloud", "compute", "tpus", "tpu-vm", "create", "lmssl-v5e",
+                 "--zone=us-west4-a", "--accelerator-type=v5litepod-16",
+                 "--version=v2-alpha-tpuv5-lite"]
+
+
+@pytest.mark.parametrize("accel, version", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-8", "v2-alpha-tpuv5"), ("v6e-16", "v2-alpha-tpuv6e")])
+def test_tpu_create_default_version_and_options(accel, version):
+  [cmd] = commands(sh("tpu.sh", "create", *TPU, f"--accelerator-type={accel}", "--spot",
+                      "--project", "my-project", "--dry-run"))
+  assert cmd[5:] == ["lmssl-v5e", "--zone=us-west4-a", "--project=my-project",
+                     f"--accelerator-type={accel}", f"--version={version}", "--spot"]
+  [cmd] = commands(sh("tpu.sh", "create", *TPU, "--accelerator-type", accel,
+                      "--version", "my-runtime", "--dry-run"))
+  assert cmd[-1] == "--version=my-runtime"
+
+
+def test_tpu_queued_creates_then_polls():
+  create, poll = commands(sh("tpu.sh", "queued", *TPU, "--accelerator-type", "v4-32", "--spot",
+                             "--dry-run"))
+  assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "lmssl-v5e",
+                    "--node-id=lmssl-v5e", "--zone=us-west4-a", "--accelerator-type=v4-32",
+                    "--runtime-version=tpu-ubuntu2204-base", "--spot"]
+  assert poll == ["gcloud", "compute", "tpus", "queued-resources", "describe", "lmssl-v5e",
+                  "--zone=us-west4-a", "--format=value(state.state)"]
+
+
+def test_tpu_setup_copies_head_to_every_worker(tmp_path):
+  pack, copy, clean, install = commands(sh("tpu.sh", "setup", *TPU, "--dry-run",
+                                           env={"TMPDIR": str(tmp_path)}))
+  tarball = f"{tmp_path}/lmssl-lmssl-v5e.tar.gz"
+  assert pack == ["git", "-C", str(REPO), "archive", "--format=tar.gz", f"--output={tarball}",
+                  "HEAD"]
+  assert copy == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, "lmssl-v5e:lmssl.tar.gz",
+                  "--zone=us-west4-a", "--worker=all"]
+  assert clean == ["rm", "-f", tarball]
+  assert "--worker=all" in install
+  steps = [shlex.split(step) for step in remote(install).split(" && ")]
+  assert steps == [["rm", "-rf", "lmssl"], ["mkdir", "lmssl"],
+                   ["tar", "-xzf", "lmssl.tar.gz", "-C", "lmssl"], ["cd", "lmssl"],
+                   ["python3", "-m", "pip", "install", "-q", "-e", ".", "-U", "jax[tpu]"]]
+
+
+def test_tpu_run_passes_arguments_through_two_shells():
+  [cmd] = commands(sh("tpu.sh", "run", *TPU, "--config", CONFIG, "--workdir", GS, "--dry-run",
+                      "--", *TRICKY))
+  assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lmssl-v5e"]
+  assert "--zone=us-west4-a" in cmd and "--worker=all" in cmd
+  command = remote(cmd)
+  assert command.startswith("set -o pipefail; cd lmssl && python3 -m lmssl.main ")
+  assert command.endswith(" 2>&1 | tee ~/lmssl.log")
+  words = shlex.split(command.split(" && ", 1)[1].rsplit(" 2>&1", 1)[0])
+  assert words[:3] == ["python3", "-m", "lmssl.main"]
+  assert lmssl_args(words) == ["--distributed", "--config", CONFIG, "--workdir", GS, *TRICKY]
+
+
+def test_tpu_run_detach_and_logs():
+  [cmd] = commands(sh("tpu.sh", "run", *TPU, "--config", CONFIG, "--workdir", GS, "--detach",
+                      "--dry-run"))
+  command = remote(cmd)
+  assert command.startswith("cd lmssl && nohup python3 -m lmssl.main --distributed ")
+  assert command.endswith(" > ~/lmssl.log 2>&1 < /dev/null &")
+  [cmd] = commands(sh("tpu.sh", "logs", *TPU, "--dry-run"))
+  assert "--worker=0" in cmd and remote(cmd) == "tail -n +1 -F ~/lmssl.log"
+  [cmd] = commands(sh("tpu.sh", "logs", *TPU, "--worker=3", "--dry-run"))
+  assert "--worker=3" in cmd
+
+
+def test_tpu_stop_matches_the_trainer_but_not_itself():
+  [run] = commands(sh("tpu.sh", "run", *TPU, "--config", CONFIG, "--workdir", GS, "--dry-run"))
+  [stop] = commands(sh("tpu.sh", "stop", *TPU, "--dry-run"))
+  assert "--worker=all" in stop
+  stop_command = remote(stop)
+  patterns = set(re.findall(r"pkill(?: -9)? -f '([^']+)'", stop_command))
+  assert len(patterns) == 1
+  pattern = patterns.pop()
+  assert re.search(pattern, remote(run))  # the trainer's command line
+  assert not re.search(pattern, stop_command)  # the shell that runs pkill
+
+
+def test_tpu_delete():
+  [cmd] = commands(sh("tpu.sh", "delete", *TPU, "--dry-run"))
+  assert cmd == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "lmssl-v5e",
+                 "--zone=us-west4-a", "--quiet"]
+  [cmd] = commands(sh("tpu.sh", "delete", *TPU, "--queued", "--dry-run"))
+  assert cmd == ["gcloud", "compute", "tpus", "queued-resources", "delete", "lmssl-v5e",
+                 "--zone=us-west4-a", "--force", "--quiet"]
+
+
+def test_tpu_resilient_dry_run_prints_one_pass():
+  cmds = commands(sh("tpu.sh", "resilient", *TPU, "--accelerator-type", "v5litepod-16",
+                     "--spot", "--config", CONFIG, "--workdir", GS, "--dry-run", "--", "a b"))
+  assert [c[:5] for c in cmds] == [
+      ["gcloud", "compute", "tpus", "queued-resources", "create"],
+      ["gcloud", "compute", "tpus", "queued-resources", "describe"],
+      ["git", "-C", str(REPO), "archive", "--format=tar.gz"],
+      ["gcloud", "compute", "tpus", "tpu-vm", "scp"],
+      ["rm", "-f", cmds[2][5][len("--output="):]],
+      ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],
+      ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
+  assert "--spot" in cmds[0]
+  assert lmssl_args(shlex.split(remote(cmds[-1]))) == [
+      "--distributed", "--config", CONFIG, "--workdir", GS, "a b", "2>&1", "|", "tee",
+      "~/lmssl.log"]
+
+
+def test_equals_form_matches_separate_values():
+  spaced = sh("tpu.sh", "run", *TPU, "--config", CONFIG, "--workdir", GS, "--dry-run")
+  joined = sh("tpu.sh", "run", "--name=lmssl-v5e", "--zone=us-west4-a", f"--config={CONFIG}",
+              f"--workdir={GS}", "--dry-run")
+  assert commands(spaced) == commands(joined)
+
+
+# -- tpu.sh, usage errors --------------------------------------------------------------------
+
+
+def test_tpu_run_refuses_a_local_workdir():
+  err = usage_error(sh("tpu.sh", "run", *TPU, "--config", CONFIG, "--workdir", "/tmp/run1",
+                       "--dry-run"), "--workdir must be gs://", "every worker",
+                    "--allow-local-workdir")
+  assert "same checkpoints" in err
+  [cmd] = commands(sh("tpu.sh", "run", *TPU, "--config", CONFIG, "--workdir", "/tmp/run1",
+                      "--allow-local-workdir", "--dry-run"))
+  assert "--workdir /tmp/run1" in remote(cmd)
+  usage_error(sh("tpu.sh", "resilient", *TPU, "--accelerator-type", "v4-8", "--config", CONFIG,
+                 "--workdir", "/tmp/run1", "--allow-local-workdir", "--dry-run"),
+              "--workdir must be gs://", "resilient")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["run", *TPU, "--config", CONFIG, "--dry-run"],
+     ["missing --workdir", "gs://my-bucket"]),
+    (["run", *TPU, "--workdir", GS, "--dry-run"], ["missing --config", "configs/mlm_base.py"]),
+    (["run", *TPU, "--config", "configs/nope.py", "--workdir", GS, "--dry-run"],
+     ["configs/nope.py not found"]),
+    (["create", "--zone", "us-west4-a", "--accelerator-type", "v4-8", "--dry-run"],
+     ["missing --name", "--name lmssl-v5e"]),
+    (["create", "--name", "x", "--accelerator-type", "v4-8", "--dry-run"], ["missing --zone"]),
+    (["create", *TPU, "--dry-run"], ["missing --accelerator-type", "v5litepod-16"]),
+    (["create", *TPU, "--accelerator-type", "v5 lite", "--dry-run"], ["--accelerator-type"]),
+    (["create", "--name", "My_TPU", "--zone", "z", "--accelerator-type", "v4-8", "--dry-run"],
+     ["--name 'My_TPU'"]),
+    (["create", *TPU, "--accelerator-type", "v4-8", "--bogus", "--dry-run"],
+     ["unknown option --bogus"]),
+    (["launch", *TPU, "--dry-run"], ["unknown command 'launch'"]),
+    (["create", *TPU, "--dry-run", "extra"], ["unexpected argument 'extra'"]),
+    (["stop", *TPU, "--dry-run", "--", "--config.x=1"], ["after -- are for run and resilient"]),
+    (["run", *TPU, "--config", CONFIG, "--workdir"], ["--workdir needs a value"]),
+    (["run", *TPU, "--config", CONFIG, "--workdir", "--dry-run"], ["--workdir needs a value"]),
+    (["logs", *TPU, "--worker", "one", "--dry-run"], ["--worker must be an integer"]),
+    (["resilient", *TPU, "--accelerator-type", "v4-8", "--config", CONFIG, "--workdir", GS,
+      "--max-restarts", "-1", "--dry-run"], ["--max-restarts must be an integer", "'-1'"]),
+    (["resilient", *TPU, "--accelerator-type", "v4-8", "--config", CONFIG, "--workdir", GS,
+      "--detach", "--dry-run"], ["--detach does not go with resilient"]),
+])
+def test_tpu_usage_errors(args, needles):
+  usage_error(sh("tpu.sh", *args), *needles)
+
+
+# -- gpu.sh ----------------------------------------------------------------------------------
+
+
+def test_gpu_dry_run():
+  show, train = commands(sh("gpu.sh", "--config", CONFIG, "--workdir", "/data/runs/x y",
+                            "--dry-run", "--", *TRICKY))
+  assert show == ["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader"]
+  assert train[:3] == ["python", "-m", "lmssl.main"]
+  assert lmssl_args(train) == ["--config", CONFIG, "--workdir", "/data/runs/x y",
+                               "--config.model.dtype=bfloat16", *TRICKY]
+
+
+def test_gpu_selected_devices_and_config_from_elsewhere(tmp_path):
+  show, train = commands(sh("gpu.sh", "--config", "configs/clm_base.py", "--workdir", "/w",
+                            "--gpus", "0,1", "--dry-run", cwd=tmp_path))
+  assert show[1] == "--id=0,1"
+  assert train[:2] == ["env", "CUDA_VISIBLE_DEVICES=0,1"]
+  assert lmssl_args(train)[:2] == ["--config", f"{REPO}/configs/clm_base.py"]
+  usage_error(sh("gpu.sh", "--config", CONFIG, "--workdir", "/w", "--gpus", "all",
+                 "--dry-run"), "--gpus must be GPU indices")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--config", CONFIG, "--dry-run"], ["missing --workdir", "--workdir /"]),
+    (["--workdir", "/w", "--dry-run"], ["missing --config", "configs/mlm_base.py"]),
+    (["--config", CONFIG, "--workdir", "/w", "--nodes", "2"], ["unknown option --nodes"]),
+])
+def test_gpu_usage_errors(args, needles):
+  usage_error(sh("gpu.sh", *args), *needles)
+
+
+def _fake(directory, name, body):
+  path = pathlib.Path(directory) / name
+  path.write_text(f"#!{BASH}\n{body}\n")
+  path.chmod(0o755)
+
+
+def test_gpu_runs_training_when_jax_sees_a_gpu(tmp_path):
+  log = tmp_path / "calls"
+  _fake(tmp_path, "nvidia-smi", 'echo "0, NVIDIA H100, 81559 MiB"')
+  _fake(tmp_path, "python", f'printf "%s\\n" "$@" > {log}; exit 0')
+  result = sh("gpu.sh", "--config", CONFIG, "--workdir", "/w", "--", "a b",
+              path=f"{tmp_path}:{os.environ['PATH']}")
+  assert result.returncode == 0, result.stderr
+  assert "NVIDIA H100" in result.stdout
+  assert log.read_text().splitlines() == ["-m", "lmssl.main", "--config", CONFIG, "--workdir", "/w",
+                                          "--config.model.dtype=bfloat16", "a b"]
+
+
+def test_gpu_stops_when_jax_sees_no_gpu(tmp_path):
+  _fake(tmp_path, "nvidia-smi", "true")
+  _fake(tmp_path, "python", "exit 1")  # jax.default_backend() != "gpu"
+  result = sh("gpu.sh", "--config", CONFIG, "--workdir", "/w",
+              path=f"{tmp_path}:{os.environ['PATH']}")
+  assert result.returncode == 1
+  assert "sees no GPU" in result.stderr and 'jax[cuda12]' in result.stderr
+
+
+# -- slurm.sh and slurm.sbatch ---------------------------------------------------------------
+
+
+def test_slurm_dry_run():
+  [cmd] = commands(sh("slurm.sh", "--nodes", "2", "--gpus-per-node", "8", "--config", CONFIG,
+                      "--workdir", "/shared/runs/x", "--partition", "gpu", "--time", "48:00:00",
+                      "--sbatch-arg=--qos=high", "--dry-run", "--", *TRICKY))
+  assert cmd == ["sbatch", "--nodes=2", "--gpus-per-node=8", "--partition=gpu", "--time=48:00:00",
+                 "--qos=high", str(LAUNCH / "slurm.sbatch"), "--config", CONFIG,
+                 "--workdir", "/shared/runs/x", "--", *TRICKY]
+  [cmd] = commands(sh("slurm.sh", "--nodes", "1", "--gpus-per-node", "4", "--config", CONFIG,
+                      "--workdir", GS, "--dry-run"))
+  assert cmd == ["sbatch", "--nodes=1", "--gpus-per-node=4", str(LAUNCH / "slurm.sbatch"),
+                 "--config", CONFIG, "--workdir", GS]
+
+
+@pytest.mark.parametrize("change, needles", [
+    ({"--nodes": "two"}, ["--nodes must be an integer", "'two'"]),
+    ({"--nodes": "0"}, ["--nodes must be an integer of at least 1"]),
+    ({"--nodes": "1.5"}, ["--nodes must be an integer"]),
+    ({"--gpus-per-node": "x"}, ["--gpus-per-node must be an integer"]),
+    ({"--workdir": "runs/x"}, ["--workdir must be an absolute path", "every node"]),
+    ({"--time": "two days"}, ["--time must be a SLURM time limit"]),
+    ({"--exclusive": "yes"}, ["unknown option --exclusive"]),
+])
+def test_slurm_usage_errors(change, needles):
+  options = {"--nodes": "2", "--gpus-per-node": "8", "--config": CONFIG, "--workdir": "/shared/x",
+             **change}
+  usage_error(sh("slurm.sh", *(a for kv in options.items() for a in kv), "--dry-run"), *needles)
+
+
+def test_slurm_missing_workdir_names_the_flag():
+  usage_error(sh("slurm.sh", "--nodes", "2", "--gpus-per-node", "8", "--config", CONFIG,
+                 "--dry-run"), "missing --workdir", "--workdir /shared/")
+  usage_error(sh("slurm.sh", "--gpus-per-node", "8", "--config", CONFIG, "--workdir", "/x",
+                 "--dry-run"), "missing --nodes", "--nodes 2")
+
+
+def test_sbatch_directives():
+  lines = (LAUNCH / "slurm.sbatch").read_text().splitlines()
+  assert lines[0] == "#!/usr/bin/env bash"
+  # sbatch reads #SBATCH lines only up to the first command.
+  header = []
+  for line in lines[1:]:
+    if line.strip() and not line.startswith("#"):
+      break
+    if line.startswith("#SBATCH"):
+      header.append(line.split()[1])
+  keys = {d.split("=")[0] for d in header}
+  assert {"--nodes", "--ntasks-per-node", "--gpus-per-node", "--exclusive", "--time", "--output",
+          "--requeue", "--open-mode"} <= keys
+  assert "--ntasks-per-node=1" in header and "--open-mode=append" in header
+
+
+def test_sbatch_script_runs_one_distributed_process_per_node(tmp_path):
+  """slurm.sh's sbatch arguments reach srun inside the job intact (stand-ins for both)."""
+  submitted, launched = tmp_path / "sbatch.argv", tmp_path / "srun.argv"
+  _fake(tmp_path, "sbatch", f'printf "%s\\n" "$@" > {submitted}')
+  _fake(tmp_path, "srun", f'printf "%s\\n" "$@" > {launched}')
+  path = f"{tmp_path}:{os.environ['PATH']}"
+  result = sh("slurm.sh", "--nodes", "2", "--gpus-per-node", "8", "--config", CONFIG,
+              "--workdir", "/shared/x", "--", *TRICKY, path=path)
+  assert result.returncode == 0, result.stderr
+  argv = submitted.read_text().split("\n")[:-1]
+  script = argv.index(str(LAUNCH / "slurm.sbatch"))
+  assert argv[:script] == ["--nodes=2", "--gpus-per-node=8"]
+  result = sh("slurm.sbatch", *argv[script + 1:], path=path,
+              env={"SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "2"})
+  assert result.returncode == 0, result.stderr
+  assert "job 42" in result.stderr
+  srun = launched.read_text().split("\n")[:-1]
+  assert srun[:5] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1", "python", "-m", "lmssl.main"]
+  assert srun[5:] == ["--distributed", "--config", CONFIG, "--workdir", "/shared/x",
+                      "--config.model.dtype=bfloat16", *TRICKY]
+
+
+def test_sbatch_script_outside_slurm():
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+  result = subprocess.run([BASH, str(LAUNCH / "slurm.sbatch"), "--config", CONFIG, "--workdir",
+                           "/x"], env=env, capture_output=True, text=True, timeout=60)
+  usage_error(result, "not inside a SLURM job", "sbatch")
+  [cmd] = commands(sh("slurm.sbatch", "--config", CONFIG, "--workdir", "/x", "--dry-run",
+                      "--", "a b"))
+  assert cmd[0] == "srun" and lmssl_args(cmd)[-2:] == ["--config.model.dtype=bfloat16", "a b"]
+  usage_error(sh("slurm.sbatch", "--config", CONFIG, "--dry-run"), "missing --workdir")
+
+
+# -- every script ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bare_path(tmp_path):
+  """A PATH with only what the scripts need before they look for their tool."""
+  for tool in ("bash", "dirname"):
+    os.symlink(shutil.which(tool), tmp_path / tool)
+  return tmp_path
+
+
+@pytest.mark.parametrize("script, args, tool, where", [
+    ("tpu.sh", ["create", *TPU, "--accelerator-type", "v4-8"], "gcloud",
+     "https://cloud.google.com/sdk/docs/install"),
+    ("tpu.sh", ["delete", *TPU], "gcloud", "Google Cloud CLI"),
+    ("gpu.sh", ["--config", CONFIG, "--workdir", "/w"], "nvidia-smi", "NVIDIA driver"),
+    ("slurm.sh", ["--nodes", "2", "--gpus-per-node", "8", "--config", CONFIG, "--workdir", "/w"],
+     "sbatch", "SLURM"),
+])
+def test_missing_tool(bare_path, script, args, tool, where):
+  err = usage_error(sh(script, *args, path=bare_path), f"{tool} not found on PATH", where,
+                    "--dry-run")
+  assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("script", ["tpu.sh", "gpu.sh", "slurm.sh", "slurm.sbatch"])
+def test_help(script):
+  result = sh(script, "--help")
+  assert result.returncode == 0 and result.stdout.startswith("usage:")
+  assert "--config" in result.stdout and "--workdir" in result.stdout
+
+
+def test_tpu_without_a_command_prints_usage():
+  result = sh("tpu.sh")
+  assert result.returncode == 2 and "usage:" in result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bash_syntax(script):
+  result = subprocess.run([BASH, "-n", str(LAUNCH / script)], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_shellcheck():
+  result = subprocess.run(["shellcheck", "-x", *(f"launch/{s}" for s in SCRIPTS)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stdout
+
+
+# -- tpu.sh resilient against a simulated preemption ------------------------------------------
+
+# A stand-in for gcloud that keeps a queued resource's state in files: create makes it ACTIVE
+# and READY, delete removes it, and the training ssh exits with the next status in
+# `run_results`; a 255 also marks the slice preempted, as a spot reclaim would.
+FAKE_GCLOUD = r"""
+cd "$FAKE_STATE"
+printf '%s\n' "$*" >> calls
+case "$*" in
+  "compute tpus queued-resources describe"*) cat qr 2>/dev/null || exit 1 ;;
+  "compute tpus tpu-vm describe"*) cat node 2>/dev/null || exit 1 ;;
+  "compute tpus queued-resources create"*) echo ACTIVE > qr; echo READY > node ;;
+  "compute tpus queued-resources delete"*) rm -f qr node ;;
+  *"python3 -m lmssl.main"*)
+    status=$(head -n 1 run_results); sed -i 1d run_results
+    if [ "$status" = 255 ]; then echo SUSPENDED > qr; echo PREEMPTED > node; fi
+    exit "$status" ;;
+esac
+"""
+
+
+def _resilient(tmp_path, run_results, *extra):
+  state = tmp_path / "state"
+  state.mkdir()
+  (state / "run_results").write_text("".join(f"{r}\n" for r in run_results))
+  _fake(tmp_path, "gcloud", FAKE_GCLOUD)
+  result = sh("tpu.sh", "resilient", *TPU, "--accelerator-type", "v5litepod-16", "--spot",
+              "--config", CONFIG, "--workdir", GS, "--poll", "0", *extra,
+              path=f"{tmp_path}:{os.environ['PATH']}",
+              env={"FAKE_STATE": str(state), "TMPDIR": str(tmp_path)})
+  events = []  # the calls that change the slice or train on it, in order
+  for call in (state / "calls").read_text().splitlines():
+    if "python3 -m lmssl.main" in call:
+      events.append("run")
+    elif call.startswith("compute tpus queued-resources ") and call.split()[3] != "describe":
+      events.append(call.split()[3])
+  return result, events
+
+
+def test_resilient_recreates_a_preempted_slice_and_resumes(tmp_path):
+  result, events = _resilient(tmp_path, [255, 0])
+  assert result.returncode == 0, result.stderr
+  assert events == ["create", "run", "delete", "create", "run"]
+  assert "restart 1 of 10" in result.stderr and "training finished" in result.stderr
+
+
+def test_resilient_does_not_retry_a_failing_run_on_a_healthy_slice(tmp_path):
+  result, events = _resilient(tmp_path, [1])
+  assert result.returncode == 1
+  assert "not preempted" in result.stderr and GS in result.stderr
+  assert events == ["create", "run"]
+
+
+def test_resilient_gives_up_after_max_restarts(tmp_path):
+  result, events = _resilient(tmp_path, [255, 255, 255], "--max-restarts", "1")
+  assert result.returncode == 1
+  assert "giving up after 1 restarts" in result.stderr
+  assert events == ["create", "run", "delete", "create", "run", "delete"]

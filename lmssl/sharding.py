@@ -52,24 +52,32 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  """The (data, fsdp, tensor) mesh over `devices` (default: all, of every process).
-
-  Within a host (or a TPU slice) devices are laid out along the fast interconnect; across
-  hosts (or slices: `slice_index`) only the data axis goes, then fsdp if data is smaller than
-  the number of hosts. Tensor parallelism never crosses hosts.
-  """
+  """The (data, fsdp, tensor) mesh over `devices` (default: all, of every process)."""
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(mesh_cfg, len(devices))
-  auto = (AxisType.Auto,) * len(MESH_AXES)
-  by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
-  granules = len({d.slice_index if by_slice else d.process_index for d in devices})
-  if granules == 1:
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-  outer = across_hosts(shape, granules, "slices" if by_slice else "hosts")
+  grid = device_grid(mesh_shape(mesh_cfg, len(devices)), devices)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def device_grid(shape: tuple[int, ...], devices) -> np.ndarray:
+  """`devices` laid out in a `shape` array that respects the interconnect.
+
+  One TPU slice is one fast (ICI) network, hosts included: the whole slice is laid out by its
+  topology. Between TPU slices (`slice_index`), and between the hosts of other platforms,
+  the network is slower (DCN, Ethernet/InfiniBand), so only the data axis crosses it, then
+  fsdp if data is smaller than the number of slices or hosts; tensor parallelism never does.
+  """
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  hosts = {d.process_index for d in devices}
+  if len(slices) > 1:
+    granules, what = len(slices), "slices"
+  elif len(hosts) > 1 and devices[0].platform != "tpu":
+    granules, what = len(hosts), "hosts"
+  else:
+    return jax.make_mesh(shape, MESH_AXES, devices=devices).devices
+  outer = across_hosts(shape, granules, what)
   inner = tuple(s // o for s, o in zip(shape, outer))
-  grid = mesh_utils.create_hybrid_device_mesh(inner, outer, devices,
-                                              process_is_granule=not by_slice)
-  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
+  return mesh_utils.create_hybrid_device_mesh(inner, outer, devices,
+                                              process_is_granule=what == "hosts")
 
 
 def across_hosts(shape: tuple[int, ...], hosts: int, what: str = "hosts") -> tuple[int, ...]:

@@ -70,3 +70,43 @@ def test_one_host_reads_every_row_and_the_mesh_divides_the_devices():
   mesh_cfg.update(data=3, fsdp=1, tensor=1)
   with pytest.raises(errors.UserError, match="does not divide 8 devices"):
     sharding.make_mesh(mesh_cfg)
+
+
+class FakeDevice:
+  """Enough of a jax.Device for laying out meshes: ids, host, slice, platform."""
+
+  def __init__(self, id, process_index, slice_index=0, platform="gpu"):
+    self.id, self.process_index, self.slice_index = id, process_index, slice_index
+    self.platform = platform
+    self.device_kind = f"fake {platform}"
+
+  def __repr__(self):
+    return f"d{self.id}"
+
+
+def _owner(grid, attr):
+  return np.vectorize(lambda d: getattr(d, attr))(grid)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (4, 1, 2), (8, 1, 1)])
+def test_two_hosts_split_the_data_axis_and_keep_the_rest_local(shape):
+  devices = [FakeDevice(i, i // 4) for i in range(8)]
+  host = _owner(sharding.device_grid(shape, devices), "process_index")
+  half = shape[0] // 2
+  assert (host[:half] == 0).all() and (host[half:] == 1).all()
+
+
+def test_hosts_beyond_the_data_axis_take_fsdp_and_own_contiguous_rows():
+  devices = [FakeDevice(i, i // 2) for i in range(8)]  # 4 hosts of 2
+  host = _owner(sharding.device_grid((2, 4, 1), devices), "process_index")
+  # Batch row blocks follow (data, fsdp) order: hosts own consecutive pairs of blocks.
+  np.testing.assert_array_equal(host.reshape(-1), [0, 0, 1, 1, 2, 2, 3, 3])
+
+
+def test_slices_not_hosts_are_the_outer_network():
+  # Two slices of 2 hosts each (hosts 0, 2 in slice 0; 1, 3 in slice 1): a slice is one fast
+  # network, so the data axis splits by slice, not by host order.
+  devices = [FakeDevice(i, i // 2, slice_index=(i // 2) % 2) for i in range(8)]
+  grid = sharding.device_grid((2, 2, 2), devices)
+  slice_of = _owner(grid, "slice_index")
+  assert (slice_of[0] == 0).all() and (slice_of[1] == 1).all()

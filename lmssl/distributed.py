@@ -90,5 +90,5 @@ def process_0_first(fn, what: str):
   if error is not None:
     raise error
   if not ok:
-    raise errors.UserError(f"process 0 could not {what}; its error above says why")
+    raise errors.UserError(f"process 0 could not {what}; its own error says why")
   return fn() if jax.process_index() else result

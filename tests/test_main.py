@@ -43,3 +43,16 @@ def test_prepare_cli_writes_tokenizer_and_cached_examples(tmp_path):
   with open(os.path.join(lines["prepared"], "meta.json"), encoding="utf-8") as f:
     meta = json.load(f)
   assert meta["seq_len"] == 64 and meta["splits"]["train"]["num_examples"] > 0
+
+
+def test_a_partial_multi_process_setting_stops_before_anything_is_written(tmp_path):
+  workdir = tmp_path / "run"
+  out = _run("lmssl.main", "--config", "configs/mlm_base.py:smoke", "--workdir", str(workdir),
+             "--coordinator=127.0.0.1:8476", "--process_id=1")
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      "lmssl: error: a multi-process run needs all of --coordinator, --num_processes, "
+      "--process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); "
+      "--num_processes is missing. On Cloud TPU VMs and SLURM use --distributed instead, which "
+      "finds them itself")
+  assert not workdir.exists()

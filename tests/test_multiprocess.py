@@ -42,8 +42,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, record, overrides):
-  """`python -m lmssl.main` as processes 0 and 1 of 2, 4 CPU devices each."""
+def _two_processes(workdir, record, overrides, ok=True):
+  """`python -m lmssl.main` as processes 0 and 1 of 2, 4 CPU devices each: [(returncode,
+  stdout, stderr)] (with `ok`, both must succeed)."""
   env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   coordinator = f"127.0.0.1:{_free_port()}"
@@ -61,9 +62,10 @@ def _two_processes(workdir, record, overrides):
       for q in procs:
         q.kill()
       raise
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  return outs
+  if ok:
+    for p, (_, err) in zip(procs, outs):
+      assert p.returncode == 0, err[-3000:]
+  return [(p.returncode, *out) for p, out in zip(procs, outs)]
 
 
 def _batches(path):
@@ -134,7 +136,7 @@ def test_two_processes_train_like_one_and_read_only_their_rows(runs, monkeypatch
   assert step_two == step_one == 4
   _assert_close(params_two, params_one)
 
-  (out0, err0), (out1, err1) = outs
+  (_, out0, _), (_, out1, err1) = outs
   # Each process reports itself; only process 0 prints the run's progress.
   assert "process 0/2: 4 local / 8 global devices (cpu), mesh {'data': 2, 'fsdp': 2, " \
          "'tensor': 2}; reads rows [0, 4) of each global batch of 8" in out0
@@ -166,3 +168,16 @@ def test_two_process_checkpoint_continues_in_one_process_on_another_mesh(runs, m
   step_one, params_one = _params(root / "one")
   assert step_two == step_one == 6
   _assert_close(params_two, params_one)
+
+
+def test_when_process_0_cannot_prepare_the_data_every_process_stops_and_says_so(tmp_path):
+  outs = _two_processes(tmp_path / "run", tmp_path, {
+      "data__source": f"text:{tmp_path}/missing/*.txt", "data__cache_dir": str(tmp_path)},
+      ok=False)
+  (code0, _, err0), (code1, _, err1) = outs
+  assert code0 == code1 == 1 and "Traceback" not in err0 + err1
+  assert err0.strip().splitlines()[-1].startswith(
+      f"lmssl: error: data source 'text:{tmp_path}/missing/*.txt': no files match")
+  assert err1.strip().splitlines()[-1] == (
+      "lmssl: error: process 0 could not prepare the data; its own error says why")
+  assert not (tmp_path / "run" / "checkpoints").exists()

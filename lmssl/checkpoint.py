@@ -54,11 +54,11 @@ def _locate(path: str) -> tuple[str, int]:
   """(checkpoints directory, step) for a run's workdir, its checkpoints/ or a checkpoints/STEP."""
   path = files.absolute(path).rstrip("/")
   name = os.path.basename(path)
-  if name.isdigit() and files.Path(path).is_dir():
+  if name.isdigit() and files.at(path).is_dir():
     return os.path.dirname(path), int(name)
   directory = os.path.join(path, "checkpoints")
-  directory = directory if files.Path(directory).is_dir() else path
-  listed = files.Path(directory).iterdir() if files.Path(directory).is_dir() else []
+  directory = directory if files.at(directory).is_dir() else path
+  listed = files.at(directory).iterdir() if files.at(directory).is_dir() else []
   steps = sorted(int(p.name) for p in listed if p.name.isdigit())
   if not steps:
     raise errors.UserError(
@@ -72,7 +72,7 @@ def run_dir(path: str) -> str:
   directory, _ = _locate(path)
   run = os.path.dirname(directory) if os.path.basename(directory) == "checkpoints" else directory
   # A fine-tuning run's best/ checkpoints sit one level below the run's config.json.
-  if not files.Path(os.path.join(run, "config.json")).exists():
+  if not files.at(os.path.join(run, "config.json")).exists():
     run = os.path.dirname(run)
   return run
 

@@ -17,18 +17,19 @@ def absolute(path: str) -> str:
   return str(path) if is_url(path) else os.path.abspath(os.path.expanduser(str(path)))
 
 
-def Path(path: str) -> epath.Path:  # noqa: N802 (reads like the class it returns)
+def at(path: str) -> epath.Path:
+  """The file or directory at `path`, local or not: `files.at(p).exists()`, `.read_bytes()`..."""
   return epath.Path(absolute(path))
 
 
 def read_text(path: str) -> str:
-  return Path(path).read_text(encoding="utf-8")
+  return at(path).read_text(encoding="utf-8")
 
 
 def write_atomically(path: str, data: str | bytes) -> None:
   """All of `data` or nothing at `path`: a local file is written under a temporary name and
   renamed into place; a cloud object appears only when its upload completes."""
-  target = Path(path)
+  target = at(path)
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target if is_url(path) else target.with_name(f".{target.name}.tmp-{os.getpid()}")
   try:

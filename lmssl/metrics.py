@@ -63,11 +63,11 @@ class Writer:
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
     self.path = os.path.join(files.absolute(workdir), "metrics.jsonl")
     kept = []
-    if files.Path(self.path).exists():
+    if files.at(self.path).exists():
       kept = [line + "\n" for line in files.read_text(self.path).splitlines()
               if line.strip() and json.loads(line)["step"] <= start_step]
     if files.is_url(self.path):  # objects cannot be appended to: rewrite it on each flush
-      self._jsonl = files.Path(self.path).open("w")
+      self._jsonl = files.at(self.path).open("w")
       self._jsonl.writelines(kept)
     else:
       files.write_atomically(self.path, "".join(kept))

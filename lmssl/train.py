@@ -124,7 +124,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   config_lib.validate(cfg, batch_shards=sharding.batch_shards(mesh),
                       process_count=jax.process_count())
   best_key = evaluate_lib.main_metric(cfg) if cfg.task.kind else None
-  files.Path(workdir).mkdir(parents=True, exist_ok=True)
+  files.at(workdir).mkdir(parents=True, exist_ok=True)
   rows = sharding.host_rows(mesh, cfg.train.batch_size)
   metrics_lib.log_all(
       f"{jax.local_device_count()} local / {jax.device_count()} global devices "
@@ -234,7 +234,7 @@ class _Best:
     self.mngr = checkpoint.manager(os.path.join(workdir, "best"), ml_collections.ConfigDict(
         dict(keep=1, async_save=False)))
     self.record = None
-    if files.Path(self.path).exists():  # resuming: beat the best of the interrupted run
+    if files.at(self.path).exists():  # resuming: beat the best of the interrupted run
       self.record = json.loads(files.read_text(self.path))
 
   def update(self, step: int, evals: dict, params) -> None:

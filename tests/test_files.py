@@ -25,7 +25,7 @@ def test_write_atomically_replaces_whole_or_leaves_the_old_file(tmp_path, monkey
       f.write(data[:2])  # a part of it, then the disk fills
     raise OSError(28, "No space left on device")
 
-  monkeypatch.setattr(type(files.Path(str(path))), "write_text", fail)
+  monkeypatch.setattr(type(files.at(str(path))), "write_text", fail)
   with pytest.raises(OSError, match="No space left"):
     files.write_atomically(str(path), "newer")
   assert path.read_bytes() == b"new"

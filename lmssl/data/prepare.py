@@ -96,7 +96,7 @@ def _resolve_tokenizer(cfg, tokenizer_path: Optional[str], workdir: str,
   if path:
     return path
   path = os.path.join(files.absolute(workdir), "tokenizer.model")
-  if files.Path(path).exists():
+  if files.at(path).exists():
     logging.info("Reusing tokenizer %s", path)
     return path
   logging.info("Training a %s tokenizer (vocab %d) on %d documents into %s",

@@ -115,12 +115,12 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
-    if not files.Path(path).is_file():
+    if not files.at(path).is_file():
       raise errors.UserError(
           f"tokenizer file {path} does not exist; point --config.data.tokenizer at a "
           f"sentencepiece .model (or a HuggingFace tokenizer directory), or leave it empty to "
           f"train one")
-    return cls(files.Path(path).read_bytes(), path)
+    return cls(files.at(path).read_bytes(), path)
 
   @property
   def vocab_size(self) -> int:
@@ -181,6 +181,6 @@ def load(path: str) -> AnyTokenizer:
   """The tokenizer at `path`: a sentencepiece `.model` file, or a HuggingFace tokenizer
   directory (tokenizer.json, BERT's vocab.txt or GPT-2's vocab.json + merges.txt) or its
   tokenizer.json."""
-  if files.Path(path).is_dir() or os.path.basename(path) == "tokenizer.json":
+  if files.at(path).is_dir() or os.path.basename(path) == "tokenizer.json":
     return hf_tokenizer.HFTokenizer.load(path)
   return Tokenizer.load(path)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # lmssl on Cloud TPU VM pod slices: create a slice (directly or as a queued resource), copy the
 # project to every worker, train with one process per worker, follow the log, stop, delete,
-# and keep a spot run going across preemptions. See launch/README.md.
+# and keep a spot run going across preemptions. With --num-slices N > 1, a queued resource
+# holds N slices (Multislice) trained as one job. See launch/README.md.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,14 +26,16 @@ usage() {
 usage: launch/tpu.sh COMMAND --name NAME --zone ZONE [options] [-- LMSSL_ARGS...]
 
 Commands:
-  create     create a TPU VM slice (gcloud compute tpus tpu-vm create)
-  queued     request a slice as a queued resource and wait until it is ACTIVE
+  create     create a TPU VM slice (gcloud compute tpus tpu-vm create; one slice only)
+  queued     request a slice (or --num-slices N) as a queued resource and wait until it is
+             ACTIVE
   setup      copy the committed project (git HEAD) to every worker and pip install it there
   run        train on every worker: python3 -m lmssl.main --distributed ... (output streams
              here and goes to ~/lmssl.log on each worker; --detach returns at once)
   logs       follow ~/lmssl.log on one worker (default worker 0, which prints the progress)
   stop       stop the training processes on every worker
-  delete     delete the slice (with --queued: the queued resource and its slice)
+  delete     delete the slice (with --queued or --num-slices N > 1: the queued resource and
+             its slices)
   resilient  queued resource + setup + run, recreating the slice and running again after a
              preemption until training exits 0 (resumes from the workdir's latest checkpoint)
 
@@ -50,7 +53,12 @@ Options:
   --allow-local-workdir    run: accept a workdir on the workers' own disks (single-host
                            slices only: every process must see the same checkpoints)
   --detach                 run: start training in the background and return
-  --worker N               logs: which worker's log (default 0)
+  --num-slices N           Multislice: N slices of --accelerator-type as one queued resource,
+                           nodes NAME-0 ... NAME-(N-1) (default 1). Give the same N to queued/
+                           resilient and to setup, run, logs, stop and delete for that name;
+                           create refuses N > 1
+  --worker N               logs: which worker's log (default 0; of the first slice, NAME-0,
+                           with --num-slices N > 1)
   --queued                 delete: the slice was made by `queued` or `resilient`
   --max-restarts N         resilient: restarts after preemptions before giving up (default 10)
   --poll SECONDS           queued/resilient: seconds between state checks (default 60)
@@ -61,7 +69,7 @@ EOF
 }
 
 NAME='' ZONE='' PROJECT='' ACCEL='' VERSION='' SPOT=0 CONFIG='' WORKDIR=''
-ALLOW_LOCAL=0 DETACH=0 WORKER=0 QUEUED=0 MAX_RESTARTS=10 POLL=60
+ALLOW_LOCAL=0 DETACH=0 WORKER=0 QUEUED=0 MAX_RESTARTS=10 POLL=60 NUM_SLICES=1
 EXTRA=()
 
 parse_args() {
@@ -80,6 +88,8 @@ parse_args() {
       --detach) DETACH=1 ;;
       --worker) need_value "$@"; need_int --worker "$2" 0; WORKER=$2; shift ;;
       --queued) QUEUED=1 ;;
+      --num-slices)
+        need_value "$@"; need_int --num-slices "$2" 1; NUM_SLICES=$((10#$2)); shift ;;
       --max-restarts) need_value "$@"; need_int --max-restarts "$2" 0; MAX_RESTARTS=$2; shift ;;
       --poll) need_value "$@"; need_int --poll "$2" 0; POLL=$2; shift ;;
       --dry-run) DRY_RUN=1 ;;
@@ -106,6 +116,9 @@ check_args() {  # COMMAND
         die "--accelerator-type '$ACCEL' is not a TPU type such as v5litepod-16, v4-32 or v6e-8"
       if [[ -z $VERSION ]]; then VERSION=$(default_version "$ACCEL"); fi ;;
   esac
+  if [[ $1 == create ]] && ((NUM_SLICES > 1)); then
+    die "multislice needs queued resources: use \`queued\` or \`resilient\` with --num-slices"
+  fi
   case $1 in
     run | resilient)
       need_arg "$CONFIG" --config configs/mlm_base.py:size=base
@@ -117,6 +130,9 @@ check_args() {  # COMMAND
         if [[ $1 == resilient ]]; then
           die "--workdir must be gs://... for resilient: a recreated slice has fresh disks," \
             "and training resumes from the checkpoints in the workdir"
+        elif multislice; then
+          die "--workdir must be gs://... with --num-slices $NUM_SLICES: the slices are" \
+            "separate hosts, and every process must read and write the same checkpoints"
         elif ((!ALLOW_LOCAL)); then
           die "--workdir must be gs://... (got '$WORKDIR'): every worker must read and write" \
             "the same checkpoints, which a path on the workers' own disks does not give;" \
@@ -142,9 +158,43 @@ default_version() {  # ACCELERATOR_TYPE
 
 spot_flag() { if ((SPOT)); then echo --spot; fi; }
 
+multislice() { ((NUM_SLICES > 1)); }
+
+# The TPU nodes (slices) of NAME: NAME itself, or NAME-0 ... NAME-(N-1) for a multislice
+# queued resource, which names its nodes after --node-prefix.
+node_names() {
+  if multislice; then
+    local i
+    for ((i = 0; i < NUM_SLICES; i++)); do echo "$NAME-$i"; done
+  else
+    echo "$NAME"
+  fi
+}
+
+# WORKER is "all" (every worker of every slice) or one index (of the first slice). A multislice
+# queued resource is reached through queued-resources ssh, which fans out over its nodes;
+# --batch-size=all asks it to start every worker at once, as training needs (gcloud 528 still
+# starts at most 64 at a time, waiting for each group to finish: see launch/README.md).
 tpu_ssh() {  # WORKER REMOTE-COMMAND
-  run gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" "${SSH_KEEPALIVE[@]}" \
-    --command="$2"
+  if ! multislice; then
+    run gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" "${SSH_KEEPALIVE[@]}" \
+      --command="$2"
+  elif [[ $1 == all ]]; then
+    run gcloud compute tpus queued-resources ssh "$NAME" "${LOC[@]}" --node=all --worker=all \
+      --batch-size=all "${SSH_KEEPALIVE[@]}" --command="$2"
+  else
+    run gcloud compute tpus queued-resources ssh "$NAME" "${LOC[@]}" --node=0 --worker="$1" \
+      "${SSH_KEEPALIVE[@]}" --command="$2"
+  fi
+}
+
+tpu_scp_all() {  # LOCAL-FILE REMOTE-PATH: to every worker (of every slice)
+  if multislice; then
+    run gcloud compute tpus queued-resources scp "$1" "$NAME:$2" "${LOC[@]}" --node=all \
+      --worker=all
+  else
+    run gcloud compute tpus tpu-vm scp "$1" "$NAME:$2" "${LOC[@]}" --worker=all
+  fi
 }
 
 # States from gcloud; MISSING when the resource is not there (or cannot be described).
@@ -153,9 +203,19 @@ qr_state() {
     --format='value(state.state)' 2>/dev/null || echo MISSING
 }
 
+# READY when every node (slice) is READY; else the first other state, after the node's name
+# when there are several.
 node_state() {
-  gcloud compute tpus tpu-vm describe "$NAME" "${LOC[@]}" --format='value(state)' \
-    2>/dev/null || echo MISSING
+  local node state
+  for node in $(node_names); do
+    state=$(gcloud compute tpus tpu-vm describe "$node" "${LOC[@]}" --format='value(state)' \
+      2>/dev/null) || state=MISSING
+    if [[ $state != READY ]]; then
+      if multislice; then echo "$node ${state:-MISSING}"; else echo "${state:-MISSING}"; fi
+      return 0
+    fi
+  done
+  echo READY
 }
 
 create() {
@@ -165,8 +225,10 @@ create() {
 }
 
 create_queued() {
+  local nodes=(--node-id="$NAME")
+  if multislice; then nodes=(--node-count="$NUM_SLICES" --node-prefix="$NAME"); fi
   # shellcheck disable=SC2046
-  run gcloud compute tpus queued-resources create "$NAME" --node-id="$NAME" "${LOC[@]}" \
+  run gcloud compute tpus queued-resources create "$NAME" "${nodes[@]}" "${LOC[@]}" \
     --accelerator-type="$ACCEL" --runtime-version="$VERSION" $(spot_flag)
 }
 
@@ -199,7 +261,7 @@ setup() {
   else
     run tar -czf "$tarball" -C "$REPO" --exclude=.git --exclude=__pycache__ .
   fi
-  run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:$REMOTE_DIR.tar.gz" "${LOC[@]}" --worker=all
+  tpu_scp_all "$tarball" "$REMOTE_DIR.tar.gz"
   run rm -f "$tarball"
   local unpack="rm -rf $REMOTE_DIR && mkdir $REMOTE_DIR && tar -xzf $REMOTE_DIR.tar.gz -C $REMOTE_DIR"
   tpu_ssh all "$unpack && cd $REMOTE_DIR && python3 -m pip install -q -e . -U 'jax[tpu]'"
@@ -224,7 +286,7 @@ stop_training() {
 }
 
 delete() {
-  if ((QUEUED)) || { ((!DRY_RUN)) && [[ $(qr_state) != MISSING ]]; }; then
+  if ((QUEUED)) || multislice || { ((!DRY_RUN)) && [[ $(qr_state) != MISSING ]]; }; then
     run gcloud compute tpus queued-resources delete "$NAME" "${LOC[@]}" --force --quiet
   else
     run gcloud compute tpus tpu-vm delete "$NAME" "${LOC[@]}" --quiet
@@ -240,8 +302,9 @@ count_restart() {  # WHY
   note "$1; restart $RESTARTS of $MAX_RESTARTS"
 }
 
-# Until the queued resource is ACTIVE with a READY node: create it when missing, recreate it
-# when preempted or failed, wait while it is queued or provisioning.
+# Until the queued resource is ACTIVE with every node READY (each slice, for multislice):
+# create it when missing, recreate it when preempted or failed, wait while it is queued or
+# provisioning.
 ensure_active() {
   if ((DRY_RUN)); then
     create_queued

@@ -49,8 +49,9 @@ def usage_error(result, *needles):
 
 
 def remote(cmd):
-  """The --command of a gcloud tpu-vm ssh line, split as the worker's shell would."""
-  assert cmd[:4] == ["gcloud", "compute", "tpus", "tpu-vm"] and cmd[4] == "ssh"
+  """The --command of a gcloud tpu-vm (or queued-resources) ssh line."""
+  assert cmd[:3] == ["gcloud", "compute", "tpus"] and cmd[4] == "ssh"
+  assert cmd[3] in ("tpu-vm", "queued-resources")
   [command] = [a[len("--command="):] for a in cmd if a.startswith("--command=")]
   return command
 
@@ -175,6 +176,76 @@ def test_tpu_resilient_dry_run_prints_one_pass():
       "~/lmssl.log"]
 
 
+# -- tpu.sh, Multislice (--num-slices), dry run ---------------------------------------------
+
+SLICES = [*TPU, "--num-slices", "2"]
+QR_ALL = ["--node=all", "--worker=all"]
+
+
+def test_tpu_multislice_queued_creates_n_nodes():
+  create, poll = commands(sh("tpu.sh", "queued", *SLICES, "--accelerator-type", "v5litepod-16",
+                             "--spot", "--project", "my-project", "--dry-run"))
+  assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "lmssl-v5e",
+                    "--node-count=2", "--node-prefix=lmssl-v5e", "--zone=us-west4-a",
+                    "--project=my-project", "--accelerator-type=v5litepod-16",
+                    "--runtime-version=v2-alpha-tpuv5-lite", "--spot"]
+  assert not any(a.startswith("--node-id") for a in create)
+  assert poll[:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "lmssl-v5e"]
+  # One slice stays a single node; "--num-slices=01" is read as 1.
+  [create, _] = commands(sh("tpu.sh", "queued", *TPU, "--num-slices=01", "--accelerator-type",
+                            "v4-8", "--dry-run"))
+  assert "--node-id=lmssl-v5e" in create and not any("--node-count" in a for a in create)
+
+
+def test_tpu_multislice_setup_copies_to_every_worker_of_every_slice(tmp_path):
+  pack, copy, clean, install = commands(sh("tpu.sh", "setup", *SLICES, "--dry-run",
+                                           env={"TMPDIR": str(tmp_path)}))
+  tarball = f"{tmp_path}/lmssl-lmssl-v5e.tar.gz"
+  assert pack[:4] == ["git", "-C", str(REPO), "archive"] and clean == ["rm", "-f", tarball]
+  assert copy == ["gcloud", "compute", "tpus", "queued-resources", "scp", tarball,
+                  "lmssl-v5e:lmssl.tar.gz", "--zone=us-west4-a", *QR_ALL]
+  assert install[:6] == ["gcloud", "compute", "tpus", "queued-resources", "ssh", "lmssl-v5e"]
+  assert set(QR_ALL) <= set(install) and "--batch-size=all" in install
+  assert remote(install).endswith("python3 -m pip install -q -e . -U 'jax[tpu]'")
+
+
+def test_tpu_multislice_run_stop_logs_delete():
+  [run] = commands(sh("tpu.sh", "run", *SLICES, "--config", CONFIG, "--workdir", GS,
+                      "--dry-run", "--", *TRICKY))
+  assert run[:6] == ["gcloud", "compute", "tpus", "queued-resources", "ssh", "lmssl-v5e"]
+  assert set(QR_ALL) <= set(run) and "--batch-size=all" in run and "--zone=us-west4-a" in run
+  assert "--ssh-flag=-oServerAliveInterval=60" in run
+  command = remote(run)
+  assert command.startswith("set -o pipefail; cd lmssl && python3 -m lmssl.main --distributed ")
+  words = shlex.split(command.split(" && ", 1)[1].rsplit(" 2>&1", 1)[0])
+  assert lmssl_args(words) == ["--distributed", "--config", CONFIG, "--workdir", GS, *TRICKY]
+  # The same trainer command as on one slice: the TPU runtime sets up the slices' coordination.
+  [single] = commands(sh("tpu.sh", "run", *TPU, "--config", CONFIG, "--workdir", GS,
+                         "--dry-run", "--", *TRICKY))
+  assert remote(single) == command
+
+  [stop] = commands(sh("tpu.sh", "stop", *SLICES, "--dry-run"))
+  assert stop[:5] == ["gcloud", "compute", "tpus", "queued-resources", "ssh"]
+  assert set(QR_ALL) <= set(stop) and "pkill -f" in remote(stop)
+  [logs] = commands(sh("tpu.sh", "logs", *SLICES, "--worker", "3", "--dry-run"))
+  assert logs[:5] == ["gcloud", "compute", "tpus", "queued-resources", "ssh"]
+  assert "--node=0" in logs and "--worker=3" in logs and "--node=all" not in logs
+  assert remote(logs) == "tail -n +1 -F ~/lmssl.log"
+  [delete] = commands(sh("tpu.sh", "delete", *SLICES, "--dry-run"))
+  assert delete == ["gcloud", "compute", "tpus", "queued-resources", "delete", "lmssl-v5e",
+                    "--zone=us-west4-a", "--force", "--quiet"]
+
+
+def test_tpu_multislice_resilient_dry_run():
+  cmds = commands(sh("tpu.sh", "resilient", *SLICES, "--accelerator-type", "v5litepod-16",
+                     "--config", CONFIG, "--workdir", GS, "--dry-run", "--", "a b"))
+  assert [c[3:5] for c in cmds if c[0] == "gcloud"] == [
+      ["queued-resources", "create"], ["queued-resources", "describe"],
+      ["queued-resources", "scp"], ["queued-resources", "ssh"], ["queued-resources", "ssh"]]
+  assert "--node-count=2" in cmds[0]
+  assert "'a b' 2>&1 | tee" in remote(cmds[-1])
+
+
 def test_equals_form_matches_separate_values():
   spaced = sh("tpu.sh", "run", *TPU, "--config", CONFIG, "--workdir", GS, "--dry-run")
   joined = sh("tpu.sh", "run", "--name=lmssl-v5e", "--zone=us-west4-a", f"--config={CONFIG}",
@@ -223,6 +294,14 @@ def test_tpu_run_refuses_a_local_workdir():
       "--max-restarts", "-1", "--dry-run"], ["--max-restarts must be an integer", "'-1'"]),
     (["resilient", *TPU, "--accelerator-type", "v4-8", "--config", CONFIG, "--workdir", GS,
       "--detach", "--dry-run"], ["--detach does not go with resilient"]),
+    (["create", *TPU, "--accelerator-type", "v5litepod-16", "--num-slices", "2", "--dry-run"],
+     ["multislice needs queued resources: use `queued` or `resilient` with --num-slices"]),
+    (["queued", *TPU, "--accelerator-type", "v4-8", "--num-slices", "0", "--dry-run"],
+     ["--num-slices must be an integer of at least 1", "'0'"]),
+    (["stop", *TPU, "--num-slices=x", "--dry-run"], ["--num-slices must be an integer", "'x'"]),
+    (["setup", *TPU, "--num-slices", "--dry-run"], ["--num-slices needs a value"]),
+    (["run", *TPU, "--num-slices", "2", "--config", CONFIG, "--workdir", "/tmp/run1",
+      "--allow-local-workdir", "--dry-run"], ["--workdir must be gs://", "--num-slices 2"]),
 ])
 def test_tpu_usage_errors(args, needles):
   usage_error(sh("tpu.sh", *args), *needles)
@@ -426,19 +505,32 @@ def test_shellcheck():
 # -- tpu.sh resilient against a simulated preemption ------------------------------------------
 
 # A stand-in for gcloud that keeps a queued resource's state in files: create makes it ACTIVE
-# and READY, delete removes it, and the training ssh exits with the next status in
-# `run_results`; a 255 also marks the slice preempted, as a spot reclaim would.
+# and its node(s) READY (one per --node-id, or --node-count named after --node-prefix), delete
+# removes them, and the training ssh exits with the next status in `run_results`; a 255 also
+# marks the slice preempted, as a spot reclaim would, and "255:NODE" preempts just that node.
 FAKE_GCLOUD = r"""
 cd "$FAKE_STATE"
 printf '%s\n' "$*" >> calls
 case "$*" in
   "compute tpus queued-resources describe"*) cat qr 2>/dev/null || exit 1 ;;
-  "compute tpus tpu-vm describe"*) cat node 2>/dev/null || exit 1 ;;
-  "compute tpus queued-resources create"*) echo ACTIVE > qr; echo READY > node ;;
-  "compute tpus queued-resources delete"*) rm -f qr node ;;
+  "compute tpus tpu-vm describe"*) cat "node-$5" 2>/dev/null || exit 1 ;;
+  "compute tpus queued-resources create"*)
+    echo ACTIVE > qr
+    for arg; do
+      case $arg in
+        --node-id=*) echo READY > "node-${arg#*=}" ;;
+        --node-count=*) count=${arg#*=} ;;
+        --node-prefix=*) prefix=${arg#*=} ;;
+      esac
+    done
+    for ((i = 0; i < ${count:-0}; i++)); do echo READY > "node-$prefix-$i"; done ;;
+  "compute tpus queued-resources delete"*) rm -f qr node-* ;;
   *"python3 -m lmssl.main"*)
     status=$(head -n 1 run_results); sed -i 1d run_results
-    if [ "$status" = 255 ]; then echo SUSPENDED > qr; echo PREEMPTED > node; fi
+    case $status in
+      255) echo SUSPENDED > qr; for node in node-*; do echo PREEMPTED > "$node"; done ;;
+      255:*) echo PREEMPTED > "node-${status#*:}"; status=255 ;;
+    esac
     exit "$status" ;;
 esac
 """
@@ -457,7 +549,8 @@ def _resilient(tmp_path, run_results, *extra):
   for call in (state / "calls").read_text().splitlines():
     if "python3 -m lmssl.main" in call:
       events.append("run")
-    elif call.startswith("compute tpus queued-resources ") and call.split()[3] != "describe":
+    elif call.startswith("compute tpus queued-resources ") and \
+        call.split()[3] in ("create", "delete"):
       events.append(call.split()[3])
   return result, events
 
@@ -481,3 +574,19 @@ def test_resilient_gives_up_after_max_restarts(tmp_path):
   assert result.returncode == 1
   assert "giving up after 1 restarts" in result.stderr
   assert events == ["create", "run", "delete", "create", "run", "delete"]
+
+
+def test_resilient_multislice_recreates_when_one_slice_is_preempted(tmp_path):
+  """Two slices; the second one's node is preempted while the queued resource still reads
+  ACTIVE: every node is checked, so the whole queued resource is recreated."""
+  result, events = _resilient(tmp_path, ["255:lmssl-v5e-1", 0], "--num-slices", "2")
+  assert result.returncode == 0, result.stderr
+  assert events == ["create", "run", "delete", "create", "run"]
+  assert "lmssl-v5e-1 PREEMPTED" in result.stderr and "restart 1 of 10" in result.stderr
+  calls = (tmp_path / "state" / "calls").read_text().splitlines()
+  assert "compute tpus tpu-vm describe lmssl-v5e-1 --zone=us-west4-a --format=value(state)" \
+      in calls
+  runs = [c for c in calls if "python3 -m lmssl.main" in c]
+  assert len(runs) == 2
+  assert all(c.startswith("compute tpus queued-resources ssh lmssl-v5e ") and
+             "--node=all --worker=all" in c for c in runs)

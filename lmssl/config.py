@@ -133,6 +133,10 @@ def _add_run_sections(c: ml_collections.ConfigDict) -> None:
   t.b2 = 0.999
   t.eps = 1e-6
   t.grad_clip = 1.0
+  # A step whose loss or gradients are NaN/Inf never updates the state. "stop": the run ends
+  # there with a message, its last checkpoint (all finite) kept; "skip": it goes on to the
+  # next batch, logging each skipped step.
+  t.nonfinite = "stop"
   t.log_every = 50
   t.peak_flops_per_device = 0.0  # 0: looked up from the device kind (MFU omitted if unknown)
 
@@ -240,6 +244,7 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
   """Fails at start, naming the fix, on values that would otherwise fail deep inside a run."""
   m, d, t = c.model, c.data, c.train
   _one_of(c.objective, "objective", OBJECTIVES)
+  _one_of(t.nonfinite, "train.nonfinite", ("stop", "skip"))
   _one_of(m.norm, "model.norm", ("post", "pre"))
   _one_of(m.gelu, "model.gelu", ("erf", "tanh"))
   _one_of(m.position, "model.position", ("learned", "rope"))

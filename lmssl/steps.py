@@ -130,8 +130,16 @@ def train_step(state: TrainState, batch: dict, *, model, tx, microbatches: int, 
   params = optax.apply_updates(state.params, updates)
   if trainable is not None:
     params = jax.tree.map(lambda new, old, t: new if t else old, params, state.params, trainable)
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, {**summarize(sums, model.heads), "grad_norm": optax.tree.norm(grads)}
+  # A NaN/Inf loss or gradient leaves parameters and optimizer state as they were (the loop
+  # then stops or skips, per train.nonfinite); the step still counts, so data moves on.
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(grad_norm) & jnp.all(jnp.stack(
+      [jnp.isfinite(s["loss_sum"]) for s in sums.values()]))
+  keep = functools.partial(jnp.where, finite)
+  new_state = TrainState(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
+                         opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+  return new_state, {**summarize(sums, model.heads), "grad_norm": grad_norm,
+                     "nonfinite": 1 - finite.astype(jnp.int32)}
 
 
 def summarize(sums: dict, head_names, prefix: str = "") -> dict:

@@ -175,14 +175,16 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
         best.update(step, evals, params)
       return evals
 
-    state, last = _loop(cfg, state, step_fn, train_batches(start, end), evaluate,
-                        lambda step, st: checkpoint.save(ckpt, step, st, {"seed": cfg.seed}),
-                        writer, mesh, start, end)
-    ckpt.wait_until_finished()
-    ckpt.close()
-    writer.close()
-    if best is not None:
-      best.close()
+    try:
+      state, last = _loop(cfg, state, step_fn, train_batches(start, end), evaluate,
+                          lambda step, st: checkpoint.save(ckpt, step, st, {"seed": cfg.seed}),
+                          writer, mesh, start, end)
+    finally:  # a run that stops early still commits the checkpoints it started
+      ckpt.wait_until_finished()
+      ckpt.close()
+      writer.close()
+      if best is not None:
+        best.close()
   final = {"step": int(state.step), **last, "trainable_params": trainable}
   if best is not None and best.record:
     final["best"] = best.record
@@ -254,16 +256,19 @@ class _Best:
 
 def _loop(cfg, state, step_fn, batches, evaluate, save, writer, mesh, start: int, end: int):
   """Steps start+1..end. Dispatches step N before reading step N-1's metrics, so the device
-  never waits on the host; evaluates and saves on their schedules. Returns (state, last)."""
+  never waits on the host; evaluates and saves on their schedules. Each step's finiteness is
+  checked before anything after it is reported or saved. Returns (state, last)."""
   tokens = cfg.train.batch_size * cfg.data.seq_len
   flops = cfg.train.batch_size * metrics_lib.train_flops_per_sequence(
       cfg.model, cfg.objective, cfg.data.seq_len, cfg.data.max_predictions)
   meter = metrics_lib.Throughput(tokens, flops, metrics_lib.peak_flops_per_device(
       cfg.train.peak_flops_per_device), start, cfg.train.steps)
   schedule = optimizer_lib.learning_rate(cfg.train)
-  pending, last = None, {}
+  pending, last, unchecked = None, {}, None
   for step, local in enumerate(batches, start=start + 1):
     state, step_metrics = step_fn(state, sharding.global_batch(local, mesh))
+    _check_finite(cfg, unchecked)
+    unchecked = (step, step_metrics)
     if pending is not None:
       last = _report(writer, meter, cfg, *pending)
     pending = None
@@ -278,14 +283,34 @@ def _loop(cfg, state, step_fn, batches, evaluate, save, writer, mesh, start: int
       last = {**last, **evals}
       meter.restart(step)  # evaluation time is not training throughput
     if step % cfg.checkpoint.every_steps == 0 or step == end:
+      _check_finite(cfg, unchecked)
+      unchecked = None
       save(step, state)
+  _check_finite(cfg, unchecked)
   if pending is not None:
     last = _report(writer, meter, cfg, *pending)
   return state, last
 
 
+def _check_finite(cfg, unchecked) -> None:
+  """Acts on train.nonfinite when the (step, metrics) given had a NaN/Inf loss or gradient:
+  the step itself left the state unchanged."""
+  if unchecked is None or not int(unchecked[1]["nonfinite"]):
+    return
+  step, m = unchecked
+  values = f"loss {float(m['loss'])}, grad_norm {float(m['grad_norm'])}"
+  if cfg.train.nonfinite == "skip":
+    metrics_lib.log(f"step {step}: {values}; update skipped (train.nonfinite=skip)")
+    return
+  raise errors.UserError(
+      f"step {step}: the loss or gradients are not finite ({values}); the update was not "
+      "applied and the run stopped, its checkpoints (all from finite steps) kept. Lower "
+      "train.lr or lengthen train.warmup_steps, check the data, or set "
+      "--config.train.nonfinite=skip to skip such steps")
+
+
 def _report(writer, meter, cfg, step, step_metrics, lr) -> dict:
-  scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "nonfinite"}
   scalars.update(lr=float(lr), **meter.update(step))
   writer.write(step, scalars)
   metrics_lib.log(metrics_lib.console_line(step, cfg.train.steps, scalars))

@@ -112,6 +112,25 @@ def _warm_start(state, path: str, in_memory=None):
   return state.replace(params=params)
 
 
+def _restore(ckpt, state, init, cfg, workdir: str):
+  """The state to start from, in this order of precedence:
+    1) the workdir's latest checkpoint: resume this run exactly (state, step, data order);
+    2) init.params_from: another run's parameters (backbone + matching heads), new
+       optimizer, step 0 (fine-tuning);
+    3) neither: `state` as created, to train from scratch."""
+  restored = checkpoint.restore(ckpt, state)
+  if restored is not None:
+    state, meta = restored
+    if meta["seed"] != cfg.seed:
+      raise errors.UserError(f"workdir {workdir} was trained with seed {meta['seed']}, not "
+                             f"{cfg.seed}; use the same seed to resume or a new workdir")
+    metrics_lib.log(f"resumed from step {int(state.step)} in {ckpt.directory}")
+  elif init is not None:
+    state = _warm_start(state, *init)
+    metrics_lib.log(f"parameters from {init[0]}")
+  return state
+
+
 def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict:
   """Trains per `cfg` in `workdir`, resuming from its latest checkpoint. Returns final metrics.
 
@@ -125,11 +144,11 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
                       process_count=jax.process_count())
   best_key = evaluate_lib.main_metric(cfg) if cfg.task.kind else None
   files.at(workdir).mkdir(parents=True, exist_ok=True)
-  rows = sharding.host_rows(mesh, cfg.train.batch_size)
   metrics_lib.log_all(
       f"{jax.local_device_count()} local / {jax.device_count()} global devices "
       f"({jax.devices()[0].platform}), mesh {dict(mesh.shape)}; reads rows "
-      f"{_ranges(rows)} of each global batch of {cfg.train.batch_size}")
+      f"{_ranges(sharding.host_rows(mesh, cfg.train.batch_size))} of each global batch of "
+      f"{cfg.train.batch_size}")
 
   # 2. Data.
   tok, train_batches, eval_batches, data_where = _datasets(cfg, workdir, mesh)
@@ -145,22 +164,9 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
                     f"{'+'.join(heads.heads_for(cfg))}; {total:,} parameters, {trainable:,} "
                     "trainable")
 
-    # 4. Restore, in this order of precedence:
-    #   1) the workdir's latest checkpoint: resume this run exactly (state, step, data order);
-    #   2) init.params_from: another run's parameters (backbone + matching heads), new
-    #      optimizer, step 0 (fine-tuning);
-    #   3) neither: train from scratch.
+    # 4. Restore (see _restore for the order of precedence).
     ckpt = checkpoint.manager(workdir, cfg.checkpoint)
-    restored = checkpoint.restore(ckpt, state)
-    if restored is not None:
-      state, meta = restored
-      if meta["seed"] != cfg.seed:
-        raise errors.UserError(f"workdir {workdir} was trained with seed {meta['seed']}, not "
-                               f"{cfg.seed}; use the same seed to resume or a new workdir")
-      metrics_lib.log(f"resumed from step {int(state.step)} in {ckpt.directory}")
-    elif init is not None:
-      state = _warm_start(state, *init)
-      metrics_lib.log(f"parameters from {init[0]}")
+    state = _restore(ckpt, state, init, cfg, workdir)
     start = int(state.step)
 
     # 5. Loop.

@@ -11,12 +11,14 @@ from lmssl import main
 from lmssl import sharding
 
 _fed = []
-_assemble = sharding.global_batch
 
 
-def _recording(local, mesh):
-  _fed.append({k: np.asarray(v) for k, v in local.items()})
-  return _assemble(local, mesh)
+def recording(fed: list, assemble=sharding.global_batch):
+  """`sharding.global_batch` that first appends the host's rows it is given to `fed`."""
+  def record(local, mesh):
+    fed.append({k: np.asarray(v) for k, v in local.items()})
+    return assemble(local, mesh)
+  return record
 
 
 def _save():
@@ -25,7 +27,7 @@ def _save():
 
 
 if __name__ == "__main__":
-  sharding.global_batch = _recording
+  sharding.global_batch = recording(_fed)
   atexit.register(_save)
   sys.argv = ["lmssl.main", *sys.argv[1:]]
   main.run()

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import REPO
 from conftest import load_config
+from multiprocess_worker import recording
 from lmssl import checkpoint
 from lmssl import sharding
 from lmssl import train
@@ -79,14 +80,9 @@ def _batches(path):
 
 def _in_process(workdir, overrides, monkeypatch):
   """Trains in this (8-device) process; returns the batches it fed, as the worker records."""
-  fed, assemble = [], sharding.global_batch
-
-  def recording(local, mesh):
-    fed.append({k: np.asarray(v) for k, v in local.items()})
-    return assemble(local, mesh)
-
+  fed = []
   with monkeypatch.context() as m:
-    m.setattr(sharding, "global_batch", recording)
+    m.setattr(sharding, "global_batch", recording(fed))
     train.train_and_evaluate(_config(overrides), str(workdir))
   return fed
 

@@ -4,6 +4,8 @@ The data position needs no saving of its own: batches are a pure function of (se
 restoring the step restores the stream. The seed is stored beside the state to check it.
 """
 
+import contextlib
+import errno
 import os
 
 import jax
@@ -25,8 +27,46 @@ def manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> bool:
-  return mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+  """Starts saving `step` (in the background when async); a write that failed since, this
+  one's or an earlier one's, fails here or in `finish` (see `_writes`)."""
+  with _writes(mngr):
+    return mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Returns once every save started has committed."""
+  with _writes(mngr):
+    mngr.wait_until_finished()
+
+
+# Write failures that are the machine's, not lmssl's: each with what to do about it.
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space there (or lower checkpoint.keep)",
+    errno.EDQUOT: "raise the disk quota or free space (or lower checkpoint.keep)",
+    errno.EROFS: "point --workdir at a writable file system",
+    errno.EACCES: "make the directory writable by this user",
+}
+
+
+@contextlib.contextmanager
+def _writes(mngr: ocp.CheckpointManager):
+  """Turns a checkpoint write that the machine refused into one line saying what was kept.
+
+  Orbax writes each checkpoint under a temporary name and renames it into place only once
+  complete, so a failed (or killed) save leaves the committed ones as they were."""
+  try:
+    yield
+  except OSError as e:
+    if e.errno not in _WRITE_FIXES:
+      raise
+    latest = mngr.latest_step()
+    kept = (f"the last committed checkpoint, step {latest}, is intact" if latest is not None
+            else "no checkpoint was committed")
+    raise errors.UserError(
+        f"could not write a checkpoint in {mngr.directory}: {e.strerror} ({e.filename}); "
+        f"{kept}. {_WRITE_FIXES[e.errno].capitalize()}, then run the same command to "
+        "resume") from None
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
@@ -37,17 +77,27 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
   step = mngr.latest_step() if step is None else step
   if step is None:
     return None
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  meta = read_meta(mngr, step)
   if abstract_state is not None and meta.get("params_only"):
     raise errors.UserError(
         f"{mngr.directory} holds parameters only ({meta.get('converted_from') or 'converted'}), "
         "not a run to resume; train in a new --workdir with --config.init.params_from="
         f"{os.path.dirname(str(mngr.directory))}")
+  if abstract_state is not None:
+    _check_same_model(mngr.directory, step, abstract_state.params)
   target = None if abstract_state is None else jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   return restored.state, restored.meta
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict | None:
+  """What was stored beside the state of `step` (default: the latest), or None if none."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    return None
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
 def _locate(path: str) -> tuple[str, int]:
@@ -157,6 +207,22 @@ def _fit(saved: dict, abstract_params, may_be_new, where: str) -> tuple[set, dic
         f"{where} does not fit this model ({' | '.join(problems)}); start from a run with the "
         "same model settings (its config.json) or train from scratch")
   return {k for k in wanted if k in saved and saved[k] == tuple(wanted[k].shape)}, wanted
+
+
+def _check_same_model(directory, step: int, abstract_params) -> None:
+  """Fails, naming the parameters, when the checkpoint's are not exactly this model's."""
+  reader = _reader(directory)
+  saved = _shape_table(reader.item_metadata(step).state["params"])
+  reader.close()
+  wanted = _shape_table(abstract_params)
+  problems = [f"{k}: {saved.get(k, 'absent')} in the checkpoint vs {wanted.get(k, 'absent')}"
+              for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+  if problems:
+    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    raise errors.UserError(
+        f"checkpoint {directory}/{step} is of another model ({'; '.join(problems[:3])}{more}); "
+        "resume with the model settings of the run that wrote it (its config.json), or train "
+        "this model in a new --workdir")
 
 
 def _prune(tree):

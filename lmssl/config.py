@@ -149,6 +149,9 @@ def _add_run_sections(c: ml_collections.ConfigDict) -> None:
   k.every_steps = 1000
   k.keep = 3
   k.async_save = True
+  # Resume a workdir whose run was made with other run-defining settings (see RESUMABLE): off,
+  # such a workdir is refused with the differences listed, so two runs never mix in one.
+  k.allow_config_change = False
 
 
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
@@ -224,6 +227,31 @@ def inherit_model(c: ml_collections.ConfigDict, source: ml_collections.ConfigDic
     if key not in RUNTIME_MODEL_FIELDS:
       c.model[key] = value
   c.data.tokenizer = tokenizer_path(source, source_workdir)
+
+
+# Settings a resumed run may change, being about where and how it runs, what it logs and
+# keeps, not what it computes. Any other difference from the workdir's config.json is refused
+# unless checkpoint.allow_config_change.
+RESUMABLE = ("mesh", "eval", "checkpoint", "train.log_every", "train.peak_flops_per_device",
+             "train.nonfinite", "train.microbatches", "data.cache_dir", "model.remat",
+             "model.attention")
+# Values a run fills in itself (from the tokenizer, the task's labels) when left at these.
+DERIVED = {"model.vocab_size": 0, "task.labels": ""}
+
+
+def run_changes(saved: ml_collections.ConfigDict, c: ml_collections.ConfigDict,
+                prefix: str = "") -> list[str]:
+  """"key: saved -> now" for each run-defining setting of `c` that differs from `saved`."""
+  out = []
+  for key, value in c.items():
+    name = prefix + key
+    if any(name == r or name.startswith(r + ".") for r in RESUMABLE):
+      continue
+    if isinstance(value, ml_collections.ConfigDict):
+      out += run_changes(saved[key], value, name + ".")
+    elif value != saved[key] and DERIVED.get(name, object()) != value:
+      out.append(f"{name}: {saved[key]!r} -> {value!r}")
+  return out
 
 
 def tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:

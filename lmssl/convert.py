@@ -83,7 +83,7 @@ def from_hf(hf_dir: str, workdir: str) -> dict:
     mngr = checkpoint.manager(tmp, ml_collections.ConfigDict(dict(keep=1, async_save=False)))
     checkpoint.save(mngr, 0, {"params": params}, {"params_only": True,
                                                    "converted_from": os.path.abspath(hf_dir)})
-    mngr.wait_until_finished()
+    checkpoint.wait(mngr)
     mngr.close()
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
       f.write(cfg.to_json(indent=2))

@@ -7,3 +7,12 @@ value, the rule it breaks and the fix.
 
 class UserError(ValueError):
   """Bad input, not a bug: the message says what to change."""
+
+
+class Stopped(Exception):
+  """The run stopped early on request (SIGTERM, Ctrl-C, a preemption notice) after saving a
+  checkpoint to resume from; `exit_status` is what the process should exit with."""
+
+  def __init__(self, message: str, exit_status: int):
+    super().__init__(message)
+    self.exit_status = exit_status

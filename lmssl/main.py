@@ -8,6 +8,7 @@ prompt; a causal LM continues the prompts.
 """
 
 import json
+import re
 import sys
 
 from absl import app
@@ -88,10 +89,35 @@ def main(argv):
     _run(mode)
   except errors.UserError as e:
     sys.exit(f"lmssl: error: {e}")
+  except errors.Stopped as e:
+    print(f"lmssl: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_status)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with two mistakes told in one line instead of a traceback: a
+  --config.KEY naming no setting, and a config file (or variant) the config code refuses."""
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:  # how ml_collections refuses an unknown key
+    text = str(e).replace("\\", "")
+    key = re.search(r"'(\w+)'", text)
+    key = key.group(1) if key else text
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    given = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                  and key in a.split("=")[0].split(".")), "--config.KEY")
+    sys.exit(f"lmssl: error: {given} names no setting: the config has no {key!r}"
+             f"{f' (did you mean {hint.group(1)!r}?)' if hint else ''}; lmssl/config.py lists "
+             "every setting")
+  except flags.Error as e:
+    refused = str(e).rpartition("lmssl.errors.UserError: ")[2].strip()
+    if refused and "lmssl.errors.UserError: " in str(e):
+      sys.exit(f"lmssl: error: {refused}")
+    sys.exit(f"lmssl: error: {e}\nPass --helpfull to see every flag.")
 
 
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ def train_flops_per_sequence(model_cfg, objective: str, seq_len: int, max_predic
 class Writer:
   """Writes scalars to `metrics.jsonl` and TensorBoard event files in the workdir.
 
-  On resume from `start_step`, rows logged after that step by the interrupted run are dropped,
-  so the file reads as if the run had never stopped.
+  On resume from `start_step`, rows logged after that step by the interrupted run are dropped
+  (and a last line cut short by a kill), so the file reads as if the run had never stopped.
   """
 
   def __init__(self, workdir: str, start_step: int = 0):
@@ -64,8 +64,8 @@ class Writer:
     self.path = os.path.join(files.absolute(workdir), "metrics.jsonl")
     kept = []
     if files.at(self.path).exists():
-      kept = [line + "\n" for line in files.read_text(self.path).splitlines()
-              if line.strip() and json.loads(line)["step"] <= start_step]
+      kept = [json.dumps(row) + "\n" for row in _rows(files.read_text(self.path))
+              if row["step"] <= start_step]
     if files.is_url(self.path):  # objects cannot be appended to: rewrite it on each flush
       self._jsonl = files.at(self.path).open("w")
       self._jsonl.writelines(kept)
@@ -91,6 +91,20 @@ class Writer:
     if self.active:
       self._jsonl.close()
       self._events.close()
+
+
+def _rows(text: str) -> list[dict]:
+  """The rows of a metrics.jsonl; each line is written whole and flushed, so only the last can
+  be cut short (by a kill mid-write), and it is dropped."""
+  lines = [line for line in text.splitlines() if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise
+  return rows
 
 
 class Throughput:

@@ -4,6 +4,7 @@ One loop serves pretraining (MLM, CLM, + NSP/SOP) and fine-tuning (a task head o
 pretrained backbone, optionally through LoRA adapters); they differ in data and heads only.
 """
 
+import hashlib
 import json
 import os
 
@@ -24,6 +25,7 @@ from lmssl import inference
 from lmssl import lora as lora_lib
 from lmssl import metrics as metrics_lib
 from lmssl import optimizer as optimizer_lib
+from lmssl import preemption
 from lmssl import sharding
 from lmssl import steps
 from lmssl.data import pipeline
@@ -112,18 +114,39 @@ def _warm_start(state, path: str, in_memory=None):
   return state.replace(params=params)
 
 
-def _restore(ckpt, state, init, cfg, workdir: str):
+def _check_same_run(cfg, workdir: str) -> None:
+  """Refuses a workdir that holds a run made with other run-defining settings, unless told."""
+  if not files.at(os.path.join(workdir, "config.json")).exists():
+    return
+  changes = config_lib.run_changes(config_lib.load_run_config(workdir), cfg)
+  if changes and not cfg.checkpoint.allow_config_change:
+    more = f"; and {len(changes) - 6} more" if len(changes) > 6 else ""
+    raise errors.UserError(
+        f"workdir {workdir} holds a run with other settings ({'; '.join(changes[:6])}{more}); "
+        "use a new --workdir, resume with that run's settings (its config.json), or set "
+        "--config.checkpoint.allow_config_change=True to continue it with these")
+  if changes:
+    metrics_lib.log(f"continuing {workdir} with changed settings: {'; '.join(changes)}")
+
+
+def _restore(ckpt, state, init, cfg, workdir: str, meta: dict, tok):
   """The state to start from, in this order of precedence:
     1) the workdir's latest checkpoint: resume this run exactly (state, step, data order);
     2) init.params_from: another run's parameters (backbone + matching heads), new
        optimizer, step 0 (fine-tuning);
-    3) neither: `state` as created, to train from scratch."""
-  restored = checkpoint.restore(ckpt, state)
-  if restored is not None:
-    state, meta = restored
-    if meta["seed"] != cfg.seed:
-      raise errors.UserError(f"workdir {workdir} was trained with seed {meta['seed']}, not "
-                             f"{cfg.seed}; use the same seed to resume or a new workdir")
+    3) neither: `state` as created, to train from scratch.
+  `meta` is what this run stores beside each checkpoint; a resumed one must agree."""
+  saved = checkpoint.read_meta(ckpt)
+  if saved is not None:  # checked before the state, whose shapes follow the tokenizer's
+    if saved.get("seed", meta["seed"]) != meta["seed"]:
+      raise errors.UserError(f"workdir {workdir} was trained with seed {saved['seed']}, not "
+                             f"{meta['seed']}; use the same seed to resume or a new workdir")
+    if saved.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
+      raise errors.UserError(
+          f"tokenizer {tok.path} is not the one the checkpoints in {ckpt.directory} were "
+          "trained with (its pieces differ); resume with that run's tokenizer, or train this "
+          "one in a new --workdir")
+    state, _ = checkpoint.restore(ckpt, state)
     metrics_lib.log(f"resumed from step {int(state.step)} in {ckpt.directory}")
   elif init is not None:
     state = _warm_start(state, *init)
@@ -143,6 +166,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   config_lib.validate(cfg, batch_shards=sharding.batch_shards(mesh),
                       process_count=jax.process_count())
   best_key = evaluate_lib.main_metric(cfg) if cfg.task.kind else None
+  _check_same_run(cfg, workdir)
   files.at(workdir).mkdir(parents=True, exist_ok=True)
   metrics_lib.log_all(
       f"{jax.local_device_count()} local / {jax.device_count()} global devices "
@@ -152,8 +176,6 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
 
   # 2. Data.
   tok, train_batches, eval_batches, data_where = _datasets(cfg, workdir, mesh)
-  if jax.process_index() == 0:
-    files.write_atomically(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     # 3. Model and optimizer, state born sharded.
@@ -166,8 +188,11 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
 
     # 4. Restore (see _restore for the order of precedence).
     ckpt = checkpoint.manager(workdir, cfg.checkpoint)
-    state = _restore(ckpt, state, init, cfg, workdir)
+    meta = {"seed": cfg.seed, "tokenizer": hashlib.sha256(tok.fingerprint).hexdigest()}
+    state = _restore(ckpt, state, init, cfg, workdir, meta, tok)
     start = int(state.step)
+    if jax.process_index() == 0:  # once the workdir's checkpoints are known to fit it
+      files.write_atomically(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
 
     # 5. Loop.
     end = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
@@ -181,16 +206,25 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
         best.update(step, evals, params)
       return evals
 
-    try:
-      state, last = _loop(cfg, state, step_fn, train_batches(start, end), evaluate,
-                          lambda step, st: checkpoint.save(ckpt, step, st, {"seed": cfg.seed}),
-                          writer, mesh, start, end)
-    finally:  # a run that stops early still commits the checkpoints it started
-      ckpt.wait_until_finished()
-      ckpt.close()
-      writer.close()
-      if best is not None:
-        best.close()
+    # SIGTERM or Ctrl-C from here on saves the step in flight and stops (preemption.py).
+    with preemption.Watch() as watch:
+      try:
+        state, last = _loop(cfg, state, step_fn, train_batches(start, end), evaluate,
+                            lambda step, st: checkpoint.save(ckpt, step, st, meta),
+                            writer, mesh, start, end, watch.requested)
+      finally:  # a run that stops early still commits the checkpoints it started
+        try:
+          checkpoint.wait(ckpt)
+        finally:
+          ckpt.close()
+          writer.close()
+          if best is not None:
+            best.close()
+    if int(state.step) < end:
+      raise errors.Stopped(
+          f"{watch.reason()}: stopped after step {int(state.step)} of {cfg.train.steps}, "
+          f"saved in {ckpt.directory}; run the same command to resume from there",
+          watch.exit_status())
   final = {"step": int(state.step), **last, "trainable_params": trainable}
   if best is not None and best.record:
     final["best"] = best.record
@@ -250,7 +284,7 @@ class _Best:
     if self.record is not None and self.sign * value <= self.sign * self.record["value"]:
       return
     checkpoint.save(self.mngr, step, {"params": params}, {"metric": self.key, "value": value})
-    self.mngr.wait_until_finished()  # best.json only ever names a committed checkpoint
+    checkpoint.wait(self.mngr)  # best.json only ever names a committed checkpoint
     self.record = {"step": step, "metric": self.key, "value": value, "evals": evals}
     if jax.process_index() == 0:
       files.write_atomically(self.path, json.dumps(self.record, indent=2))
@@ -260,10 +294,12 @@ class _Best:
     self.mngr.close()
 
 
-def _loop(cfg, state, step_fn, batches, evaluate, save, writer, mesh, start: int, end: int):
+def _loop(cfg, state, step_fn, batches, evaluate, save, writer, mesh, start: int, end: int,
+          stop_requested):
   """Steps start+1..end. Dispatches step N before reading step N-1's metrics, so the device
   never waits on the host; evaluates and saves on their schedules. Each step's finiteness is
-  checked before anything after it is reported or saved. Returns (state, last)."""
+  checked before anything after it is reported or saved. When `stop_requested(step)`, saves
+  that step and returns early. Returns (state, last)."""
   tokens = cfg.train.batch_size * cfg.data.seq_len
   flops = cfg.train.batch_size * metrics_lib.train_flops_per_sequence(
       cfg.model, cfg.objective, cfg.data.seq_len, cfg.data.max_predictions)
@@ -288,10 +324,13 @@ def _loop(cfg, state, step_fn, batches, evaluate, save, writer, mesh, start: int
       metrics_lib.log(metrics_lib.console_line(step, cfg.train.steps, evals))
       last = {**last, **evals}
       meter.restart(step)  # evaluation time is not training throughput
-    if step % cfg.checkpoint.every_steps == 0 or step == end:
+    stop = stop_requested(step)
+    if step % cfg.checkpoint.every_steps == 0 or step == end or stop:
       _check_finite(cfg, unchecked)
       unchecked = None
       save(step, state)
+    if stop:
+      break
   _check_finite(cfg, unchecked)
   if pending is not None:
     last = _report(writer, meter, cfg, *pending)

@@ -5,6 +5,7 @@ own rows; their checkpoint restores in one process on another mesh, on the same 
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -43,18 +44,23 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, record, overrides, ok=True):
-  """`python -m lmssl.main` as processes 0 and 1 of 2, 4 CPU devices each: [(returncode,
-  stdout, stderr)] (with `ok`, both must succeed)."""
-  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+def _start_two(workdir, record, overrides):
+  """`python -m lmssl.main` as processes 0 and 1 of 2, 4 CPU devices each, started."""
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   coordinator = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable, str(REPO / "tests" / "multiprocess_worker.py"), "--config",
        "configs/mlm_base.py:smoke", "--workdir", str(workdir), f"--coordinator={coordinator}",
        "--num_processes=2", f"--process_id={i}", *_flags(overrides)],
       cwd=REPO, env={**env, "LMSSL_TEST_RECORD": str(record / f"process{i}.npz")},
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def _two_processes(workdir, record, overrides, ok=True, procs=None):
+  """[(returncode, stdout, stderr)] of `_start_two`'s processes (with `ok`, both must
+  succeed)."""
+  procs = procs or _start_two(workdir, record, overrides)
   outs = []
   for p in procs:
     try:
@@ -164,6 +170,31 @@ def test_two_process_checkpoint_continues_in_one_process_on_another_mesh(runs, m
   step_one, params_one = _params(root / "one")
   assert step_two == step_one == 6
   _assert_close(params_two, params_one)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
+  # JAX's preemption service (its own SIGTERM notifier) carries the notice to the other
+  # process; both reach the agreed step, save it together and exit as a stop, not a finish.
+  workdir = tmp_path / "run"
+  procs = _start_two(workdir, tmp_path, {
+      "train__steps": 200, "train__log_every": 1, "checkpoint__every_steps": 1000,
+      "eval__every_steps": 1000, "data__cache_dir": str(tmp_path / "cache")})
+  for line in procs[0].stdout:  # process 0 prints the progress
+    if line.startswith("step 3/200"):
+      break
+  procs[1].send_signal(signal.SIGTERM)
+  (code0, _, err0), (code1, _, err1) = _two_processes(None, None, None, ok=False, procs=procs)
+  assert code0 == code1 == 128 + signal.SIGTERM, err0[-2000:] + err1[-2000:]
+  last = {err.strip().splitlines()[-1] for err in (err0, err1)}
+  assert len(last) == 1, last  # the same step on both
+  m = re.fullmatch(r"lmssl: a preemption notice reached one of the processes: stopped after "
+                   rf"step (\d+) of 200, saved in {re.escape(str(workdir))}/checkpoints; run "
+                   r"the same command to resume from there", last.pop())
+  assert m and 3 < int(m.group(1)) < 200
+  committed = [p.name for p in (workdir / "checkpoints").iterdir()]
+  assert committed == [m.group(1)]  # the one checkpoint: the stop's, committed
+  _, params = _params(workdir)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
 def test_when_process_0_cannot_prepare_the_data_every_process_stops_and_says_so(tmp_path):

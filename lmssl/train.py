@@ -80,9 +80,10 @@ def _datasets(cfg, workdir, mesh, full_eval: bool = False):
 def _start_from(cfg):
   """For init.params_from: (where, parameters already in memory or None), after adopting the
   source's architecture and tokenizer; None when there is no source."""
-  path = cfg.init.params_from
+  path, given = cfg.init.params_from, cfg.data.tokenizer
   if not path:
     return None
+  params = None
   if path.startswith("hf:"):
     hf_dir = path[len("hf:"):]
     source, params = hf.load(hf_dir)
@@ -91,10 +92,17 @@ def _start_from(cfg):
                              "(tokenizer.json, vocab.txt, or vocab.json + merges.txt); add the "
                              "model's tokenizer files to it")
     config_lib.inherit_model(cfg, source, hf_dir)
-    return path, params
-  source_workdir = checkpoint.run_dir(path)
-  config_lib.inherit_model(cfg, config_lib.load_run_config(source_workdir), source_workdir)
-  return path, None
+  else:
+    source_workdir = checkpoint.run_dir(path)
+    config_lib.inherit_model(cfg, config_lib.load_run_config(source_workdir), source_workdir)
+  theirs = cfg.data.tokenizer
+  if given and given != theirs and (tokenizer_lib.load(given).fingerprint !=
+                                    tokenizer_lib.load(theirs).fingerprint):
+    raise errors.UserError(
+        f"data.tokenizer={given} is not the tokenizer the parameters in "
+        f"init.params_from={path} were trained with ({theirs}); leave data.tokenizer empty "
+        "to use that one")
+  return path, params
 
 
 def _warm_start(state, path: str, in_memory=None):

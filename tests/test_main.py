@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -23,6 +25,35 @@ def test_bad_config_value_is_one_clear_line_and_writes_nothing(tmp_path):
       "lmssl: error: train.batch_size=30 is not divisible by 8 data shards (mesh data x fsdp, "
       "and 1 processes); use a multiple of 8")
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("args, last_line", [
+    (["--config.train.stepz=5"], "lmssl: error: --config.train.stepz names no setting: the "
+     "config has no 'stepz' (did you mean 'steps'?); lmssl/config.py lists every setting"),
+    (["--config.train.steps=ten"], "lmssl: error: flag --config.train.steps=ten: invalid "
+     "literal for int() with base 10: 'ten'"),
+    (["--config=configs/mlm_base.py:smoke,tiny"], "lmssl: error: unknown config variant "
+     "'tiny'; known: ['size', 'smoke']"),
+    (["--config.data.source=text:{d}/data/*.txt"], "lmssl: error: {d}/data/b.txt is not UTF-8 "
+     "text (byte 0: b'\\x89PNG'); convert it, e.g. `iconv -f latin1 -t utf-8`"),
+    (["--config.data.source=text:{d}/data/e.txt"], "lmssl: error: {d}/data/e.txt is empty; "
+     "remove it or narrow the glob"),
+])
+def test_bad_input_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, args,
+                                                                       last_line):
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "a.txt").write_text("Some text.\n\nMore text.\n")
+  (data / "b.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")  # not text
+  (data / "e.txt").write_text("\n \n")
+  workdir = tmp_path / "run"
+  out = _run("lmssl.main", "--config", "configs/mlm_base.py:smoke", "--workdir", str(workdir),
+             *[a.format(d=tmp_path) for a in args])
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  lines = out.stderr.strip().splitlines()
+  assert lines[-1] == last_line.format(d=tmp_path) or lines[-2:] == [
+      last_line.format(d=tmp_path), "Pass --helpfull to see every flag."], out.stderr[-1000:]
+  assert not workdir.exists() or not any(workdir.iterdir())
 
 
 def test_missing_data_names_the_glob(tmp_path):

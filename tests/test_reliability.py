@@ -115,7 +115,7 @@ def test_a_run_interrupted_again_and_again_ends_as_the_uninterrupted_one(referen
   cache = reference[0]
   workdir = tmp_path / "run"
   rng = np.random.default_rng(1234)
-  faults = [str(f) for f in rng.permutation(["TERM", "TERM", "KILL", "KILL", "KILL_IN_SAVE"])]
+  faults = [str(f) for f in rng.permutation(["TERM", "INT", "KILL", "KILL", "KILL_IN_SAVE"])]
   history = []
   for fault in faults:
     latest = _committed(workdir)[-1] if (workdir / "checkpoints").is_dir() else 0
@@ -127,13 +127,13 @@ def test_a_run_interrupted_again_and_again_ends_as_the_uninterrupted_one(referen
       target = latest + int(rng.integers(1, 3))
       proc = _start(workdir, cache)
       _wait_for_step(proc, target)  # the run is a step or two further by now, maybe saving
-      proc.send_signal(signal.SIGTERM if fault == "TERM" else signal.SIGKILL)
+      proc.send_signal(getattr(signal, "SIG" + fault.split("_")[0]))
     code, out, err = _finish(proc)
     committed = _committed(workdir)
-    if fault == "TERM":
-      assert code == 128 + signal.SIGTERM, err[-2000:]
+    if fault in ("TERM", "INT"):  # Ctrl-C stops as SIGTERM does
+      assert code == 128 + getattr(signal, "SIG" + fault), err[-2000:]
       m = re.fullmatch(
-          rf"lmssl: received SIGTERM: stopped after step (\d+) of {STEPS}, saved in "
+          rf"lmssl: received SIG{fault}: stopped after step (\d+) of {STEPS}, saved in "
           rf"{re.escape(str(workdir))}/checkpoints; run the same command to resume from there",
           err.strip().splitlines()[-1])
       assert m, err[-2000:]
@@ -245,3 +245,13 @@ def test_a_tokenizer_that_is_not_the_checkpoints_is_refused(reference, finished,
       r"resume with that run's tokenizer, or train this one in a new --workdir$")):
     train.train_and_evaluate(_config(reference[0]), str(finished))
   assert _files(finished) == before
+  # Fine-tuning from that run with a tokenizer other than its own: refused before any write.
+  cfg = load_config("cls_finetune", "smoke")
+  cfg.init.params_from, cfg.data.tokenizer = str(reference[3]), str(other)
+  with pytest.raises(errors.UserError, match=(
+      rf"^data\.tokenizer={re.escape(str(other))} is not the tokenizer the parameters in "
+      rf"init\.params_from={re.escape(str(reference[3]))} were trained with "
+      rf"\({re.escape(str(reference[3]))}/tokenizer\.model\); leave data\.tokenizer empty to "
+      r"use that one$")):
+    train.train_and_evaluate(cfg, str(tmp_path / "finetune"))
+  assert not (tmp_path / "finetune").exists()

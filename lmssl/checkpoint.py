@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state, saved asynchronously; the last K are kept.
 
 The data position needs no saving of its own: batches are a pure function of (seed, step), so
-restoring the step restores the stream. The seed is stored beside the state to check it.
+restoring the step restores the stream. The seed and a digest of the tokenizer are stored
+beside the state, to check a resuming run against them.
 """
 
 import contextlib
@@ -28,7 +29,7 @@ def manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> bool:
   """Starts saving `step` (in the background when async); a write that failed since, this
-  one's or an earlier one's, fails here or in `finish` (see `_writes`)."""
+  one's or an earlier one's, fails here or in `wait` (see `_writes`)."""
   with _writes(mngr):
     return mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)

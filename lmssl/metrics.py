@@ -12,6 +12,7 @@ import time
 from absl import logging
 import jax
 
+from lmssl import errors
 from lmssl import files
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix. CPUs have none listed: their MFU
@@ -64,7 +65,7 @@ class Writer:
     self.path = os.path.join(files.absolute(workdir), "metrics.jsonl")
     kept = []
     if files.at(self.path).exists():
-      kept = [json.dumps(row) + "\n" for row in _rows(files.read_text(self.path))
+      kept = [json.dumps(row) + "\n" for row in _rows(self.path)
               if row["step"] <= start_step]
     if files.is_url(self.path):  # objects cannot be appended to: rewrite it on each flush
       self._jsonl = files.at(self.path).open("w")
@@ -93,17 +94,19 @@ class Writer:
       self._events.close()
 
 
-def _rows(text: str) -> list[dict]:
+def _rows(path: str) -> list[dict]:
   """The rows of a metrics.jsonl; each line is written whole and flushed, so only the last can
   be cut short (by a kill mid-write), and it is dropped."""
-  lines = [line for line in text.splitlines() if line.strip()]
+  lines = files.read_text(path).splitlines()
   rows = []
   for i, line in enumerate(lines):
     try:
       rows.append(json.loads(line))
     except json.JSONDecodeError:
       if i < len(lines) - 1:
-        raise
+        raise errors.UserError(f"{path}:{i + 1} is not a JSON row, and only a last line can be "
+                               "cut short by a kill: the file was changed by hand; fix or "
+                               "delete that line (the checkpoints do not depend on it)") from None
   return rows
 
 

@@ -14,7 +14,7 @@ ALLOWED = {
     "sharding": {"errors"},
     "optimizer": set(),
     "checkpoint": {"errors", "files"},
-    "metrics": {"files"},
+    "metrics": {"errors", "files"},
     "distributed": {"errors"},
     "preemption": set(),
     "scores": set(),

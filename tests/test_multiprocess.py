@@ -155,7 +155,8 @@ def test_two_process_checkpoint_continues_in_one_process_on_another_mesh(runs, m
   # two processes on (2, 2, 2), and the one written by one (the previous test's).
   if not (root / "one" / "checkpoints" / "4").is_dir():
     _in_process(root / "one", {**COMMON, **MESH_222, **cache}, monkeypatch)
-  more = {**COMMON, **MESH_811, **cache, "train__steps": 6}
+  more = {**COMMON, **MESH_811, **cache, "train__steps": 6,
+          "checkpoint__allow_config_change": True}  # a longer run than the one in the workdir
   from_two = _in_process(root / "two", more, monkeypatch)
   from_one = _in_process(root / "one", more, monkeypatch)
   assert len(from_two) == len(from_one) == 2 + 2  # steps 5, 6 + the final eval
@@ -172,13 +173,13 @@ def test_two_process_checkpoint_continues_in_one_process_on_another_mesh(runs, m
   _assert_close(params_two, params_one)
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(runs, tmp_path):
   # JAX's preemption service (its own SIGTERM notifier) carries the notice to the other
   # process; both reach the agreed step, save it together and exit as a stop, not a finish.
   workdir = tmp_path / "run"
   procs = _start_two(workdir, tmp_path, {
       "train__steps": 200, "train__log_every": 1, "checkpoint__every_steps": 1000,
-      "eval__every_steps": 1000, "data__cache_dir": str(tmp_path / "cache")})
+      "eval__every_steps": 1000, **runs[1]})
   for line in procs[0].stdout:  # process 0 prints the progress
     if line.startswith("step 3/200"):
       break

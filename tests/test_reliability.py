@@ -21,6 +21,7 @@ from conftest import REPO
 from conftest import load_config
 from lmssl import checkpoint
 from lmssl import errors
+from lmssl import metrics as metrics_lib
 from lmssl import train
 from lmssl.data import sources
 from lmssl.data import tokenizer as tokenizer_lib
@@ -181,6 +182,20 @@ def test_a_disk_filling_up_during_a_save_keeps_the_last_checkpoint(reference, tm
   monkeypatch.setattr(handler, "_save_fn", write)  # space again
   train.train_and_evaluate(_config(cache), str(workdir))
   _assert_same_run(workdir, reference)
+
+
+def test_a_resumed_log_drops_later_rows_and_a_line_cut_short(tmp_path):
+  rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4)]
+  text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo'  # killed mid-write
+  (tmp_path / "metrics.jsonl").write_text(text)
+  writer = metrics_lib.Writer(str(tmp_path), start_step=3)
+  writer.write(4, {"loss": 0.5})
+  writer.close()
+  with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+    assert [json.loads(line) for line in f] == rows[:3] + [{"step": 4, "loss": 0.5}]
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.0}\n')
+  with pytest.raises(errors.UserError, match=r"metrics\.jsonl:1 is not a JSON row"):
+    metrics_lib.Writer(str(tmp_path), start_step=3)
 
 
 def _files(workdir) -> dict:

@@ -22,6 +22,7 @@ from conftest import load_config
 from lmssl import checkpoint
 from lmssl import errors
 from lmssl import metrics as metrics_lib
+from lmssl import preemption
 from lmssl import train
 from lmssl.data import sources
 from lmssl.data import tokenizer as tokenizer_lib
@@ -157,6 +158,18 @@ def test_a_run_interrupted_again_and_again_ends_as_the_uninterrupted_one(referen
   assert f"resumed from step {history[-1][2]}" in out
   print("\n(fault, resumed from, last checkpoint, steps lost):", history)
   _assert_same_run(workdir, reference)
+
+
+def test_ctrl_c_once_asks_for_a_stop_twice_stops_now_and_handlers_are_restored():
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  with preemption.Watch() as watch:
+    assert not watch.requested(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert watch.requested(2) and watch.reason() == "received SIGINT"
+    assert watch.exit_status() == 130
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_a_disk_filling_up_during_a_save_keeps_the_last_checkpoint(reference, tmp_path,

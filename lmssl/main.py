@@ -110,9 +110,9 @@ def _parse_flags(argv):
              f"{f' (did you mean {hint.group(1)!r}?)' if hint else ''}; lmssl/config.py lists "
              "every setting")
   except flags.Error as e:
-    refused = str(e).rpartition("lmssl.errors.UserError: ")[2].strip()
-    if refused and "lmssl.errors.UserError: " in str(e):
-      sys.exit(f"lmssl: error: {refused}")
+    _, marker, refused = str(e).rpartition("lmssl.errors.UserError: ")
+    if marker:  # the config code's own message, from inside absl's report of it
+      sys.exit(f"lmssl: error: {refused.strip()}")
     sys.exit(f"lmssl: error: {e}\nPass --helpfull to see every flag.")
 
 

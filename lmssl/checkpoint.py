@@ -219,9 +219,8 @@ def _check_same_model(directory, step: int, abstract_params) -> None:
   problems = [f"{k}: {saved.get(k, 'absent')} in the checkpoint vs {wanted.get(k, 'absent')}"
               for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
   if problems:
-    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
     raise errors.UserError(
-        f"checkpoint {directory}/{step} is of another model ({'; '.join(problems[:3])}{more}); "
+        f"checkpoint {directory}/{step} is of another model ({errors.first(problems, 3)}); "
         "resume with the model settings of the run that wrote it (its config.json), or train "
         "this model in a new --workdir")
 

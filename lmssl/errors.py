@@ -5,6 +5,12 @@ value, the rule it breaks and the fix.
 """
 
 
+def first(items: list[str], limit: int) -> str:
+  """The first `limit` of `items` joined by "; ", then how many more there are."""
+  more = f"; and {len(items) - limit} more" if len(items) > limit else ""
+  return "; ".join(items[:limit]) + more
+
+
 class UserError(ValueError):
   """Bad input, not a bug: the message says what to change."""
 

@@ -128,9 +128,8 @@ def _check_same_run(cfg, workdir: str) -> None:
     return
   changes = config_lib.run_changes(config_lib.load_run_config(workdir), cfg)
   if changes and not cfg.checkpoint.allow_config_change:
-    more = f"; and {len(changes) - 6} more" if len(changes) > 6 else ""
     raise errors.UserError(
-        f"workdir {workdir} holds a run with other settings ({'; '.join(changes[:6])}{more}); "
+        f"workdir {workdir} holds a run with other settings ({errors.first(changes, 6)}); "
         "use a new --workdir, resume with that run's settings (its config.json), or set "
         "--config.checkpoint.allow_config_change=True to continue it with these")
   if changes:
@@ -233,6 +232,11 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
           f"{watch.reason()}: stopped after step {int(state.step)} of {cfg.train.steps}, "
           f"saved in {ckpt.directory}; run the same command to resume from there",
           watch.exit_status())
+  return _final(workdir, state, last, trainable, best, tok, data_where)
+
+
+def _final(workdir: str, state, last: dict, trainable: int, best, tok, data_where) -> dict:
+  """The final metrics of a finished run, logged with where its outputs are."""
   final = {"step": int(state.step), **last, "trainable_params": trainable}
   if best is not None and best.record:
     final["best"] = best.record

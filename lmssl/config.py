@@ -124,6 +124,9 @@ def _add_run_sections(c: ml_collections.ConfigDict) -> None:
   t.steps = 10_000
   t.batch_size = 256  # global, in sequences
   t.microbatches = 1  # gradient accumulation
+  # CLM's vocabulary projection and loss, made over this many pieces of the sequence so that
+  # only one piece's [B, L/k, V] logits exist at a time (0: all [B, L, V] at once).
+  t.loss_chunks = 0
   t.lr = 1e-4
   t.warmup_steps = 1000
   t.schedule = "linear"  # decay after warmup: "linear" or "cosine" (to end_lr_frac * lr)
@@ -233,8 +236,8 @@ def inherit_model(c: ml_collections.ConfigDict, source: ml_collections.ConfigDic
 # keeps, not what it computes. Any other difference from the workdir's config.json is refused
 # unless checkpoint.allow_config_change.
 RESUMABLE = ("mesh", "eval", "checkpoint", "train.log_every", "train.peak_flops_per_device",
-             "train.nonfinite", "train.microbatches", "data.cache_dir", "model.remat",
-             "model.attention")
+             "train.nonfinite", "train.microbatches", "train.loss_chunks", "data.cache_dir",
+             "model.remat", "model.attention")
 # Values a run fills in itself (from the tokenizer, the task's labels) when left at these.
 DERIVED = {"model.vocab_size": 0, "task.labels": ""}
 
@@ -279,6 +282,10 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
   _one_of(m.remat, "model.remat", ("none", "full", "dots", "dots_no_batch"))
   _one_of(m.attention, "model.attention", ("auto", "xla", "cudnn"))
   _one_of(t.schedule, "train.schedule", ("linear", "cosine"))
+  _check(t.loss_chunks == 0 or (t.loss_chunks > 0 and (
+      d.seq_len % t.loss_chunks == 0 or c.objective != "clm" or c.task.kind)),
+         f"train.loss_chunks={t.loss_chunks} must be 0 (all logits at once) or divide "
+         f"data.seq_len={d.seq_len}: the pieces are equal parts of the sequence")
   _one_of(d.sentence_pair, "data.sentence_pair", ("", "nsp", "sop"))
   _one_of(c.task.kind, "task.kind", ("", "classification", "regression", "tokens"))
   _check(not (c.task.kind and d.sentence_pair),

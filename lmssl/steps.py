@@ -29,8 +29,8 @@ def module_config(cfg):
 
 def build_model(cfg, deterministic: bool = True) -> heads.LanguageModel:
   labels = [n for n in cfg.task.labels.split(",") if n]
-  return heads.LanguageModel(module_config(cfg), cfg.objective,
-                             heads.heads_for(cfg), len(labels), cfg.task.dropout, deterministic)
+  return heads.LanguageModel(module_config(cfg), cfg.objective, heads.heads_for(cfg),
+                             len(labels), cfg.task.dropout, deterministic, cfg.train.loss_chunks)
 
 
 def example_batch(cfg, batch_size: int) -> dict:

@@ -43,6 +43,8 @@ def test_bad_variants_name_the_known_ones(arg, message):
     (lambda c: setattr(c.data, "seq_len", 1024), "raise --config.model.max_len to at least 1024"),
     (lambda c: setattr(c.model, "num_heads", 3), "not divisible by model.num_heads=3"),
     (lambda c: setattr(c.train, "microbatches", 3), "split into train.microbatches=3"),
+    (lambda c: (setattr(c, "objective", "clm"), setattr(c.train, "loss_chunks", 3)),
+     r"train.loss_chunks=3 must be 0 \(all logits at once\) or divide data.seq_len=128"),
 ])
 def test_invalid_values_fail_with_the_fix(change, message):
   cfg = load_config("mlm_base", "size=tiny")

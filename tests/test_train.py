@@ -74,6 +74,22 @@ def test_gradient_accumulation_matches_full_batch():
   assert full_losses[1] < full_losses[0]
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_clm_loss_matches_whole_logits(tied):
+  """Logits made a piece of the sequence at a time, with their gradient taken at once, give
+  the whole-logits losses and updates (a missing gradient would move parameters by ~lr less),
+  sharded and not."""
+  whole_cfg, chunked_cfg = _config("clm"), _config("clm")
+  for cfg in (whole_cfg, chunked_cfg):
+    cfg.model.tie_embeddings = cfg.model.output_bias = tied
+  chunked_cfg.train.loss_chunks = 4
+  whole, whole_losses = _run(whole_cfg, (1, 1, 1))
+  chunked, chunked_losses = _run(chunked_cfg, (2, 2, 2))
+  np.testing.assert_allclose(chunked_losses, whole_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(chunked.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-4)
+
+
 def test_weight_decay_skips_biases_and_norms():
   params = {"layers": {"attn": {"query": {"kernel": 1, "bias": 1}}, "attn_norm": {"scale": 1}},
             "embedder": {"tokens": {"embedding": 1}}}

@@ -1,0 +1,493 @@
+"""Throughput of lmssl's train step, side by side with the HuggingFace PyTorch peer.
+
+  python -m lmssl.bench --task mlm|clm [--peer hf] [--json] [--pipeline]
+      [--compile_layers 2,24] [--remat_budget_gib 4]
+
+The step is timed whole (forward, backward, clipped AdamW update) on batches already on the
+device, after warm-up; with `--peer hf`, BertForMaskedLM (15% of positions labelled) or
+GPT2LMHeadModel of the same shape, dtype and optimizer runs in a child process, and the two
+take turns, round by round, so the machine's drift touches both alike. The defaults are the
+reference CPU shapes: 4 layers, d_model 256, 4 heads, MLP 1024, vocabulary 32000; MLM 32 x 128,
+CLM 16 x 256; float32.
+
+Also, on request: the input pipeline alone (`--pipeline`: real tf.data batches from prepared,
+tokenized data, put on the device), compile time against depth (`--compile_layers`), and the
+largest batch whose step fits a memory budget under each remat policy (`--remat_budget_gib`,
+from XLA's compiled memory figures, so nothing is allocated).
+
+MFU is analytic model FLOPs per second over the peak: the device's dense bf16 peak on
+accelerators, on CPUs a large float32 matmul's measured rate (printed too). Each
+implementation's FLOPs count what it computes: the HuggingFace MLM head projects every position
+to the vocabulary, lmssl's only the masked ones.
+"""
+
+import argparse
+import functools
+import importlib.util
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmssl import config as config_lib
+from lmssl import errors
+from lmssl import metrics
+from lmssl import model as model_lib
+from lmssl import sharding
+from lmssl import steps
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# task: (batch, seq_len) of the reference CPU comparison.
+SHAPES = {"mlm": (32, 128), "clm": (16, 256)}
+
+
+def bench_config(task: str, *, size="mini", layers=0, vocab=32000, batch=0, seq=0,
+                 dtype="float32", remat="none", dropout=0.0, attention="auto", loss_chunks=0):
+  """The task's config file at `size`, with the benchmark's shape (0: the reference one)."""
+  spec = importlib.util.spec_from_file_location(task, os.path.join(CONFIGS, f"{task}_base.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(f"size={size}")
+  m = c.model
+  m.num_layers = layers or m.num_layers
+  m.vocab_size, m.dtype, m.remat, m.dropout, m.attention = vocab, dtype, remat, dropout, attention
+  c.train.batch_size, c.data.seq_len = batch or SHAPES[task][0], seq or SHAPES[task][1]
+  c.train.loss_chunks = loss_chunks
+  m.max_len = max(m.max_len, c.data.seq_len)
+  c.data.max_predictions = math.ceil(c.data.mask_rate * c.data.seq_len)
+  c.eval.batch_size = c.train.batch_size
+  return c
+
+
+def synthetic_batches(cfg, count: int, seed: int = 0) -> list[dict]:
+  """Full rows of random tokens; MLM rows predict ceil(15%) distinct positions each."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(count):
+    b = steps.example_batch(cfg, cfg.train.batch_size)
+    rows, length = b["input_ids"].shape
+    b["input_ids"] = rng.integers(5, cfg.model.vocab_size, (rows, length), dtype=np.int32)
+    b["segment_ids"][:] = 1
+    b["positions"][:] = np.arange(length, dtype=np.int32)
+    if "masked_positions" in b:
+      predictions = b["masked_positions"].shape[1]
+      b["masked_positions"] = np.sort(np.stack(
+          [rng.permutation(length)[:predictions] for _ in range(rows)]), axis=1).astype(np.int32)
+      b["masked_ids"] = np.take_along_axis(b["input_ids"], b["masked_positions"], axis=1)
+      b["input_ids"][np.arange(rows)[:, None], b["masked_positions"]] = 4
+      b["masked_weights"][:] = 1.0
+    out.append(b)
+  return out
+
+
+def flops_per_step(cfg, predictions: int | None = None) -> float:
+  """Analytic train FLOPs of one step; `predictions` vocabulary projections per row."""
+  d = cfg.data
+  return cfg.train.batch_size * metrics.train_flops_per_sequence(
+      cfg.model, cfg.objective, d.seq_len, d.max_predictions if predictions is None
+      else predictions)
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of the best of `repeats` float32 [n, n] x [n, n] matmuls: a CPU's practical peak."""
+  x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best
+
+
+def device_peak(measured_cpu: float) -> tuple[float, str]:
+  """FLOP/s of all local devices together, and where the figure comes from."""
+  per_device = metrics.peak_flops_per_device(0.0)
+  if per_device is None:
+    return measured_cpu, "measured float32 matmul"
+  return per_device * jax.local_device_count(), f"{jax.devices()[0].device_kind} bf16 peak"
+
+
+def _mesh(cfg):
+  return sharding.make_mesh(cfg.mesh, jax.local_devices())
+
+
+def abstract_state(cfg, mesh):
+  """The train state's shapes with their shardings, and the shardings, without computing it."""
+  boxed = jax.eval_shape(steps.state_init(cfg), jax.random.key(0))
+  shardings = sharding.logical_shardings(boxed, mesh)
+  shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.meta.unbox(boxed), shardings)
+  return shapes, shardings
+
+
+def compile_step(cfg, mesh):
+  """The train step compiled for cfg's shapes (from abstract values), and the seconds taken
+  to trace, lower and compile it."""
+  with jax.set_mesh(mesh):
+    state, shardings = abstract_state(cfg, mesh)
+    step, _ = steps.compile_steps(cfg, shardings, mesh)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                         steps.example_batch(cfg, cfg.train.batch_size))
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    return compiled, time.perf_counter() - start
+
+
+def step_memory(compiled) -> int:
+  """Bytes the compiled step needs at its peak: inputs, outputs not aliased to them, temps."""
+  m = compiled.memory_analysis()
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes)
+
+
+class Lmssl:
+  """lmssl's jitted train step on a state born sharded, cycling through device batches."""
+
+  def __init__(self, cfg):
+    self.mesh = _mesh(cfg)
+    self.compiled, self.compile_s = compile_step(cfg, self.mesh)
+    with jax.set_mesh(self.mesh):
+      self.state, _ = steps.create_state(cfg, self.mesh)
+      self.batches = [sharding.global_batch(b, self.mesh) for b in synthetic_batches(cfg, 4)]
+    self.steps_run = 0
+
+  def run(self, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      self.state, _ = self.compiled(self.state, self.batches[self.steps_run % 4])
+      self.steps_run += 1
+    jax.block_until_ready(self.state)
+    return time.perf_counter() - start
+
+  def memory(self) -> tuple[int, str]:
+    stats = jax.local_devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+      return stats["peak_bytes_in_use"], "device peak in use"
+    return step_memory(self.compiled), "XLA compiled step"
+
+  def close(self) -> None:
+    pass
+
+
+class Peer:
+  """The HuggingFace PyTorch step (`lmssl.bench_hf`) in a child process with its own threads
+  and memory, run on request."""
+
+  def __init__(self, cfg, peer: str):
+    if peer != "hf":
+      raise errors.UserError(f"--peer {peer!r} is unknown; the peer is 'hf'")
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec(
+        "transformers") is None:
+      raise errors.UserError("--peer hf needs PyTorch and transformers: pip install "
+                             "'lmssl[hf]' (on CPU first pip install torch==2.13.0 "
+                             "--index-url https://download.pytorch.org/whl/cpu)")
+    m, t = cfg.model, cfg.train
+    settings = dict(
+        task=cfg.objective, num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
+        mlp_dim=m.mlp_dim, vocab_size=m.vocab_size, batch=t.batch_size, seq_len=cfg.data.seq_len,
+        dtype=m.dtype, dropout=m.dropout, mask_rate=cfg.data.mask_rate, lr=t.lr, b1=t.b1,
+        b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+        warmup_steps=t.warmup_steps, total_steps=t.steps, seed=cfg.seed, threads=None)
+    from lmssl import bench_hf
+    context = multiprocessing.get_context("spawn")
+    self._conn, child = context.Pipe()
+    self._process = context.Process(target=bench_hf.serve, args=(child, settings), daemon=True)
+    self._process.start()
+    self.info = self._ask("info")
+
+  def _ask(self, *message):
+    self._conn.send(message)
+    reply = self._conn.recv()
+    if isinstance(reply, tuple) and reply and reply[0] == "error":
+      self.close()
+      raise RuntimeError(f"the HuggingFace peer failed:\n{reply[1]}")
+    return reply
+
+  def run(self, n: int) -> float:
+    return self._ask("run", n)
+
+  def memory(self) -> tuple[int, str]:
+    where = "CUDA max allocated" if self.info["device"] != "cpu" else "peak RSS growth"
+    return self._ask("memory"), where
+
+  def close(self) -> None:
+    try:
+      self._conn.send(("stop",))
+    except OSError:  # it has already stopped (after reporting an error)
+      pass
+    self._process.join(timeout=30)
+
+
+def time_rounds(runners: dict, warmup: int, steps_per_round: int, rounds: int) -> dict:
+  """{name: [seconds per step, one per round]}, the runners taking turns within each round."""
+  for runner in runners.values():
+    runner.run(warmup)
+  times = {name: [] for name in runners}
+  for _ in range(rounds):
+    for name, runner in runners.items():
+      times[name].append(runner.run(steps_per_round) / steps_per_round)
+  return times
+
+
+def step_rows(cfg, args, peak: float, peak_source: str) -> list[dict]:
+  """One row per implementation (lmssl, then the peer if asked), plus the ratio."""
+  runners = {"lmssl": Lmssl(cfg)}
+  try:
+    if args.peer:
+      runners[args.peer] = Peer(cfg, args.peer)
+    times = time_rounds(runners, args.warmup, args.steps, args.rounds)
+    seq = cfg.data.seq_len
+    flops = {"lmssl": flops_per_step(cfg), args.peer: flops_per_step(cfg, predictions=seq)}
+    rows = []
+    for name, runner in runners.items():
+      step_s = statistics.median(times[name])
+      memory, memory_source = runner.memory()
+      rows.append(dict(
+          measurement="train_step", impl=name, task=cfg.objective, batch=cfg.train.batch_size,
+          seq=seq, layers=cfg.model.num_layers, d_model=cfg.model.d_model,
+          vocab=cfg.model.vocab_size, dtype=cfg.model.dtype, remat=cfg.model.remat,
+          tokens_per_s=cfg.train.batch_size * seq / step_s, step_time_s=step_s,
+          rounds_step_time_s=times[name], flops_per_s=flops[name] / step_s,
+          mfu=flops[name] / step_s / peak, peak_flops_per_s=peak, peak_source=peak_source,
+          compile_s=getattr(runner, "compile_s", None), peak_memory_bytes=memory,
+          memory_source=memory_source, device=_device_name(runner)))
+  finally:
+    for runner in runners.values():
+      runner.close()
+  if args.peer:
+    rows.append(dict(measurement="ratio", impl=f"lmssl/{args.peer}", task=cfg.objective,
+                     batch=cfg.train.batch_size, seq=seq,
+                     tokens_per_s_ratio=rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]))
+  return rows
+
+
+def _device_name(runner) -> str:
+  if isinstance(runner, Peer):
+    return runner.info["device"]
+  return f"{jax.local_device_count()} x {jax.devices()[0].device_kind}"
+
+
+def pipeline_row(cfg, args, step_tokens_per_s: float | None) -> dict:
+  """tf.data batches from prepared data (made, and cached, on first use), timed alone,
+  each put on the device as a training step would take it."""
+  from lmssl.data import pipeline
+  from lmssl.data import prepare
+  from lmssl.data import tokenizer as tokenizer_lib
+  cfg.data.source = args.data_source
+  cfg.data.tokenizer = args.tokenizer
+  workdir = args.workdir or os.path.join(os.path.expanduser("~/.cache/lmssl"), "bench")
+  cfg.data.cache_dir = workdir
+  tokenizer_path, prepared_dir = prepare.prepare(cfg.data, None, workdir)
+  tok = tokenizer_lib.load(tokenizer_path)
+  mesh = _mesh(cfg)
+  batch = cfg.train.batch_size
+  ds = pipeline.make_dataset(
+      prepare.load_prepared(prepared_dir, "train"), objective=cfg.objective,
+      global_batch=batch, seed=cfg.seed, start_step=0, cfg=cfg.data, tokenizer=tok,
+      host_rows=sharding.host_rows(mesh, batch))
+  batches = ds.as_numpy_iterator()
+  for _ in range(args.warmup + 2):
+    jax.block_until_ready(sharding.global_batch(next(batches), mesh))
+  count = max(args.steps * args.rounds * 4, 8)
+  start = time.perf_counter()
+  for _ in range(count):
+    jax.block_until_ready(sharding.global_batch(next(batches), mesh))
+  seconds = time.perf_counter() - start
+  tokens_per_s = count * batch * cfg.data.seq_len / seconds
+  return dict(measurement="pipeline", impl="lmssl", task=cfg.objective, batch=batch,
+              seq=cfg.data.seq_len, tokens_per_s=tokens_per_s, batches=count,
+              step_ratio=tokens_per_s / step_tokens_per_s if step_tokens_per_s else None)
+
+
+def compile_rows(cfg, layers: list[int]) -> list[dict]:
+  """Trace + lower + compile seconds of the train step at each depth, and each against the
+  first; after one untimed compile, so that none pays the process's first-compile costs."""
+  cfg.model.num_layers = layers[0]
+  compile_step(cfg, _mesh(cfg))
+  rows = []
+  for n in layers:
+    cfg.model.num_layers = n
+    _, seconds = compile_step(cfg, _mesh(cfg))
+    rows.append(dict(measurement="compile", impl="lmssl", task=cfg.objective,
+                     batch=cfg.train.batch_size, seq=cfg.data.seq_len, layers=n,
+                     remat=cfg.model.remat, compile_s=seconds,
+                     vs_first=seconds / rows[0]["compile_s"] if rows else 1.0))
+  return rows
+
+
+def largest_batch(memory, budget: int, start: int = 1) -> int:
+  """The largest k with memory(k) <= budget (0 if memory(1) exceeds it), for a memory(k) that
+  grows with k, about linearly: a line through k = start and 2 * start (far enough apart for
+  the buffers' rounding not to matter) gives a guess, which steps that double then bracket
+  and halving narrows, so a good guess costs few calls."""
+  if memory(1) > budget:
+    return 0
+  slope = max((memory(2 * start) - memory(start)) / start, 1)
+  k = max(int(start + (budget - memory(start)) / slope), 1)
+  step = 1
+  if memory(k) <= budget:  # then find a high that does not fit
+    while memory(k + step) <= budget:
+      k, step = k + step, step * 2
+    low, high = k, k + step
+  else:  # find a low that fits
+    while k - step > 1 and memory(k - step) > budget:
+      k, step = k - step, step * 2
+    low, high = max(k - step, 1), k
+  while high - low > 1:
+    middle = (low + high) // 2
+    low, high = (middle, high) if memory(middle) <= budget else (low, middle)
+  return low
+
+
+def remat_rows(cfg, budget_gib: float, policies: list[str]) -> list[dict]:
+  """Per remat policy, the largest batch (a multiple of the batch shards) whose compiled step
+  fits the budget on each device."""
+  budget = int(budget_gib * 2 ** 30)
+  mesh = _mesh(cfg)
+  shards = sharding.batch_shards(mesh)
+  rows = []
+  for policy in policies:
+    cfg.model.remat = policy
+    memory = functools.cache(lambda k: step_memory(compile_step(_batch_of(cfg, k * shards),
+                                                                mesh)[0]))
+    batch = largest_batch(memory, budget, max(cfg.train.batch_size // shards, 1)) * shards
+    rows.append(dict(measurement="max_batch", impl="lmssl", task=cfg.objective, batch=batch,
+                     seq=cfg.data.seq_len, layers=cfg.model.num_layers, remat=policy,
+                     budget_bytes=budget, memory_bytes=memory(max(batch // shards, 1)),
+                     vs_first=(batch / rows[0]["batch"] if rows[0]["batch"] else None)
+                     if rows else 1.0))
+  return rows
+
+
+def _batch_of(cfg, rows: int):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.batch_size = cfg.eval.batch_size = rows
+  return cfg
+
+
+COLUMNS = {
+    "peak": [("peak_source", "{}"), ("peak_flops_per_s", "{:.3g}"),
+             ("matmul_flops_per_s", "{:.3g}")],
+    "train_step": [("impl", "{}"), ("device", "{}"), ("batch", "{}"), ("seq", "{}"),
+                   ("tokens_per_s", "{:,.0f}"), ("step_time_s", "{:.3f}"),
+                   ("flops_per_s", "{:.3g}"), ("mfu", "{:.1%}"), ("compile_s", "{:.1f}"),
+                   ("peak_memory_bytes", "MiB")],
+    "ratio": [("impl", "{}"), ("task", "{}"), ("tokens_per_s_ratio", "{:.2f}x")],
+    "pipeline": [("task", "{}"), ("batch", "{}"), ("seq", "{}"), ("batches", "{}"),
+                 ("tokens_per_s", "{:,.0f}"), ("step_ratio", "{:.1f}x")],
+    "compile": [("layers", "{}"), ("remat", "{}"), ("compile_s", "{:.1f}"),
+                ("vs_first", "{:.2f}x")],
+    "max_batch": [("remat", "{}"), ("layers", "{}"), ("seq", "{}"), ("budget_bytes", "MiB"),
+                  ("batch", "{}"), ("memory_bytes", "MiB"), ("vs_first", "{:.2f}x")],
+}
+
+
+def _cell(value, fmt: str) -> str:
+  if value is None:
+    return "-"
+  if fmt == "MiB":
+    return f"{value / 2 ** 20:,.0f} MiB"
+  return fmt.format(value)
+
+
+def table(rows: list[dict]) -> str:
+  """The rows of one measurement kind as an aligned text table."""
+  columns = COLUMNS[rows[0]["measurement"]]
+  cells = [[name for name, _ in columns]] + [[_cell(r.get(n), f) for n, f in columns]
+                                             for r in rows]
+  widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+  return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m lmssl.bench", description=__doc__.split("\n")[0])
+  p.add_argument("--task", required=True, choices=config_lib.OBJECTIVES)
+  p.add_argument("--peer", default="", choices=("", "hf"), help="also time this peer")
+  p.add_argument("--json", action="store_true", help="one JSON object per line per measurement")
+  p.add_argument("--size", default="mini", choices=list(config_lib.SIZES),
+                 help="model shape (mini: 4 layers, d_model 256, 4 heads, MLP 1024)")
+  p.add_argument("--layers", type=int, default=0, help="layers (0: the size's)")
+  p.add_argument("--vocab", type=int, default=32000)
+  p.add_argument("--batch", type=int, default=0, help="0: MLM 32, CLM 16")
+  p.add_argument("--seq", type=int, default=0, help="0: MLM 128, CLM 256")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--remat", default="none", choices=list(model_lib.REMAT_POLICIES))
+  p.add_argument("--dropout", type=float, default=0.0)
+  p.add_argument("--attention", default="auto", choices=list(model_lib.ATTENTION_IMPLS))
+  p.add_argument("--loss_chunks", type=int, default=0, help="train.loss_chunks (CLM)")
+  p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+  p.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+  p.add_argument("--no_step", action="store_true", help="skip the train-step timing")
+  p.add_argument("--pipeline", action="store_true", help="also time the input pipeline alone")
+  p.add_argument("--data_source", default="builtin", help="--pipeline's corpus (data.source)")
+  p.add_argument("--tokenizer", default="", help="--pipeline's tokenizer (default: trained)")
+  p.add_argument("--workdir", default="", help="--pipeline's tokenizer and prepared data "
+                 "(default ~/.cache/lmssl/bench)")
+  p.add_argument("--compile_layers", default="", help="e.g. 2,24: compile time per depth")
+  p.add_argument("--remat_budget_gib", type=float, default=0.0,
+                 help="largest batch within this memory under each --remat_policies")
+  p.add_argument("--remat_policies", default="none,full")
+  args = p.parse_args(argv)
+  for name in ("steps", "rounds", "batch", "seq", "layers", "vocab", "warmup"):
+    if getattr(args, name) < (1 if name in ("steps", "rounds") else 0):
+      p.error(f"--{name}={getattr(args, name)} must be positive")
+  return args
+
+
+def run(args) -> list[dict]:
+  """Every measurement asked for, as rows; printed as they come."""
+  cfg = bench_config(args.task, size=args.size, layers=args.layers, vocab=args.vocab,
+                     batch=args.batch, seq=args.seq, dtype=args.dtype, remat=args.remat,
+                     dropout=args.dropout, attention=args.attention,
+                     loss_chunks=args.loss_chunks)
+  rows = []
+
+  def report(new: list[dict]) -> None:
+    rows.extend(new)
+    if args.json:
+      print("\n".join(json.dumps(r) for r in new), flush=True)
+      return
+    for kind in dict.fromkeys(r["measurement"] for r in new):
+      print(table([r for r in new if r["measurement"] == kind]) + "\n", flush=True)
+
+  matmul = matmul_rate()
+  peak, source = device_peak(matmul)
+  report([dict(measurement="peak", impl="jax", matmul_flops_per_s=matmul,
+               peak_flops_per_s=peak, peak_source=source)])
+  step_tokens = None
+  if not args.no_step:
+    report(step_rows(cfg.copy_and_resolve_references(), args, peak, source))
+    step_tokens = next(r["tokens_per_s"] for r in rows
+                       if r["measurement"] == "train_step" and r["impl"] == "lmssl")
+  if args.pipeline:
+    report([pipeline_row(cfg.copy_and_resolve_references(), args, step_tokens)])
+  if args.compile_layers:
+    report(compile_rows(cfg.copy_and_resolve_references(),
+                        [int(n) for n in args.compile_layers.split(",")]))
+  if args.remat_budget_gib:
+    report(remat_rows(cfg.copy_and_resolve_references(), args.remat_budget_gib,
+                      args.remat_policies.split(",")))
+  return rows
+
+
+def main(argv=None) -> None:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    run(args)
+  except errors.UserError as e:
+    sys.exit(f"lmssl.bench: error: {e}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,104 @@
+"""The benchmark at tiny shapes: its figures agree with each other and with what they are made
+of. No timing is asserted: these machines are shared."""
+
+import importlib.util
+import json
+import statistics
+
+import pytest
+
+from conftest import CORPORA
+from lmssl import bench
+
+TINY = ["--size", "tiny", "--vocab", "300", "--batch", "8", "--seq", "32", "--steps", "2",
+        "--rounds", "2", "--warmup", "1"]
+
+
+def _run(capsys, *extra):
+  rows = bench.run(bench.parse_args(["--json", *TINY, *extra]))
+  printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert printed == rows
+  return rows
+
+
+def _check_step_row(row, cfg, peak, predictions):
+  step_s = statistics.median(row["rounds_step_time_s"])
+  assert len(row["rounds_step_time_s"]) == 2 and row["step_time_s"] == step_s
+  assert row["tokens_per_s"] == pytest.approx(cfg.train.batch_size * cfg.data.seq_len / step_s)
+  flops = bench.flops_per_step(cfg, predictions)
+  assert row["flops_per_s"] == pytest.approx(flops / step_s)
+  assert row["mfu"] == pytest.approx(flops / step_s / peak)
+  assert row["peak_memory_bytes"] > 0
+
+
+def test_step_compile_and_memory_rows(capsys):
+  rows = _run(capsys, "--task", "clm", "--compile_layers", "1,3")
+  peak, step, first, second = rows
+  assert peak["measurement"] == "peak" and peak["peak_flops_per_s"] > 0
+  cfg = bench.bench_config("clm", size="tiny", vocab=300, batch=8, seq=32)
+  assert {k: step[k] for k in ("impl", "task", "batch", "seq", "layers")} == dict(
+      impl="lmssl", task="clm", batch=8, seq=32, layers=2)
+  _check_step_row(step, cfg, peak["peak_flops_per_s"], None)
+  assert step["compile_s"] > 0
+  # On CPU the memory is XLA's figure for the compiled step: the same step compiled again.
+  compiled, _ = bench.compile_step(cfg, bench._mesh(cfg))
+  assert step["peak_memory_bytes"] == bench.step_memory(compiled)
+  assert [first["layers"], second["layers"]] == [1, 3]
+  assert second["vs_first"] == pytest.approx(second["compile_s"] / first["compile_s"])
+
+
+@pytest.mark.parametrize("budget", [0, 99, 100, 101, 5_000, 77_777])
+def test_largest_batch_is_the_boundary_of_the_budget(budget):
+  """Memory that is not a line (buffers come in sizes), as XLA's is not quite."""
+  def memory(k):
+    calls.append(k)
+    return 100 + 37 * k + 64 * (k // 16) + (k * k) // 50
+
+  calls = []
+  k = bench.largest_batch(memory, budget, start=8)
+  searched = set(calls)
+  assert k == max((j for j in range(1, 2000) if memory(j) <= budget), default=0)
+  assert len(searched) <= 2 * max(k, 1).bit_length() + 4
+
+
+def test_chunked_clm_loss_needs_less_memory():
+  used = {}
+  for chunks in (0, 8):
+    cfg = bench.bench_config("clm", size="tiny", vocab=8000, batch=8, seq=256,
+                             loss_chunks=chunks)
+    used[chunks] = bench.step_memory(bench.compile_step(cfg, bench._mesh(cfg))[0])
+  # Per device (one row of 8 each): the whole [1, 256, 8000] float32 logits are 8 MiB, and
+  # the loss keeps them, or their gradient, for the backward; a piece is 1/8 of that.
+  assert used[0] - used[8] > 8 * 2 ** 20
+
+
+def test_pipeline_row(capsys, tokenizer_path, tmp_path):
+  rows = _run(capsys, "--task", "mlm", "--no_step", "--pipeline", "--data_source",
+              f"text:{CORPORA / 'wikitext-2' / 'valid.txt'}", "--tokenizer", tokenizer_path,
+              "--workdir", str(tmp_path))
+  row = rows[-1]
+  assert {k: row[k] for k in ("measurement", "task", "batch", "seq", "batches")} == dict(
+      measurement="pipeline", task="mlm", batch=8, seq=32, batches=16)
+  assert row["tokens_per_s"] > 0 and row["step_ratio"] is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None
+                    or importlib.util.find_spec("torch") is None,
+                    reason="the HuggingFace peer needs the hf extra (torch, transformers)")
+def test_hf_peer_side_by_side(capsys):
+  rows = _run(capsys, "--task", "mlm", "--peer", "hf")
+  peak, ours, theirs, ratio = rows
+  cfg = bench.bench_config("mlm", size="tiny", vocab=300, batch=8, seq=32)
+  assert (ours["impl"], theirs["impl"]) == ("lmssl", "hf")
+  assert theirs["device"] == "cpu" and theirs["memory_source"] == "peak RSS growth"
+  # The HuggingFace head projects every position to the vocabulary; lmssl's the masked ones.
+  _check_step_row(ours, cfg, peak["peak_flops_per_s"], None)
+  _check_step_row(theirs, cfg, peak["peak_flops_per_s"], cfg.data.seq_len)
+  assert ratio["tokens_per_s_ratio"] == pytest.approx(
+      ours["tokens_per_s"] / theirs["tokens_per_s"])
+
+
+def test_bad_arguments_are_refused(capsys):
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--task", "mlm", "--rounds", "0"])
+  assert "--rounds=0 must be positive" in capsys.readouterr().err

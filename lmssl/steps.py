@@ -57,14 +57,20 @@ def make_optimizer(cfg):
   return optimizer_lib.make(cfg.train, lora=cfg.lora.rank > 0)
 
 
-def create_state(cfg, mesh):
-  """The train state, born sharded: shapes from eval_shape, shardings from the logical rules."""
+def state_init(cfg):
+  """rng -> the initial TrainState, its leaves boxed with their logical axis names."""
   model, tx, batch = build_model(cfg), make_optimizer(cfg), example_batch(cfg, 1)
 
   def init(rng):
     params = model.init({"params": rng}, batch)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
+  return init
+
+
+def create_state(cfg, mesh):
+  """The train state, born sharded: shapes from eval_shape, shardings from the logical rules."""
+  init = state_init(cfg)
   rng = jax.random.key(cfg.seed)
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.logical_shardings(abstract, mesh)

@@ -22,7 +22,6 @@ to the vocabulary, lmssl's only the masked ones.
 """
 
 import argparse
-import functools
 import importlib.util
 import json
 import math
@@ -32,11 +31,11 @@ import statistics
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmssl import bench_parts
 from lmssl import config as config_lib
 from lmssl import errors
 from lmssl import metrics
@@ -117,45 +116,12 @@ def device_peak(measured_cpu: float) -> tuple[float, str]:
   return per_device * jax.local_device_count(), f"{jax.devices()[0].device_kind} bf16 peak"
 
 
-def _mesh(cfg):
-  return sharding.make_mesh(cfg.mesh, jax.local_devices())
-
-
-def abstract_state(cfg, mesh):
-  """The train state's shapes with their shardings, and the shardings, without computing it."""
-  boxed = jax.eval_shape(steps.state_init(cfg), jax.random.key(0))
-  shardings = sharding.logical_shardings(boxed, mesh)
-  shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nn.meta.unbox(boxed), shardings)
-  return shapes, shardings
-
-
-def compile_step(cfg, mesh):
-  """The train step compiled for cfg's shapes (from abstract values), and the seconds taken
-  to trace, lower and compile it."""
-  with jax.set_mesh(mesh):
-    state, shardings = abstract_state(cfg, mesh)
-    step, _ = steps.compile_steps(cfg, shardings, mesh)
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                         steps.example_batch(cfg, cfg.train.batch_size))
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    return compiled, time.perf_counter() - start
-
-
-def step_memory(compiled) -> int:
-  """Bytes the compiled step needs at its peak: inputs, outputs not aliased to them, temps."""
-  m = compiled.memory_analysis()
-  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-          + m.temp_size_in_bytes)
-
-
 class Lmssl:
   """lmssl's jitted train step on a state born sharded, cycling through device batches."""
 
   def __init__(self, cfg):
-    self.mesh = _mesh(cfg)
-    self.compiled, self.compile_s = compile_step(cfg, self.mesh)
+    self.mesh = bench_parts.mesh_for(cfg)
+    self.compiled, self.compile_s = bench_parts.compile_step(cfg, self.mesh)
     with jax.set_mesh(self.mesh):
       self.state, _ = steps.create_state(cfg, self.mesh)
       self.batches = [sharding.global_batch(b, self.mesh) for b in synthetic_batches(cfg, 4)]
@@ -173,7 +139,7 @@ class Lmssl:
     stats = jax.local_devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:
       return stats["peak_bytes_in_use"], "device peak in use"
-    return step_memory(self.compiled), "XLA compiled step"
+    return bench_parts.step_memory(self.compiled), "XLA compiled step"
 
   def close(self) -> None:
     pass
@@ -277,104 +243,6 @@ def _device_name(runner) -> str:
   return f"{jax.local_device_count()} x {jax.devices()[0].device_kind}"
 
 
-def pipeline_row(cfg, args, step_tokens_per_s: float | None) -> dict:
-  """tf.data batches from prepared data (made, and cached, on first use), timed alone,
-  each put on the device as a training step would take it."""
-  from lmssl.data import pipeline
-  from lmssl.data import prepare
-  from lmssl.data import tokenizer as tokenizer_lib
-  cfg.data.source = args.data_source
-  cfg.data.tokenizer = args.tokenizer
-  workdir = args.workdir or os.path.join(os.path.expanduser("~/.cache/lmssl"), "bench")
-  cfg.data.cache_dir = workdir
-  tokenizer_path, prepared_dir = prepare.prepare(cfg.data, None, workdir)
-  tok = tokenizer_lib.load(tokenizer_path)
-  mesh = _mesh(cfg)
-  batch = cfg.train.batch_size
-  ds = pipeline.make_dataset(
-      prepare.load_prepared(prepared_dir, "train"), objective=cfg.objective,
-      global_batch=batch, seed=cfg.seed, start_step=0, cfg=cfg.data, tokenizer=tok,
-      host_rows=sharding.host_rows(mesh, batch))
-  batches = ds.as_numpy_iterator()
-  for _ in range(args.warmup + 2):
-    jax.block_until_ready(sharding.global_batch(next(batches), mesh))
-  count = max(args.steps * args.rounds * 4, 8)
-  start = time.perf_counter()
-  for _ in range(count):
-    jax.block_until_ready(sharding.global_batch(next(batches), mesh))
-  seconds = time.perf_counter() - start
-  tokens_per_s = count * batch * cfg.data.seq_len / seconds
-  return dict(measurement="pipeline", impl="lmssl", task=cfg.objective, batch=batch,
-              seq=cfg.data.seq_len, tokens_per_s=tokens_per_s, batches=count,
-              step_ratio=tokens_per_s / step_tokens_per_s if step_tokens_per_s else None)
-
-
-def compile_rows(cfg, layers: list[int]) -> list[dict]:
-  """Trace + lower + compile seconds of the train step at each depth, and each against the
-  first; after one untimed compile, so that none pays the process's first-compile costs."""
-  cfg.model.num_layers = layers[0]
-  compile_step(cfg, _mesh(cfg))
-  rows = []
-  for n in layers:
-    cfg.model.num_layers = n
-    _, seconds = compile_step(cfg, _mesh(cfg))
-    rows.append(dict(measurement="compile", impl="lmssl", task=cfg.objective,
-                     batch=cfg.train.batch_size, seq=cfg.data.seq_len, layers=n,
-                     remat=cfg.model.remat, compile_s=seconds,
-                     vs_first=seconds / rows[0]["compile_s"] if rows else 1.0))
-  return rows
-
-
-def largest_batch(memory, budget: int, start: int = 1) -> int:
-  """The largest k with memory(k) <= budget (0 if memory(1) exceeds it), for a memory(k) that
-  grows with k, about linearly: a line through k = start and 2 * start (far enough apart for
-  the buffers' rounding not to matter) gives a guess, which steps that double then bracket
-  and halving narrows, so a good guess costs few calls."""
-  if memory(1) > budget:
-    return 0
-  slope = max((memory(2 * start) - memory(start)) / start, 1)
-  k = max(int(start + (budget - memory(start)) / slope), 1)
-  step = 1
-  if memory(k) <= budget:  # then find a high that does not fit
-    while memory(k + step) <= budget:
-      k, step = k + step, step * 2
-    low, high = k, k + step
-  else:  # find a low that fits
-    while k - step > 1 and memory(k - step) > budget:
-      k, step = k - step, step * 2
-    low, high = max(k - step, 1), k
-  while high - low > 1:
-    middle = (low + high) // 2
-    low, high = (middle, high) if memory(middle) <= budget else (low, middle)
-  return low
-
-
-def remat_rows(cfg, budget_gib: float, policies: list[str]) -> list[dict]:
-  """Per remat policy, the largest batch (a multiple of the batch shards) whose compiled step
-  fits the budget on each device."""
-  budget = int(budget_gib * 2 ** 30)
-  mesh = _mesh(cfg)
-  shards = sharding.batch_shards(mesh)
-  rows = []
-  for policy in policies:
-    cfg.model.remat = policy
-    memory = functools.cache(lambda k: step_memory(compile_step(_batch_of(cfg, k * shards),
-                                                                mesh)[0]))
-    batch = largest_batch(memory, budget, max(cfg.train.batch_size // shards, 1)) * shards
-    rows.append(dict(measurement="max_batch", impl="lmssl", task=cfg.objective, batch=batch,
-                     seq=cfg.data.seq_len, layers=cfg.model.num_layers, remat=policy,
-                     budget_bytes=budget, memory_bytes=memory(max(batch // shards, 1)),
-                     vs_first=(batch / rows[0]["batch"] if rows[0]["batch"] else None)
-                     if rows else 1.0))
-  return rows
-
-
-def _batch_of(cfg, rows: int):
-  cfg = cfg.copy_and_resolve_references()
-  cfg.train.batch_size = cfg.eval.batch_size = rows
-  return cfg
-
-
 COLUMNS = {
     "peak": [("peak_source", "{}"), ("peak_flops_per_s", "{:.3g}"),
              ("matmul_flops_per_s", "{:.3g}")],
@@ -471,12 +339,12 @@ def run(args) -> list[dict]:
     step_tokens = next(r["tokens_per_s"] for r in rows
                        if r["measurement"] == "train_step" and r["impl"] == "lmssl")
   if args.pipeline:
-    report([pipeline_row(cfg.copy_and_resolve_references(), args, step_tokens)])
+    report([bench_parts.pipeline_row(cfg.copy_and_resolve_references(), args, step_tokens)])
   if args.compile_layers:
-    report(compile_rows(cfg.copy_and_resolve_references(),
+    report(bench_parts.compile_rows(cfg.copy_and_resolve_references(),
                         [int(n) for n in args.compile_layers.split(",")]))
   if args.remat_budget_gib:
-    report(remat_rows(cfg.copy_and_resolve_references(), args.remat_budget_gib,
+    report(bench_parts.remat_rows(cfg.copy_and_resolve_references(), args.remat_budget_gib,
                       args.remat_policies.split(",")))
   return rows
 

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import CORPORA
 from lmssl import bench
+from lmssl import bench_parts
 
 TINY = ["--size", "tiny", "--vocab", "300", "--batch", "8", "--seq", "32", "--steps", "2",
         "--rounds", "2", "--warmup", "1"]
@@ -41,8 +42,8 @@ def test_step_compile_and_memory_rows(capsys):
   _check_step_row(step, cfg, peak["peak_flops_per_s"], None)
   assert step["compile_s"] > 0
   # On CPU the memory is XLA's figure for the compiled step: the same step compiled again.
-  compiled, _ = bench.compile_step(cfg, bench._mesh(cfg))
-  assert step["peak_memory_bytes"] == bench.step_memory(compiled)
+  compiled, _ = bench_parts.compile_step(cfg, bench_parts.mesh_for(cfg))
+  assert step["peak_memory_bytes"] == bench_parts.step_memory(compiled)
   assert [first["layers"], second["layers"]] == [1, 3]
   assert second["vs_first"] == pytest.approx(second["compile_s"] / first["compile_s"])
 
@@ -55,7 +56,7 @@ def test_largest_batch_is_the_boundary_of_the_budget(budget):
     return 100 + 37 * k + 64 * (k // 16) + (k * k) // 50
 
   calls = []
-  k = bench.largest_batch(memory, budget, start=8)
+  k = bench_parts.largest_batch(memory, budget, start=8)
   searched = set(calls)
   assert k == max((j for j in range(1, 2000) if memory(j) <= budget), default=0)
   assert len(searched) <= 2 * max(k, 1).bit_length() + 4
@@ -66,7 +67,7 @@ def test_chunked_clm_loss_needs_less_memory():
   for chunks in (0, 8):
     cfg = bench.bench_config("clm", size="tiny", vocab=8000, batch=8, seq=256,
                              loss_chunks=chunks)
-    used[chunks] = bench.step_memory(bench.compile_step(cfg, bench._mesh(cfg))[0])
+    used[chunks] = bench_parts.step_memory(bench_parts.compile_step(cfg, bench_parts.mesh_for(cfg))[0])
   # Per device (one row of 8 each): the whole [1, 256, 8000] float32 logits are 8 MiB, and
   # the loss keeps them, or their gradient, for the backward; a piece is 1/8 of that.
   assert used[0] - used[8] > 8 * 2 ** 20

@@ -29,8 +29,9 @@ Options:
   -- LMSSL_ARGS...      passed to lmssl.main verbatim, after the bfloat16 setting (so
                         --config.model.dtype=float32 there overrides it)
 
-Environment: LMSSL_PYTHON, the Python that has lmssl and jax[cuda12] installed (default:
-python on PATH).
+Environment: LMSSL_PYTHON, the Python that has lmssl and JAX's CUDA build installed (default:
+python on PATH): pip install -U "jax[cuda13]" (NVIDIA driver 580 or newer), or "jax[cuda12]"
+with an older driver.
 EOF
 }
 
@@ -62,7 +63,8 @@ parse_args() {
 # A CPU-only jaxlib would train, very slowly, without a word: catch it before the run.
 check_jax_gpu() {
   "$PYTHON" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' ||
-    fail "JAX in $PYTHON sees no GPU; install the CUDA build: pip install -U \"jax[cuda12]\""
+    fail "JAX in $PYTHON sees no GPU; install its CUDA build: pip install -U \"jax[cuda13]\"" \
+      "(NVIDIA driver 580 or newer; nvidia-smi shows it), or \"jax[cuda12]\" with an older driver"
 }
 
 main() {

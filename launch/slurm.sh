@@ -18,8 +18,8 @@ usage: launch/slurm.sh --nodes N --gpus-per-node G --config FILE[:ARGS] --workdi
 
 Submits launch/slurm.sbatch with sbatch from the current directory (the job's output goes
 to ./lmssl-JOBID.out). Each node runs one python -m lmssl.main --distributed process that
-uses all of its GPUs, in bfloat16. The job is requeued after a preemption and resumes from
-the workdir's latest checkpoint.
+uses all of its GPUs (lmssl passes them to jax.distributed.initialize), in bfloat16. The job
+is requeued after a preemption and resumes from the workdir's latest checkpoint.
 
 Options:
   --nodes N             nodes (hosts) to train on
@@ -37,7 +37,9 @@ Options:
   -- LMSSL_ARGS...      passed to lmssl.main verbatim (--config.KEY=VALUE ...)
 
 Environment: sbatch passes yours to the job, so activate the environment that has lmssl and
-jax[cuda12] installed before submitting, or set LMSSL_PYTHON to its python.
+JAX's CUDA build installed before submitting, or set LMSSL_PYTHON to its python. The build:
+pip install -U "jax[cuda13]" (NVIDIA driver 580 or newer on the nodes), or "jax[cuda12]" with
+an older driver.
 EOF
 }
 

@@ -12,14 +12,28 @@ DRY_RUN=0
 # shellcheck source=launch/common.sh
 source "$HERE/common.sh"
 
-# On each worker, relative to the home directory: the unpacked project and the training log.
+# On each worker, relative to the home directory: the unpacked project, the training log, the
+# lock a trainer holds while it runs, and the virtual environment setup makes.
 REMOTE_DIR=lmssl
-# shellcheck disable=SC2088  # the worker's shell expands it
-REMOTE_LOG='~/lmssl.log'
+# shellcheck disable=SC2088  # the worker's shell expands these
+REMOTE_LOG='~/lmssl.log' REMOTE_LOCK='~/lmssl.lock' REMOTE_VENV='~/lmssl-venv'
+REMOTE_PYTHON=$REMOTE_VENV/bin/python
+# The venv's Python: the images' own python3 is too old for jax (Ubuntu 22.04 has 3.10; jax 0.10
+# needs 3.11, and 3.12 leaves room for releases that raise the floor again). uv fetches this
+# version when the image lacks it.
+PYTHON_VERSION=3.12
 # pkill/pgrep pattern for the trainer; "[.]" keeps it from matching the shell running pkill.
-TRAIN_PATTERN='python3 -m lmssl[.]main'
-# A preempted worker can vanish without closing its connection: notice within ~5 minutes.
-SSH_KEEPALIVE=(--ssh-flag=-oServerAliveInterval=60 --ssh-flag=-oServerAliveCountMax=5)
+TRAIN_PATTERN='lmssl-venv/bin/python -m lmssl[.]main'
+# The status a worker answers when a trainer is already running there (EX_TEMPFAIL).
+ALREADY_RUNNING=75
+# Fail a connection attempt after 30 s (gcloud retries it) instead of hanging; and notice a
+# preempted worker, which can vanish without closing its connection, within ~5 minutes.
+SSH_FLAGS=(--ssh-flag=-oConnectTimeout=30 --ssh-flag=-oServerAliveInterval=60
+           --ssh-flag=-oServerAliveCountMax=5)
+# A failed describe that is not NOT_FOUND (network, credentials, a server error) says nothing
+# about the resource: it is tried again, this many times in all, DESCRIBE_WAIT s apart (or
+# --poll s, when less), before the script gives up.
+DESCRIBE_TRIES=5 DESCRIBE_WAIT=30
 
 usage() {
   cat <<'EOF'
@@ -29,9 +43,12 @@ Commands:
   create     create a TPU VM slice (gcloud compute tpus tpu-vm create; one slice only)
   queued     request a slice (or --num-slices N) as a queued resource and wait until it is
              ACTIVE
-  setup      copy the committed project (git HEAD) to every worker and pip install it there
-  run        train on every worker: python3 -m lmssl.main --distributed ... (output streams
-             here and goes to ~/lmssl.log on each worker; --detach returns at once)
+  setup      copy the committed project (git HEAD) to every worker and install it there, with
+             jax[tpu], into a Python 3.12 virtual environment ~/lmssl-venv (made with uv)
+  run        train on every worker: ~/lmssl-venv/bin/python -m lmssl.main --distributed ...
+             (output streams here and is appended to ~/lmssl.log on each worker; --detach
+             returns at once). A worker where a trainer is already running refuses to start
+             another
   logs       follow ~/lmssl.log on one worker (default worker 0, which prints the progress)
   stop       stop the training processes on every worker
   delete     delete the slice (with --queued or --num-slices N > 1: the queued resource and
@@ -53,10 +70,10 @@ Options:
   --allow-local-workdir    run: accept a workdir on the workers' own disks (single-host
                            slices only: every process must see the same checkpoints)
   --detach                 run: start training in the background and return
-  --num-slices N           Multislice: N slices of --accelerator-type as one queued resource,
-                           nodes NAME-0 ... NAME-(N-1) (default 1). Give the same N to queued/
-                           resilient and to setup, run, logs, stop and delete for that name;
-                           create refuses N > 1
+  --num-slices N           Multislice: N slices of --accelerator-type (v4 or later) as one
+                           queued resource, nodes NAME-0 ... NAME-(N-1) (default 1). Give the
+                           same N to queued/resilient and to setup, run, logs, stop and delete
+                           for that name; create refuses N > 1
   --worker N               logs: which worker's log (default 0; of the first slice, NAME-0,
                            with --num-slices N > 1)
   --queued                 delete: the slice was made by `queued` or `resilient`
@@ -119,6 +136,10 @@ check_args() {  # COMMAND
   if [[ $1 == create ]] && ((NUM_SLICES > 1)); then
     die "multislice needs queued resources: use \`queued\` or \`resilient\` with --num-slices"
   fi
+  if [[ -n $ACCEL && $ACCEL =~ ^v[23]- ]] && ((NUM_SLICES > 1)); then
+    die "--num-slices $NUM_SLICES needs a TPU generation with Multislice (v4 or later), but" \
+      "--accelerator-type $ACCEL is a ${ACCEL%%-*}: drop --num-slices or use a v4/v5e/v5p/v6e type"
+  fi
   case $1 in
     run | resilient)
       need_arg "$CONFIG" --config configs/mlm_base.py:size=base
@@ -172,19 +193,19 @@ node_names() {
 }
 
 # WORKER is "all" (every worker of every slice) or one index (of the first slice). A multislice
-# queued resource is reached through queued-resources ssh, which fans out over its nodes;
-# --batch-size=all asks it to start every worker at once, as training needs (gcloud 528 still
-# starts at most 64 at a time, waiting for each group to finish: see launch/README.md).
+# queued resource is reached through queued-resources ssh, which fans out over its nodes in
+# batches (64 workers by default, each batch run to its end before the next starts);
+# --batch-size=all makes it one batch, so every worker starts at once, as training needs.
 tpu_ssh() {  # WORKER REMOTE-COMMAND
   if ! multislice; then
-    run gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" "${SSH_KEEPALIVE[@]}" \
+    run gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" "${SSH_FLAGS[@]}" \
       --command="$2"
   elif [[ $1 == all ]]; then
     run gcloud compute tpus queued-resources ssh "$NAME" "${LOC[@]}" --node=all --worker=all \
-      --batch-size=all "${SSH_KEEPALIVE[@]}" --command="$2"
+      --batch-size=all "${SSH_FLAGS[@]}" --command="$2"
   else
     run gcloud compute tpus queued-resources ssh "$NAME" "${LOC[@]}" --node=0 --worker="$1" \
-      "${SSH_KEEPALIVE[@]}" --command="$2"
+      "${SSH_FLAGS[@]}" --command="$2"
   fi
 }
 
@@ -197,10 +218,39 @@ tpu_scp_all() {  # LOCAL-FILE REMOTE-PATH: to every worker (of every slice)
   fi
 }
 
-# States from gcloud; MISSING when the resource is not there (or cannot be described).
+# What `gcloud compute tpus ... describe` prints for a resource (its state), or MISSING when
+# gcloud answers NOT_FOUND. Any other failure is retried DESCRIBE_TRIES times in all, then
+# ends the script: reading it as MISSING would have the caller create what already exists.
+describe() {  # GCLOUD-ARGUMENTS...
+  local errors out try wait=$((POLL < DESCRIBE_WAIT ? POLL : DESCRIBE_WAIT))
+  errors=$(mktemp)
+  for ((try = 1; ; try++)); do
+    if out=$(gcloud "$@" 2>"$errors"); then
+      rm -f "$errors"
+      printf '%s\n' "$out"
+      return 0
+    fi
+    if grep -q NOT_FOUND "$errors"; then
+      rm -f "$errors"
+      echo MISSING
+      return 0
+    fi
+    if ((try >= DESCRIBE_TRIES)); then
+      out=$(grep -v '^ *$' "$errors" | tail -n 1)
+      rm -f "$errors"
+      fail "gcloud ${*:1:5} failed $try times (${out:-no message}); check" \
+        "the network and \`gcloud auth list\`, then run the same command again"
+    fi
+    note "gcloud ${*:1:5} failed (try $try of $DESCRIBE_TRIES):" \
+      "$(grep -v '^ *$' "$errors" | tail -n 1); trying again in ${wait}s"
+    sleep "$wait"
+  done
+}
+
+# States from gcloud; MISSING when the resource does not exist.
 qr_state() {
-  gcloud compute tpus queued-resources describe "$NAME" "${LOC[@]}" \
-    --format='value(state.state)' 2>/dev/null || echo MISSING
+  describe compute tpus queued-resources describe "$NAME" "${LOC[@]}" \
+    --format='value(state.state)'
 }
 
 # READY when every node (slice) is READY; else the first other state, after the node's name
@@ -208,8 +258,8 @@ qr_state() {
 node_state() {
   local node state
   for node in $(node_names); do
-    state=$(gcloud compute tpus tpu-vm describe "$node" "${LOC[@]}" --format='value(state)' \
-      2>/dev/null) || state=MISSING
+    state=$(describe compute tpus tpu-vm describe "$node" "${LOC[@]}" --format='value(state)') ||
+      exit
     if [[ $state != READY ]]; then
       if multislice; then echo "$node ${state:-MISSING}"; else echo "${state:-MISSING}"; fi
       return 0
@@ -239,7 +289,7 @@ wait_active() {
     return
   fi
   local state
-  while state=$(qr_state) && [[ $state != ACTIVE ]]; do
+  while state=$(qr_state) || exit; [[ $state != ACTIVE ]]; do
     case $state in
       FAILED | SUSPENDING | SUSPENDED | DELETING | MISSING)
         fail "queued resource $NAME is $state; details:" \
@@ -264,17 +314,30 @@ setup() {
   tpu_scp_all "$tarball" "$REMOTE_DIR.tar.gz"
   run rm -f "$tarball"
   local unpack="rm -rf $REMOTE_DIR && mkdir $REMOTE_DIR && tar -xzf $REMOTE_DIR.tar.gz -C $REMOTE_DIR"
-  tpu_ssh all "$unpack && cd $REMOTE_DIR && python3 -m pip install -q -e . -U 'jax[tpu]'"
+  # uv (installed for the user with the image's pip) makes the venv, fetching a Python
+  # $PYTHON_VERSION build when the image has none, and installs into it.
+  local venv="python3 -m pip install -q --user -U uv && python3 -m uv venv -q --clear"
+  venv+=" --python $PYTHON_VERSION $REMOTE_VENV"
+  local install="python3 -m uv pip install -q --python $REMOTE_PYTHON -e . 'jax[tpu]'"
+  tpu_ssh all "$unpack && cd $REMOTE_DIR && $venv && $install"
 }
 
+# The trainer starts only while it can take the worker's lock, which it (and tee) then hold
+# until they exit; where it is taken, the worker says so and exits $ALREADY_RUNNING. gcloud
+# runs the whole command again when the connection fails (ssh status 255), so a retry must
+# not start a second trainer, and the log is appended to, never truncated.
 train() {
   local cmd
-  cmd=$(quote_all python3 -m lmssl.main --distributed --config "$CONFIG" --workdir "$WORKDIR" \
-    ${EXTRA[@]+"${EXTRA[@]}"})
+  cmd="$REMOTE_PYTHON $(quote_all -m lmssl.main --distributed --config "$CONFIG" \
+    --workdir "$WORKDIR" ${EXTRA[@]+"${EXTRA[@]}"})"
+  local lock="exec 9>> $REMOTE_LOCK; flock -n 9 || { echo \"lmssl: not starting: a trainer"
+  lock+=" is already running on \$(hostname) (it holds $REMOTE_LOCK); follow it with"
+  lock+=" launch/tpu.sh logs, or end it with launch/tpu.sh stop first\" >&2;"
+  lock+=" exit $ALREADY_RUNNING; }"
   if ((DETACH)); then
-    tpu_ssh all "cd $REMOTE_DIR && nohup $cmd > $REMOTE_LOG 2>&1 < /dev/null &"
+    tpu_ssh all "$lock; cd $REMOTE_DIR && nohup $cmd >> $REMOTE_LOG 2>&1 < /dev/null &"
   else
-    tpu_ssh all "set -o pipefail; cd $REMOTE_DIR && $cmd 2>&1 | tee $REMOTE_LOG"
+    tpu_ssh all "set -o pipefail; $lock; cd $REMOTE_DIR && $cmd 2>&1 | tee -a $REMOTE_LOG"
   fi
 }
 
@@ -286,7 +349,9 @@ stop_training() {
 }
 
 delete() {
-  if ((QUEUED)) || multislice || { ((!DRY_RUN)) && [[ $(qr_state) != MISSING ]]; }; then
+  local qr=MISSING
+  if ((!QUEUED && !DRY_RUN)) && ! multislice; then qr=$(qr_state) || exit; fi
+  if ((QUEUED)) || multislice || [[ $qr != MISSING ]]; then
     run gcloud compute tpus queued-resources delete "$NAME" "${LOC[@]}" --force --quiet
   else
     run gcloud compute tpus tpu-vm delete "$NAME" "${LOC[@]}" --quiet
@@ -313,9 +378,9 @@ ensure_active() {
   fi
   local qr node
   while true; do
-    qr=$(qr_state)
+    qr=$(qr_state) || exit
     node=-
-    if [[ $qr == ACTIVE ]]; then node=$(node_state); fi
+    if [[ $qr == ACTIVE ]]; then node=$(node_state) || exit; fi
     case $qr in
       ACTIVE) [[ $node == READY ]] && return 0
               delete ;;
@@ -351,12 +416,15 @@ resilient() {
     fi
     note "the run ended with status $rc; checking the slice in ${POLL}s"
     sleep "$POLL"
-    qr=$(qr_state)
-    node=$(node_state)
+    qr=$(qr_state) || exit
+    node=$(node_state) || exit
     if [[ $qr == ACTIVE && $node == READY ]]; then
-      ((rc == 255)) || fail "training exited with status $rc on a healthy slice, so it was not" \
-        "preempted; fix the cause and rerun this command (training resumes from the latest" \
-        "checkpoint in $WORKDIR)"
+      # 255: ssh lost the connection. ALREADY_RUNNING: gcloud's retry of a dropped connection
+      # found the first trainer still there, cut off from this terminal. Either way, stop what
+      # is left and start again.
+      ((rc == 255 || rc == ALREADY_RUNNING)) || fail "training exited with status $rc on a" \
+        "healthy slice, so it was not preempted; fix the cause and rerun this command" \
+        "(training resumes from the latest checkpoint in $WORKDIR)"
       count_restart "lost the connection to a healthy slice: running again"
       stop_training || note "could not reach every worker to stop leftover processes"
     fi  # else ensure_active recreates the slice and counts the restart

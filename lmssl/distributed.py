@@ -5,12 +5,14 @@ Three ways in, tried in this order:
      JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID): GPU clusters without a
      scheduler JAX knows, and several processes on one machine;
   2. --distributed: `jax.distributed.initialize()` finds its peers itself on Cloud TPU VMs,
-     SLURM and Open MPI;
+     SLURM and Open MPI (under SLURM with one task per node, lmssl gives each process all of
+     its node's GPUs: see `slurm_local_device_ids`);
   3. neither: a single process, which needs nothing.
 Must run before anything touches a JAX device.
 """
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -49,6 +51,63 @@ def settings(coordinator=None, num_processes=None, process_id=None, environ=None
   return coordinator, num_processes, process_id
 
 
+def _tasks_per_node(value: str) -> list[int] | None:
+  """SLURM's compressed per-node task counts, e.g. "2(x3),1" -> [2, 2, 2, 1]; None if malformed."""
+  counts = []
+  for part in value.split(","):
+    match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+    if not match:
+      return None
+    counts += [int(match[1])] * int(match[2] or 1)
+  return counts
+
+
+def _tasks_on_this_node(environ) -> int | None:
+  """How many tasks of this job step run on this node, from SLURM's environment, or None."""
+  node = environ.get("SLURM_NODEID", "0")
+  for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+    counts = _tasks_per_node(environ.get(name, ""))
+    if counts and node.isdigit() and int(node) < len(counts):
+      return counts[int(node)]
+  per_node = environ.get("SLURM_NTASKS_PER_NODE", "")
+  return int(per_node) if per_node.isdigit() else None
+
+
+def _gpus_on_this_node(environ) -> int:
+  """The GPUs this process can see: CUDA_VISIBLE_DEVICES's entries (SLURM sets it for the
+  GPUs it allocates), else SLURM_GPUS_ON_NODE; 0 if neither says."""
+  visible = environ.get("CUDA_VISIBLE_DEVICES")
+  if visible is not None:
+    entries = [e for e in visible.split(",") if e.strip()]
+    return 0 if entries == ["NoDevFiles"] else len(entries)
+  on_node = environ.get("SLURM_GPUS_ON_NODE", "")
+  return int(on_node) if on_node.isdigit() else 0
+
+
+# What JAX's SLURM detection needs (jax/_src/clusters/slurm_cluster.py): with all of these set,
+# jax.distributed.initialize() takes the processes from SLURM.
+SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def slurm_local_device_ids(environ=None) -> list[int] | None:
+  """The local GPUs this process should drive, as jax.distributed.initialize's
+  `local_device_ids`, or None to leave JAX's choice.
+
+  Under SLURM, JAX assumes one process per GPU and, given no ids, limits each process to the
+  GPU numbered SLURM_LOCALID: with one task per node (launch/slurm.sbatch), that is GPU 0 of
+  every node and the node's other GPUs idle. So with one task on this node this returns every
+  GPU the process can see, 0..N-1 (CUDA's numbering, after CUDA_VISIBLE_DEVICES). None when not
+  under SLURM, when several tasks share the node (one GPU each, as JAX assumes), when no GPU
+  count is known (e.g. a CPU job), or when JAX_LOCAL_DEVICE_IDS is set (JAX reads it itself)."""
+  environ = os.environ if environ is None else environ
+  if not all(name in environ for name in SLURM) or environ.get("JAX_LOCAL_DEVICE_IDS"):
+    return None
+  if _tasks_on_this_node(environ) != 1:
+    return None
+  gpus = _gpus_on_this_node(environ)
+  return list(range(gpus)) if gpus else None
+
+
 def initialize(coordinator=None, num_processes=None, process_id=None, auto: bool = False):
   """Joins the other processes as `settings` and `auto` (--distributed) say."""
   given = settings(coordinator, num_processes, process_id)
@@ -65,7 +124,8 @@ def initialize(coordinator=None, num_processes=None, process_id=None, auto: bool
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   coordinator, num_processes, process_id = given
   try:
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    jax.distributed.initialize(coordinator, num_processes, process_id,
+                               local_device_ids=slurm_local_device_ids())
   except (RuntimeError, ValueError) as e:
     where = (f"coordinator {coordinator} as process {process_id} of {num_processes}"
              if coordinator else "the cluster JAX detects (--distributed)")

@@ -110,3 +110,49 @@ def test_slices_not_hosts_are_the_outer_network():
   grid = sharding.device_grid((2, 2, 2), devices)
   slice_of = _owner(grid, "slice_index")
   assert (slice_of[0] == 0).all() and (slice_of[1] == 1).all()
+
+
+# What srun gives each task of a 2-node job step, one task per node, 8 GPUs on each.
+SLURM_STEP = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "2",
+              "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "1",
+              "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_NTASKS_PER_NODE": "1",
+              "SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+
+
+@pytest.mark.parametrize("change, ids", [
+    ({}, list(range(8))),  # one task per node: every GPU, not just GPU SLURM_LOCALID (0)
+    ({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, [0, 1, 2, 3]),  # CUDA numbers the visible ones 0..
+    ({"CUDA_VISIBLE_DEVICES": "GPU-1a2b,GPU-3c4d"}, [0, 1]),
+    ({"CUDA_VISIBLE_DEVICES": None}, list(range(8))),  # SLURM_GPUS_ON_NODE says how many
+    ({"SLURM_STEP_TASKS_PER_NODE": None, "SLURM_TASKS_PER_NODE": "1(x2)"}, list(range(8))),
+    ({"SLURM_STEP_TASKS_PER_NODE": None}, list(range(8))),  # SLURM_NTASKS_PER_NODE=1
+    ({"SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_NTASKS": "16"}, None),  # a task per GPU
+    ({"SLURM_STEP_TASKS_PER_NODE": "8,1", "SLURM_NODEID": "1"}, list(range(8))),
+    ({"SLURM_STEP_TASKS_PER_NODE": "8,1", "SLURM_NODEID": "0"}, None),
+    ({"SLURM_STEP_TASKS_PER_NODE": None, "SLURM_NTASKS_PER_NODE": None}, None),  # unknown
+    ({"CUDA_VISIBLE_DEVICES": None, "SLURM_GPUS_ON_NODE": None}, None),  # a CPU job
+    ({"CUDA_VISIBLE_DEVICES": "NoDevFiles", "SLURM_GPUS_ON_NODE": None}, None),
+    ({"JAX_LOCAL_DEVICE_IDS": "0,1"}, None),  # JAX reads it itself
+    ({"SLURM_PROCID": None}, None),  # not a SLURM step JAX would detect
+])
+def test_one_process_per_slurm_node_drives_all_of_its_gpus(change, ids):
+  env = {k: v for k, v in {**SLURM_STEP, **change}.items() if v is not None}
+  assert distributed.slurm_local_device_ids(env) == ids
+
+
+def test_initialize_passes_the_slurm_device_ids_to_jax(monkeypatch):
+  """Without the ids, JAX's SLURM detection sets local_device_ids=[SLURM_LOCALID] = [0]."""
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append((a, kw)))
+  monkeypatch.setattr(jax.config, "update", lambda *a: None)
+  for name in distributed.ENV:
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.delenv("JAX_LOCAL_DEVICE_IDS", raising=False)
+  for name, value in SLURM_STEP.items():
+    monkeypatch.setenv(name, value)
+  distributed.initialize(auto=True)
+  [(args, kwargs)] = calls
+  assert args == (None, None, None) and kwargs == {"local_device_ids": list(range(8))}
+  monkeypatch.delenv("SLURM_JOB_ID")  # not under SLURM: JAX's own choice
+  distributed.initialize(auto=True)
+  assert calls[-1][1] == {"local_device_ids": None}

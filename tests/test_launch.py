@@ -22,6 +22,10 @@ GS = "gs://my-bucket/lmssl/run1"
 # Passthrough arguments that only survive if every layer quotes them.
 TRICKY = ["--config.train.steps=10", "--config.data.source=text:/data/my corpus/*.txt", "it's",
           'x"$HOME`', ""]
+# What setup installs on every worker and run starts there (the images' python3 is too old).
+VENV_PYTHON = "~/lmssl-venv/bin/python"
+SSH_FLAGS = ["--ssh-flag=-oConnectTimeout=30", "--ssh-flag=-oServerAliveInterval=60",
+             "--ssh-flag=-oServerAliveCountMax=5"]
 
 
 def sh(script, *args, env=None, cwd=REPO, path=None):
@@ -61,6 +65,13 @@ def lmssl_args(words):
   i = words.index("lmssl.main")
   assert words[i - 1] == "-m"
   return words[i + 1:]
+
+
+def trainer(command):
+  """The trainer's command line in a tpu.sh run's remote command, split: what follows the
+  lock and `cd lmssl && `, up to the redirection of its output."""
+  start = command.split(" && ", 1)[1]
+  return shlex.split(re.split(r" 2>&1 \| | >> ", start)[0])
 
 
 # -- tpu.sh, dry run ------------------------------------------------------------------------
@@ -108,9 +119,29 @@ def test_tpu_setup_copies_head_to_every_worker(tmp_path):
   assert clean == ["rm", "-f", tarball]
   assert "--worker=all" in install
   steps = [shlex.split(step) for step in remote(install).split(" && ")]
-  assert steps == [["rm", "-rf", "lmssl"], ["mkdir", "lmssl"],
-                   ["tar", "-xzf", "lmssl.tar.gz", "-C", "lmssl"], ["cd", "lmssl"],
-                   ["python3", "-m", "pip", "install", "-q", "-e", ".", "-U", "jax[tpu]"]]
+  assert steps[:4] == [["rm", "-rf", "lmssl"], ["mkdir", "lmssl"],
+                       ["tar", "-xzf", "lmssl.tar.gz", "-C", "lmssl"], ["cd", "lmssl"]]
+
+
+def test_tpu_setup_installs_into_a_venv_with_a_current_python():
+  """jax 0.10 needs Python 3.11; the Ubuntu 22.04 TPU images have 3.10. So
+  setup makes a Python 3.12 venv with uv on every worker, installs into it, and run (and stop's
+  process check) use its python, never the image's python3."""
+  *_, install = commands(sh("tpu.sh", "setup", *TPU, "--dry-run"))
+  steps = [shlex.split(step) for step in remote(install).split(" && ")][4:]
+  assert steps == [
+      ["python3", "-m", "pip", "install", "-q", "--user", "-U", "uv"],
+      ["python3", "-m", "uv", "venv", "-q", "--clear", "--python", "3.12", "~/lmssl-venv"],
+      ["python3", "-m", "uv", "pip", "install", "-q", "--python", VENV_PYTHON, "-e", ".",
+       "jax[tpu]"]]
+  [run] = commands(sh("tpu.sh", "run", *TPU, "--config", CONFIG, "--workdir", GS, "--dry-run"))
+  assert trainer(remote(run))[:3] == [VENV_PYTHON, "-m", "lmssl.main"]
+  assert "python3" not in remote(run)
+  assert f"{VENV_PYTHON} -m lmssl.main" in remote(run)  # "~" unquoted: the worker expands it
+  [stop] = commands(sh("tpu.sh", "stop", *TPU, "--dry-run"))
+  [pattern] = set(re.findall(r"pkill(?: -9)? -f '([^']+)'", remote(stop)))
+  assert re.search(pattern, "/home/me/lmssl-venv/bin/python -m lmssl.main --distributed")
+  assert not re.search(pattern, "/usr/bin/python3 -m lmssl.main")
 
 
 def test_tpu_run_passes_arguments_through_two_shells():
@@ -118,11 +149,13 @@ def test_tpu_run_passes_arguments_through_two_shells():
                       "--", *TRICKY))
   assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lmssl-v5e"]
   assert "--zone=us-west4-a" in cmd and "--worker=all" in cmd
+  assert all(flag in cmd for flag in SSH_FLAGS)
   command = remote(cmd)
-  assert command.startswith("set -o pipefail; cd lmssl && python3 -m lmssl.main ")
-  assert command.endswith(" 2>&1 | tee ~/lmssl.log")
-  words = shlex.split(command.split(" && ", 1)[1].rsplit(" 2>&1", 1)[0])
-  assert words[:3] == ["python3", "-m", "lmssl.main"]
+  assert command.startswith("set -o pipefail; ")
+  assert f"; cd lmssl && {VENV_PYTHON} -m lmssl.main " in command
+  assert command.endswith(" 2>&1 | tee -a ~/lmssl.log")
+  words = trainer(command)
+  assert words[:3] == [VENV_PYTHON, "-m", "lmssl.main"]
   assert lmssl_args(words) == ["--distributed", "--config", CONFIG, "--workdir", GS, *TRICKY]
 
 
@@ -130,12 +163,66 @@ def test_tpu_run_detach_and_logs():
   [cmd] = commands(sh("tpu.sh", "run", *TPU, "--config", CONFIG, "--workdir", GS, "--detach",
                       "--dry-run"))
   command = remote(cmd)
-  assert command.startswith("cd lmssl && nohup python3 -m lmssl.main --distributed ")
-  assert command.endswith(" > ~/lmssl.log 2>&1 < /dev/null &")
+  assert f"; cd lmssl && nohup {VENV_PYTHON} -m lmssl.main --distributed " in command
+  assert command.endswith(" >> ~/lmssl.log 2>&1 < /dev/null &")
   [cmd] = commands(sh("tpu.sh", "logs", *TPU, "--dry-run"))
   assert "--worker=0" in cmd and remote(cmd) == "tail -n +1 -F ~/lmssl.log"
   [cmd] = commands(sh("tpu.sh", "logs", *TPU, "--worker=3", "--dry-run"))
   assert "--worker=3" in cmd
+
+
+def _worker(tmp_path, command, **env):
+  """Runs a tpu.sh run's remote command as a worker's shell would, in a fake home directory
+  whose venv python is a stand-in that logs a line and waits for the file `release`."""
+  (tmp_path / "lmssl").mkdir(exist_ok=True)
+  (tmp_path / "lmssl-venv" / "bin").mkdir(parents=True, exist_ok=True)
+  _fake(tmp_path / "lmssl-venv" / "bin", "python",
+        'echo "trainer $$ started"; while [ ! -e ~/release ]; do sleep 0.05; done; '
+        'echo "trainer $$ done"')
+  return subprocess.Popen([BASH, "-c", command], cwd=tmp_path, text=True,
+                          env=dict(os.environ, HOME=str(tmp_path), **env),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="flock is not installed")
+@pytest.mark.parametrize("detach", [False, True])
+def test_tpu_run_twice_on_a_worker_starts_one_trainer_and_keeps_the_log(tmp_path, detach):
+  """gcloud runs an ssh command again when its connection fails (status 255), so the same
+  start can reach a worker twice: the second must refuse, saying why, and the log must keep
+  what was written before (appended to, not truncated)."""
+  [cmd] = commands(sh("tpu.sh", "run", *TPU, "--config", CONFIG, "--workdir", GS, "--dry-run",
+                      *(["--detach"] if detach else [])))
+  command = remote(cmd)
+  log = tmp_path / "lmssl.log"
+  log.write_text("an earlier run\n")
+  first = _worker(tmp_path, command)
+  for _ in range(200):  # until the first trainer runs (and holds the lock)
+    if "started" in log.read_text():
+      break
+    subprocess.run(["sleep", "0.05"])
+  if detach:
+    assert first.wait(timeout=10) == 0  # returns at once; the trainer goes on
+  second = _worker(tmp_path, command)
+  out, err = second.communicate(timeout=10)
+  assert second.returncode == 75, (out, err)
+  assert err.count("\n") == 1
+  assert "a trainer is already running on" in err and "~/lmssl.lock" in err
+  assert "launch/tpu.sh stop" in err
+  (tmp_path / "release").touch()
+  if not detach:
+    assert first.wait(timeout=10) == 0
+  for _ in range(200):
+    if "done" in log.read_text():
+      break
+    subprocess.run(["sleep", "0.05"])
+  lines = log.read_text().splitlines()
+  assert lines[0] == "an earlier run" and len(lines) == 3, lines
+  assert lines[1].endswith("started") and lines[2].endswith("done")
+  # The lock is free again: the next run starts.
+  (tmp_path / "release").unlink()
+  third = _worker(tmp_path, command)
+  (tmp_path / "release").touch()
+  assert third.wait(timeout=10) == 0
 
 
 def test_tpu_stop_matches_the_trainer_but_not_itself():
@@ -172,7 +259,7 @@ def test_tpu_resilient_dry_run_prints_one_pass():
       ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
   assert "--spot" in cmds[0]
   assert lmssl_args(shlex.split(remote(cmds[-1]))) == [
-      "--distributed", "--config", CONFIG, "--workdir", GS, "a b", "2>&1", "|", "tee",
+      "--distributed", "--config", CONFIG, "--workdir", GS, "a b", "2>&1", "|", "tee", "-a",
       "~/lmssl.log"]
 
 
@@ -206,7 +293,7 @@ def test_tpu_multislice_setup_copies_to_every_worker_of_every_slice(tmp_path):
                   "lmssl-v5e:lmssl.tar.gz", "--zone=us-west4-a", *QR_ALL]
   assert install[:6] == ["gcloud", "compute", "tpus", "queued-resources", "ssh", "lmssl-v5e"]
   assert set(QR_ALL) <= set(install) and "--batch-size=all" in install
-  assert remote(install).endswith("python3 -m pip install -q -e . -U 'jax[tpu]'")
+  assert remote(install).endswith(f"pip install -q --python {VENV_PYTHON} -e . 'jax[tpu]'")
 
 
 def test_tpu_multislice_run_stop_logs_delete():
@@ -214,11 +301,11 @@ def test_tpu_multislice_run_stop_logs_delete():
                       "--dry-run", "--", *TRICKY))
   assert run[:6] == ["gcloud", "compute", "tpus", "queued-resources", "ssh", "lmssl-v5e"]
   assert set(QR_ALL) <= set(run) and "--batch-size=all" in run and "--zone=us-west4-a" in run
-  assert "--ssh-flag=-oServerAliveInterval=60" in run
+  assert all(flag in run for flag in SSH_FLAGS)
   command = remote(run)
-  assert command.startswith("set -o pipefail; cd lmssl && python3 -m lmssl.main --distributed ")
-  words = shlex.split(command.split(" && ", 1)[1].rsplit(" 2>&1", 1)[0])
-  assert lmssl_args(words) == ["--distributed", "--config", CONFIG, "--workdir", GS, *TRICKY]
+  assert f"; cd lmssl && {VENV_PYTHON} -m lmssl.main --distributed " in command
+  assert lmssl_args(trainer(command)) == ["--distributed", "--config", CONFIG, "--workdir", GS,
+                                          *TRICKY]
   # The same trainer command as on one slice: the TPU runtime sets up the slices' coordination.
   [single] = commands(sh("tpu.sh", "run", *TPU, "--config", CONFIG, "--workdir", GS,
                          "--dry-run", "--", *TRICKY))
@@ -243,7 +330,7 @@ def test_tpu_multislice_resilient_dry_run():
       ["queued-resources", "create"], ["queued-resources", "describe"],
       ["queued-resources", "scp"], ["queued-resources", "ssh"], ["queued-resources", "ssh"]]
   assert "--node-count=2" in cmds[0]
-  assert "'a b' 2>&1 | tee" in remote(cmds[-1])
+  assert "'a b' 2>&1 | tee -a" in remote(cmds[-1])
 
 
 def test_equals_form_matches_separate_values():
@@ -302,6 +389,11 @@ def test_tpu_run_refuses_a_local_workdir():
     (["setup", *TPU, "--num-slices", "--dry-run"], ["--num-slices needs a value"]),
     (["run", *TPU, "--num-slices", "2", "--config", CONFIG, "--workdir", "/tmp/run1",
       "--allow-local-workdir", "--dry-run"], ["--workdir must be gs://", "--num-slices 2"]),
+    (["queued", *TPU, "--accelerator-type", "v3-32", "--num-slices", "2", "--dry-run"],
+     ["--num-slices 2 needs a TPU generation with Multislice (v4 or later)",
+      "--accelerator-type v3-32 is a v3", "drop --num-slices"]),
+    (["resilient", *TPU, "--accelerator-type", "v2-8", "--num-slices=4", "--config", CONFIG,
+      "--workdir", GS, "--dry-run"], ["--num-slices 4 needs", "v2-8 is a v2"]),
 ])
 def test_tpu_usage_errors(args, needles):
   usage_error(sh("tpu.sh", *args), *needles)
@@ -362,7 +454,17 @@ def test_gpu_stops_when_jax_sees_no_gpu(tmp_path):
   result = sh("gpu.sh", "--config", CONFIG, "--workdir", "/w",
               path=f"{tmp_path}:{os.environ['PATH']}")
   assert result.returncode == 1
-  assert "sees no GPU" in result.stderr and 'jax[cuda12]' in result.stderr
+  assert result.stderr.count("\n") == 1 and "sees no GPU" in result.stderr
+  # CUDA 13 first (JAX's default CUDA build), with the driver it needs; CUDA 12 for older ones.
+  assert 'pip install -U "jax[cuda13]" (NVIDIA driver 580 or newer' in result.stderr
+  assert '"jax[cuda12]" with an older driver' in result.stderr
+
+
+@pytest.mark.parametrize("script", ["gpu.sh", "slurm.sh"])
+def test_help_recommends_cuda13_with_cuda12_as_the_fallback(script):
+  text = " ".join(sh(script, "--help").stdout.split())
+  assert '"jax[cuda13]" (NVIDIA driver 580 or newer' in text and '"jax[cuda12]"' in text
+  assert text.index("cuda13") < text.index("cuda12")
 
 
 # -- slurm.sh and slurm.sbatch ---------------------------------------------------------------
@@ -489,6 +591,43 @@ def test_tpu_without_a_command_prints_usage():
   assert result.returncode == 2 and "usage:" in result.stderr
 
 
+def test_readme_dry_run_example_is_what_the_script_prints():
+  """The README's example is the script's output, so it shows the guarded start: the lock,
+  the log appended to, the ssh connect timeout."""
+  text = (LAUNCH / "README.md").read_text()
+  block = text.split("```console\n", 1)[1].split("```", 1)[0]
+  command, printed = block.split("\n+ ", 1)
+  args = shlex.split(command.removeprefix("$ ").replace("\\\n", " "))
+  assert args[0] == "launch/tpu.sh"
+  assert sh("tpu.sh", *args[1:]).stdout == "+ " + printed
+  assert "flock -n 9" in printed and "| tee -a ~/lmssl.log" in printed
+  assert "--ssh-flag=-oConnectTimeout=30" in printed
+
+
+def test_docs_state_what_gcloud_does_not_an_unsourced_worker_limit():
+  """gcloud's queued-resources ssh batches workers, 64 by default; --batch-size=all makes one
+  batch of all of them (it warns above 100). No cap of 64 under --batch-size=all exists there."""
+  readme = " ".join((LAUNCH / "README.md").read_text().split())
+  script = " ".join((LAUNCH / "tpu.sh").read_text().split())
+  for text in (readme, script):
+    assert "at most 64" not in text and "64 or fewer" not in text
+  assert "64 by default" in readme and "--batch-size=all" in readme
+
+
+def test_required_python_is_what_the_dependencies_need():
+  """requires-python and the README's Quickstart state the Python that the pinned jax floor
+  needs (checked against the installed jax when it is that floor release)."""
+  importlib_metadata = pytest.importorskip("importlib.metadata")
+  pyproject = (REPO / "pyproject.toml").read_text()
+  floor = re.search(r'^requires-python = ">=(3\.\d+)"$', pyproject, re.M)[1]
+  assert f"With Python {floor}+" in (REPO / "README.md").read_text()
+  jax_floor = re.search(r'"jax>=([0-9.]+)"', pyproject)[1]
+  installed = importlib_metadata.metadata("jax")
+  if not installed["Version"].startswith(jax_floor + "."):
+    pytest.skip(f"installed jax {installed['Version']} is not the floor release {jax_floor}")
+  assert installed["Requires-Python"] == f">={floor}"
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bash_syntax(script):
   result = subprocess.run([BASH, "-n", str(LAUNCH / script)], capture_output=True, text=True)
@@ -511,10 +650,24 @@ def test_shellcheck():
 FAKE_GCLOUD = r"""
 cd "$FAKE_STATE"
 printf '%s\n' "$*" >> calls
+not_found() {
+  echo "ERROR: (gcloud.compute.tpus.$1.describe) NOT_FOUND: Resource '$2' was not found." >&2
+  exit 1
+}
 case "$*" in
-  "compute tpus queued-resources describe"*) cat qr 2>/dev/null || exit 1 ;;
-  "compute tpus tpu-vm describe"*) cat "node-$5" 2>/dev/null || exit 1 ;;
+  *" describe "*)
+    if [[ -s describe_errors ]]; then  # a scripted failure, e.g. the API being unavailable
+      head -n 1 describe_errors >&2; sed -i 1d describe_errors; exit 1
+    fi ;;
+esac
+case "$*" in
+  "compute tpus queued-resources describe"*) cat qr 2>/dev/null || not_found queued-resources "$5";;
+  "compute tpus tpu-vm describe"*) cat "node-$5" 2>/dev/null || not_found tpu-vm "$5" ;;
   "compute tpus queued-resources create"*)
+    if [[ -e qr ]]; then
+      echo "ERROR: (gcloud.compute.tpus.queued-resources.create) ALREADY_EXISTS: $5" >&2
+      exit 1
+    fi
     echo ACTIVE > qr
     for arg; do
       case $arg in
@@ -525,7 +678,7 @@ case "$*" in
     done
     for ((i = 0; i < ${count:-0}; i++)); do echo READY > "node-$prefix-$i"; done ;;
   "compute tpus queued-resources delete"*) rm -f qr node-* ;;
-  *"python3 -m lmssl.main"*)
+  *"-m lmssl.main"*)
     status=$(head -n 1 run_results); sed -i 1d run_results
     case $status in
       255) echo SUSPENDED > qr; for node in node-*; do echo PREEMPTED > "$node"; done ;;
@@ -536,10 +689,15 @@ esac
 """
 
 
-def _resilient(tmp_path, run_results, *extra):
+def _resilient(tmp_path, run_results, *extra, describe_errors=(), existing=False):
+  """`existing`: the queued resource is there (ACTIVE, READY) before the script starts."""
   state = tmp_path / "state"
   state.mkdir()
   (state / "run_results").write_text("".join(f"{r}\n" for r in run_results))
+  (state / "describe_errors").write_text("".join(f"{e}\n" for e in describe_errors))
+  if existing:
+    (state / "qr").write_text("ACTIVE\n")
+    (state / "node-lmssl-v5e").write_text("READY\n")
   _fake(tmp_path, "gcloud", FAKE_GCLOUD)
   result = sh("tpu.sh", "resilient", *TPU, "--accelerator-type", "v5litepod-16", "--spot",
               "--config", CONFIG, "--workdir", GS, "--poll", "0", *extra,
@@ -547,7 +705,7 @@ def _resilient(tmp_path, run_results, *extra):
               env={"FAKE_STATE": str(state), "TMPDIR": str(tmp_path)})
   events = []  # the calls that change the slice or train on it, in order
   for call in (state / "calls").read_text().splitlines():
-    if "python3 -m lmssl.main" in call:
+    if "-m lmssl.main" in call:
       events.append("run")
     elif call.startswith("compute tpus queued-resources ") and \
         call.split()[3] in ("create", "delete"):
@@ -586,7 +744,65 @@ def test_resilient_multislice_recreates_when_one_slice_is_preempted(tmp_path):
   calls = (tmp_path / "state" / "calls").read_text().splitlines()
   assert "compute tpus tpu-vm describe lmssl-v5e-1 --zone=us-west4-a --format=value(state)" \
       in calls
-  runs = [c for c in calls if "python3 -m lmssl.main" in c]
+  runs = [c for c in calls if "-m lmssl.main" in c]
   assert len(runs) == 2
   assert all(c.startswith("compute tpus queued-resources ssh lmssl-v5e ") and
              "--node=all --worker=all" in c for c in runs)
+
+
+def test_resilient_runs_again_when_a_retried_start_finds_the_trainer_running(tmp_path):
+  """gcloud retried a dropped connection and the worker refused a second trainer (75): the
+  first one is cut off from this terminal, so stop it and run again, as after a lost ssh."""
+  result, events = _resilient(tmp_path, [75, 0])
+  assert result.returncode == 0, result.stderr
+  assert events == ["create", "run", "run"]
+  assert "lost the connection to a healthy slice" in result.stderr
+  calls = (tmp_path / "state" / "calls").read_text()
+  assert "pkill -f" in calls
+
+
+UNAVAILABLE = ("ERROR: (gcloud.compute.tpus.queued-resources.describe) UNAVAILABLE: The "
+               "service is currently unavailable.")
+
+
+def test_resilient_retries_a_describe_error_that_is_not_not_found(tmp_path):
+  """A transient describe failure says nothing about the resource: read as "missing", the
+  loop would create it again and die on ALREADY_EXISTS. Only NOT_FOUND means missing."""
+  result, events = _resilient(tmp_path, [0], describe_errors=[UNAVAILABLE, UNAVAILABLE],
+                              existing=True)
+  assert result.returncode == 0, result.stderr
+  assert events == ["run"]
+  assert "UNAVAILABLE" in result.stderr and "try 1 of 5" in result.stderr
+  # NOT_FOUND still reads as missing: the resource is created.
+  fresh = tmp_path / "fresh"
+  fresh.mkdir()
+  result, events = _resilient(fresh, [0])
+  assert result.returncode == 0, result.stderr
+  assert events == ["create", "run"]
+
+
+def test_resilient_gives_up_when_describe_keeps_failing(tmp_path):
+  result, events = _resilient(tmp_path, [0], describe_errors=[UNAVAILABLE] * 9, existing=True)
+  assert result.returncode == 1
+  assert events == []
+  last = result.stderr.splitlines()[-1]
+  assert last.startswith("launch/tpu.sh: error: gcloud compute tpus queued-resources describe "
+                         "lmssl-v5e failed 5 times (ERROR:")
+  assert "UNAVAILABLE" in last and "run the same command again" in last
+  calls = (tmp_path / "state" / "calls").read_text().splitlines()
+  assert sum(" describe " in c for c in calls) == 5
+
+
+def test_delete_retries_describe_and_never_guesses(tmp_path):
+  """delete without --queued asks whether a queued resource of that name exists: a transient
+  error is retried, not taken as "no" (which would delete the wrong kind of resource)."""
+  state = tmp_path / "state"
+  state.mkdir()
+  (state / "describe_errors").write_text(UNAVAILABLE + "\n")
+  (state / "qr").write_text("ACTIVE\n")
+  _fake(tmp_path, "gcloud", FAKE_GCLOUD)
+  result = sh("tpu.sh", "delete", *TPU, "--poll", "0", path=f"{tmp_path}:{os.environ['PATH']}",
+              env={"FAKE_STATE": str(state)})
+  assert result.returncode == 0, result.stderr
+  calls = (state / "calls").read_text().splitlines()
+  assert calls[-1].startswith("compute tpus queued-resources delete lmssl-v5e")

@@ -9,6 +9,7 @@ import os
 
 import ml_collections
 
+from lmssl import attention
 from lmssl import errors
 from lmssl import files
 
@@ -57,7 +58,9 @@ def _model_section() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
   m.param_dtype = "float32"
   m.remat = "none"  # "none", "full", "dots", "dots_no_batch"
-  m.attention = "auto"  # "auto" (cuDNN flash on GPU when it applies), "xla", "cudnn"
+  # "auto" (cudnn on GPU, splash on TPU, else xla), "xla", "cudnn", "splash": lmssl/attention.py
+  m.attention = "auto"
+  m.max_segments = 64  # documents per packed row that cuDNN's packed attention takes
   return m
 
 
@@ -194,7 +197,7 @@ def set_labels(c: ml_collections.ConfigDict, names) -> None:
 
 # Model fields that describe how to run a model, not what it is: a run that starts from
 # another run's parameters keeps its own values of these.
-RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat", "attention", "dropout")
+RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat", "attention", "max_segments", "dropout")
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -237,7 +240,7 @@ def inherit_model(c: ml_collections.ConfigDict, source: ml_collections.ConfigDic
 # unless checkpoint.allow_config_change.
 RESUMABLE = ("mesh", "eval", "checkpoint", "train.log_every", "train.peak_flops_per_device",
              "train.nonfinite", "train.microbatches", "train.loss_chunks", "data.cache_dir",
-             "model.remat", "model.attention")
+             "model.remat", "model.attention", "model.max_segments")
 # Values a run fills in itself (from the tokenizer, the task's labels) when left at these.
 DERIVED = {"model.vocab_size": 0, "task.labels": ""}
 
@@ -280,7 +283,9 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
   _one_of(m.gelu, "model.gelu", ("erf", "tanh"))
   _one_of(m.position, "model.position", ("learned", "rope"))
   _one_of(m.remat, "model.remat", ("none", "full", "dots", "dots_no_batch"))
-  _one_of(m.attention, "model.attention", ("auto", "xla", "cudnn"))
+  _one_of(m.attention, "model.attention", attention.IMPLEMENTATIONS)
+  _check(m.max_segments >= 1, f"model.max_segments={m.max_segments} must be at least 1; it "
+         "bounds the documents per packed row for cuDNN attention (default 64)")
   _one_of(t.schedule, "train.schedule", ("linear", "cosine"))
   _check(t.loss_chunks == 0 or (t.loss_chunks > 0 and (
       d.seq_len % t.loss_chunks == 0 or c.objective != "clm" or c.task.kind)),

@@ -1,8 +1,16 @@
 """The Transformer stack shared by both objectives (heads live in `heads.py`).
 
-The MLM encoder and the CLM decoder are the same modules; they differ only in the attention mask,
-which is built from `causal` and the packing segment ids. Options cover BERT (post-LN, erf GELU,
+The MLM encoder and the CLM decoder are the same modules; they differ only in what attention may
+see: an `attention.Mask` of the packing segment ids and `causal`, which each attention kernel
+takes as structure (`lmssl/attention.py`). Options cover BERT (post-LN, erf GELU,
 token types, embedding LayerNorm) and GPT-2 (pre-LN, tanh GELU, final LayerNorm) exactly.
+
+Precision policy (docs/precision.md; held by tests/test_precision.py): parameters, their
+gradients and the optimizer state are `param_dtype` (float32), and each module casts its
+parameters to `dtype` where it uses them. With `dtype=bfloat16` every matmul takes bfloat16
+operands (attention's scores come out float32) and activations between matmuls are bfloat16,
+while LayerNorm statistics, the attention softmax, the logits that reach the loss, the loss and
+the optimizer update stay float32. Keep `param_dtype` float32.
 
 Shape letters: B batch, L length (queries), S length (keys), D d_model, H heads, K head dim,
 F mlp hidden, V vocab, T token types, N layers.
@@ -16,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lmssl import attention as attention_lib
+
 init_normal = nn.initializers.normal(stddev=0.02)
 
 REMAT_POLICIES = {
@@ -24,7 +34,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
 
 
 def logical_init(names, init=init_normal):
@@ -40,16 +49,6 @@ def layer_norm(cfg, name):
 
 def gelu(cfg, x):
   return nn.gelu(x, approximate=cfg.gelu == "tanh")
-
-
-def attention_mask(segment_ids_BxL, causal: bool):
-  """[B, 1, L, S] bool: attend only within a document (segment), and to the past if causal."""
-  same_B1LS = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
-  mask_B1LS = same_B1LS & (segment_ids_BxL[:, None, None, :] != 0)
-  if causal:
-    length = segment_ids_BxL.shape[1]
-    mask_B1LS &= jnp.tril(jnp.ones((length, length), bool))[None, None]
-  return mask_B1LS
 
 
 def rope(x_BxLxHxK, positions_BxL, theta: float):
@@ -132,7 +131,8 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head attention; given a `cache_index` it decodes against a KV cache instead.
+  """Multi-head attention over what an `attention.Mask` allows, by `cfg.attention` (resolved);
+  given a `cache_index` it decodes against a KV cache instead, always with XLA.
 
   Decoding keeps `cached_key` and `cached_value` [B, S, H, K] in the "cache" collection, with S
   the mask's key length: a call writes its L new (rotated) keys and values at slots
@@ -142,7 +142,7 @@ class Attention(nn.Module):
   cfg: Any
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask_B1LS, positions_BxL, cache_index=None):
+  def __call__(self, x_BxLxD, mask: attention_lib.Mask, positions_BxL, cache_index=None):
     cfg = self.cfg
     shape = (cfg.d_model, cfg.num_heads, cfg.d_model // cfg.num_heads)
     q_BxLxHxK, k_BxSxHxK, v_BxSxHxK = (
@@ -152,12 +152,12 @@ class Attention(nn.Module):
       q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
       k_BxSxHxK = rope(k_BxSxHxK, positions_BxL, cfg.rope_theta)
     if cache_index is not None:
-      k_BxSxHxK, v_BxSxHxK = self._cached(k_BxSxHxK, v_BxSxHxK, mask_B1LS.shape[-1],
-                                          cache_index)
+      k_BxSxHxK, v_BxSxHxK = self._cached(k_BxSxHxK, v_BxSxHxK,
+                                          mask.kv_segment_ids_BxS.shape[1], cache_index)
     q_BxLxHxK = nn.with_logical_constraint(q_BxLxHxK, ("batch", "length", "heads", "kv"))
-    out_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_B1LS,
-        implementation=ATTENTION_IMPLS[cfg.attention])
+    out_BxLxHxK = attention_lib.attend(
+        q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask,
+        "xla" if cache_index is not None else cfg.attention, max_segments=cfg.max_segments)
     return Projection(cfg, "blhk,hkd->bld", shape[1:] + shape[:1], ("heads", "kv", "embed"),
                       ("embed",), name="out")(out_BxLxHxK)
 
@@ -193,11 +193,11 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask_B1LS, positions_BxL, cache_index=None):
+  def __call__(self, x_BxLxD, mask, positions_BxL, cache_index=None):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     for name, sublayer in (("attn", Attention(cfg, name="attn")), ("mlp", Mlp(cfg, name="mlp"))):
-      args = (mask_B1LS, positions_BxL, cache_index) if name == "attn" else ()
+      args = (mask, positions_BxL, cache_index) if name == "attn" else ()
       if cfg.norm == "pre":
         x_BxLxD = x_BxLxD + drop(sublayer(layer_norm(cfg, f"{name}_norm")(x_BxLxD), *args))
       else:
@@ -232,38 +232,40 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL, token_types_BxL=None,
                *, causal: bool):
-    mask_B1LS = attention_mask(segment_ids_BxL, causal)
-    return self._stack(tokens_BxL, positions_BxL, token_types_BxL, mask_B1LS, None)
+    return self._stack(tokens_BxL, positions_BxL, token_types_BxL,
+                       attention_lib.Mask.packed(segment_ids_BxL, causal), None)
 
-  def decode(self, tokens_BxL, positions_BxL, mask_B1LS, cache_index, token_types_BxL=None):
+  def decode(self, tokens_BxL, positions_BxL, mask, cache_index, token_types_BxL=None):
     """Runs L new tokens against the KV cache; apply it with `mutable=["cache"]`.
 
     The tokens fill slots [cache_index, cache_index + L) of every layer's cache, which holds
-    S = mask_B1LS.shape[-1] slots and starts zeroed when the "cache" collection is empty.
-    mask_B1LS [B, 1, L, S] says which slots each new token sees (filled, not padding, not in its
-    future); positions_BxL are the tokens' positions within their own rows, which left padding
-    makes differ from slots.
+    S = mask.kv_segment_ids_BxS.shape[1] slots and starts zeroed when the "cache" collection is
+    empty. `mask` (an `attention.Mask`) says which slots each new token sees (filled, not
+    padding, not in its future); positions_BxL are the tokens' positions within their own
+    rows, which left padding makes differ from slots.
     """
-    return self._stack(tokens_BxL, positions_BxL, token_types_BxL, mask_B1LS, cache_index)
+    return self._stack(tokens_BxL, positions_BxL, token_types_BxL, mask, cache_index)
 
-  def _stack(self, tokens_BxL, positions_BxL, token_types_BxL, mask_B1LS, cache_index):
+  def _stack(self, tokens_BxL, positions_BxL, token_types_BxL, mask, cache_index):
     if token_types_BxL is None:
       token_types_BxL = jnp.zeros_like(tokens_BxL)
     x_BxLxD = self.embedder(tokens_BxL, positions_BxL, token_types_BxL)
     if self.cfg.norm == "post":
       x_BxLxD = self.final_norm(x_BxLxD)
     x_BxLxD = nn.with_logical_constraint(self.drop(x_BxLxD), ("batch", "length", "embed"))
-    x_BxLxD, _ = self.layers(x_BxLxD, mask_B1LS, positions_BxL, cache_index)
+    x_BxLxD, _ = self.layers(x_BxLxD, mask, positions_BxL, cache_index)
     if self.cfg.norm == "pre":
       x_BxLxD = self.final_norm(x_BxLxD)
     return x_BxLxD, self.embedder.table()
 
 
 def module_config(model_cfg, lora_cfg=None):
-  """The model ConfigDict as a frozen, hashable view with dtypes resolved, plus the LoRA
+  """The model ConfigDict as a frozen, hashable view with dtypes and the attention
+  implementation resolved (for this process's platform), plus the LoRA
   settings the projections read (rank 0: no adapters)."""
   d = model_cfg.to_dict()
   d["dtype"], d["param_dtype"] = jnp.dtype(d["dtype"]), jnp.dtype(d["param_dtype"])
+  d["attention"] = attention_lib.resolve(d["attention"], dtype=d["dtype"].name)
   rank = lora_cfg.rank if lora_cfg is not None else 0
   d["lora_rank"], d["lora_alpha"] = rank, lora_cfg.alpha if rank else 0.0
   d["lora_targets"] = tuple(t.strip() for t in lora_cfg.targets.split(",")) if rank else ()

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmssl import attention
 from lmssl import heads
 from lmssl import model as model_lib
 
@@ -40,10 +41,9 @@ class _Decoder(nn.Module):
                                           causal=True)
     return self.clm_head(x_BxLxD, table_VxD)
 
-  def decode(self, tokens_BxL, positions_BxL, mask_B1LS, cache_index):
+  def decode(self, tokens_BxL, positions_BxL, mask, cache_index):
     """Logits [B, V] after each row's last new token."""
-    x_BxLxD, table_VxD = self.transformer.decode(tokens_BxL, positions_BxL, mask_B1LS,
-                                                 cache_index)
+    x_BxLxD, table_VxD = self.transformer.decode(tokens_BxL, positions_BxL, mask, cache_index)
     return self.clm_head(x_BxLxD[:, -1:], table_VxD)[:, 0]
 
 
@@ -67,9 +67,6 @@ def _inference_config(model_cfg):
   m = model_cfg.copy_and_resolve_references()
   # Rematerialization only saves memory for a backward pass.
   m.remat = "none"
-  # Forced cuDNN flash attention rejects one-query decoding steps; XLA handles any mask.
-  if m.attention == "cudnn":
-    m.attention = "xla"
   return model_lib.module_config(m)
 
 
@@ -103,12 +100,12 @@ def _check_generate_args(cfg, prompts, max_new_tokens, temperature, top_k, top_p
          f"{max(cfg.max_len - longest, 0)} new tokens")
 
 
-def _decode_mask(pad_B, query_slots_L, cache_len: int):
-  """[B, 1, L, S]: a query sees its own row's real tokens, up to its own slot."""
-  slots_S = jnp.arange(cache_len)
-  real_B1S = (slots_S[None] >= pad_B[:, None])[:, None]
-  past_LS = slots_S[None] <= query_slots_L[:, None]
-  return real_B1S[:, :, None] & past_LS[None, None]
+def _decode_mask(pad_B, tokens: int, first_slot, cache_len: int) -> attention.Mask:
+  """`tokens` new queries from slot `first_slot` on: each sees its own row's real (not left
+  padding) slots up to its own."""
+  real_BxS = (jnp.arange(cache_len)[None] >= pad_B[:, None]).astype(jnp.int32)
+  return attention.Mask(jnp.ones((pad_B.shape[0], tokens), jnp.int32), real_BxS, first_slot,
+                        causal=True)
 
 
 @jax.jit
@@ -132,11 +129,11 @@ def _pick(logits_BxV, temperature, top_k, top_p, rng):
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
 def _prefill(params, tokens_BxP, pad_B, *, cfg, cache_len: int):
   """Fills cache slots [0, P) with the prompts; returns the next-token logits and the cache."""
-  slots_P = jnp.arange(tokens_BxP.shape[1])
-  positions_BxP = jnp.maximum(slots_P[None] - pad_B[:, None], 0)
+  prompt = tokens_BxP.shape[1]
+  positions_BxP = jnp.maximum(jnp.arange(prompt)[None] - pad_B[:, None], 0)
   logits_BxV, variables = _Decoder(cfg).apply(
-      {"params": params}, tokens_BxP, positions_BxP, _decode_mask(pad_B, slots_P, cache_len), 0,
-      method="decode", mutable=["cache"])
+      {"params": params}, tokens_BxP, positions_BxP, _decode_mask(pad_B, prompt, 0, cache_len),
+      0, method="decode", mutable=["cache"])
   return logits_BxV, variables["cache"]
 
 
@@ -144,10 +141,9 @@ def _prefill(params, tokens_BxP, pad_B, *, cfg, cache_len: int):
 def _step(params, cache, token_B, pad_B, slot, *, cfg):
   """Feeds one token per row at cache slot `slot`; returns the next-token logits and the cache."""
   cache_len = jax.tree.leaves(cache)[0].shape[2]  # [N, B, S, H, K]
-  slot_1 = jnp.reshape(slot, (1,))
   logits_BxV, variables = _Decoder(cfg).apply(
       {"params": params, "cache": cache}, token_B[:, None], (slot - pad_B)[:, None],
-      _decode_mask(pad_B, slot_1, cache_len), slot, method="decode", mutable=["cache"])
+      _decode_mask(pad_B, 1, slot, cache_len), slot, method="decode", mutable=["cache"])
   return logits_BxV, variables["cache"]
 
 

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import ml_collections
 
+from lmssl import attention
 from lmssl import checkpoint
 from lmssl import config as config_lib
 from lmssl import distributed
@@ -359,10 +360,14 @@ def _check_finite(cfg, unchecked) -> None:
   if cfg.train.nonfinite == "skip":
     metrics_lib.log(f"step {step}: {values}; update skipped (train.nonfinite=skip)")
     return
+  packing = ""
+  if attention.resolve(cfg.model.attention, dtype=cfg.model.dtype) == "cudnn":
+    packing = (f" (with cuDNN attention, a row packing more than model.max_segments="
+               f"{cfg.model.max_segments} documents does this too: raise it)")
   raise errors.UserError(
       f"step {step}: the loss or gradients are not finite ({values}); the update was not "
       "applied and the run stopped, its checkpoints (all from finite steps) kept. Lower "
-      "train.lr or lengthen train.warmup_steps, check the data, or set "
+      f"train.lr or lengthen train.warmup_steps, check the data{packing}, or set "
       "--config.train.nonfinite=skip to skip such steps")
 
 

@@ -31,11 +31,11 @@ class Unprojected:
   def logits(self):
     logits_BxXxV = jnp.einsum("bxd,vd->bxv", self.h_BxXxD.astype(self.dtype),
                               self.w_VxD.astype(self.dtype))
+    # fp32 for the softmax in the loss; the bias added in fp32 sums its gradient in fp32.
+    logits_BxXxV = logits_BxXxV.astype(jnp.float32)
     if self.bias_V is not None:
-      logits_BxXxV += self.bias_V.astype(self.dtype)
-    # fp32 for the softmax in the loss.
-    return nn.with_logical_constraint(logits_BxXxV.astype(jnp.float32),
-                                      ("batch", "length", "vocab"))
+      logits_BxXxV += self.bias_V.astype(jnp.float32)
+    return nn.with_logical_constraint(logits_BxXxV, ("batch", "length", "vocab"))
 
 
 class _Kernel(nn.Module):
@@ -74,10 +74,7 @@ class MLMHead(nn.Module):
   def __call__(self, x_BxLxD, table_VxD, masked_positions_BxP):
     cfg = self.cfg
     h_BxPxD = jnp.take_along_axis(x_BxLxD, masked_positions_BxP[..., None], axis=1)
-    h_BxPxD = nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                       kernel_init=model_lib.logical_init(("mlp", "embed")),
-                       bias_init=model_lib.logical_init(("embed",), nn.initializers.zeros),
-                       name="transform")(h_BxPxD)
+    h_BxPxD = _dense(cfg, cfg.d_model, ("mlp", "embed"), "transform")(h_BxPxD)
     h_BxPxD = model_lib.layer_norm(cfg, "transform_norm")(model_lib.gelu(cfg, h_BxPxD))
     return OutputProjection(cfg, name="output")(h_BxPxD, table_VxD)
 
@@ -95,17 +92,20 @@ class Pooler(nn.Module):
       last_B = jnp.maximum(length_B - 1, 0)
       return jnp.take_along_axis(x_BxLxD, last_B[:, None, None], axis=1)[:, 0]
     cfg = self.cfg
-    return jnp.tanh(nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                             kernel_init=model_lib.logical_init(("mlp", "embed")),
-                             bias_init=model_lib.logical_init(("embed",), nn.initializers.zeros),
-                             name="dense")(x_BxLxD[:, 0]))
+    return jnp.tanh(_dense(cfg, cfg.d_model, ("mlp", "embed"), "dense")(x_BxLxD[:, 0]))
+
+
+def _dense(cfg, features: int, kernel_axes: tuple, name: str):
+  """A dense layer over the last axis (the params of `nn.Dense`: kernel [in, out], bias
+  [out]), as a `Projection`, so that its bias gradient sums in float32."""
+  def apply(x):
+    return model_lib.Projection(cfg, "...d,df->...f", (x.shape[-1], features), kernel_axes,
+                                kernel_axes[-1:], name=name)(x)
+  return apply
 
 
 def _classifier(cfg, num_outputs: int, name: str):
-  return nn.Dense(num_outputs, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                  kernel_init=model_lib.logical_init(("embed", "classes")),
-                  bias_init=model_lib.logical_init(("classes",), nn.initializers.zeros),
-                  name=name)
+  return _dense(cfg, num_outputs, ("embed", "classes"), name)
 
 
 # What each head predicts: "mlm" masked tokens, "clm" next tokens, "pair" NSP/SOP label per

@@ -22,6 +22,7 @@ to the vocabulary, lmssl's only the masked ones.
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmssl import attention
 from lmssl import bench_parts
 from lmssl import config as config_lib
 from lmssl import errors
@@ -66,16 +68,19 @@ def bench_config(task: str, *, size="mini", layers=0, vocab=32000, batch=0, seq=
   return c
 
 
-def synthetic_batches(cfg, count: int, seed: int = 0) -> list[dict]:
-  """Full rows of random tokens; MLM rows predict ceil(15%) distinct positions each."""
+def synthetic_batches(cfg, count: int, seed: int = 0, packed: bool = False) -> list[dict]:
+  """Full rows of random tokens, one document each or (`packed`) several of random lengths;
+  MLM rows predict ceil(15%) distinct positions each."""
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(count):
     b = steps.example_batch(cfg, cfg.train.batch_size)
     rows, length = b["input_ids"].shape
     b["input_ids"] = rng.integers(5, cfg.model.vocab_size, (rows, length), dtype=np.int32)
-    b["segment_ids"][:] = 1
-    b["positions"][:] = np.arange(length, dtype=np.int32)
+    b["segment_ids"][:] = packed_segments(rows, length, rng) if packed else 1
+    starts = np.maximum.accumulate(np.where(
+        np.diff(b["segment_ids"], axis=1, prepend=0) != 0, np.arange(length), 0), axis=1)
+    b["positions"][:] = np.arange(length, dtype=np.int32) - starts
     if "masked_positions" in b:
       predictions = b["masked_positions"].shape[1]
       b["masked_positions"] = np.sort(np.stack(
@@ -84,6 +89,19 @@ def synthetic_batches(cfg, count: int, seed: int = 0) -> list[dict]:
       b["input_ids"][np.arange(rows)[:, None], b["masked_positions"]] = 4
       b["masked_weights"][:] = 1.0
     out.append(b)
+  return out
+
+
+def packed_segments(rows: int, length: int, rng, min_doc: int = 16) -> np.ndarray:
+  """[rows, length] segment ids 1, 2, 3... of whole documents of random lengths (at least
+  `min_doc`, mean about length / 4), as the data pipeline packs them."""
+  out = np.zeros((rows, length), np.int32)
+  for r in range(rows):
+    start, seg = 0, 1
+    while start < length:
+      size = max(min_doc, int(rng.exponential(length / 4)))
+      out[r, start:start + size] = seg
+      start, seg = start + size, seg + 1
   return out
 
 
@@ -119,12 +137,15 @@ def device_peak(measured_cpu: float) -> tuple[float, str]:
 class Lmssl:
   """lmssl's jitted train step on a state born sharded, cycling through device batches."""
 
-  def __init__(self, cfg):
+  def __init__(self, cfg, packed: bool = False):
     self.mesh = bench_parts.mesh_for(cfg)
     self.compiled, self.compile_s = bench_parts.compile_step(cfg, self.mesh)
+    self.attention = attention.resolve(cfg.model.attention, dtype=cfg.model.dtype)
+    self.fused = attention.runs_fused(self.compiled.as_text(), self.attention)
     with jax.set_mesh(self.mesh):
       self.state, _ = steps.create_state(cfg, self.mesh)
-      self.batches = [sharding.global_batch(b, self.mesh) for b in synthetic_batches(cfg, 4)]
+      self.batches = [sharding.global_batch(b, self.mesh)
+                      for b in synthetic_batches(cfg, 4, packed=packed)]
     self.steps_run = 0
 
   def run(self, n: int) -> float:
@@ -136,9 +157,8 @@ class Lmssl:
     return time.perf_counter() - start
 
   def memory(self) -> tuple[int, str]:
-    stats = jax.local_devices()[0].memory_stats()
-    if stats and "peak_bytes_in_use" in stats:
-      return stats["peak_bytes_in_use"], "device peak in use"
+    # The compiled step's own figure: a device's peak in use would carry over from whatever
+    # ran before in this process.
     return bench_parts.step_memory(self.compiled), "XLA compiled step"
 
   def close(self) -> None:
@@ -205,9 +225,10 @@ def time_rounds(runners: dict, warmup: int, steps_per_round: int, rounds: int) -
   return times
 
 
-def step_rows(cfg, args, peak: float, peak_source: str) -> list[dict]:
-  """One row per implementation (lmssl, then the peer if asked), plus the ratio."""
-  runners = {"lmssl": Lmssl(cfg)}
+def step_rows(cfg, args, peak: float, peak_source: str, packed: bool = False) -> list[dict]:
+  """One row per implementation (lmssl, then the peer if asked), plus the ratio. `packed`
+  gives lmssl rows of several documents (the peer's rows are always one)."""
+  runners = {"lmssl": Lmssl(cfg, packed)}
   try:
     if args.peer:
       runners[args.peer] = Peer(cfg, args.peer)
@@ -226,7 +247,9 @@ def step_rows(cfg, args, peak: float, peak_source: str) -> list[dict]:
           rounds_step_time_s=times[name], flops_per_s=flops[name] / step_s,
           mfu=flops[name] / step_s / peak, peak_flops_per_s=peak, peak_source=peak_source,
           compile_s=getattr(runner, "compile_s", None), peak_memory_bytes=memory,
-          memory_source=memory_source, device=_device_name(runner)))
+          memory_source=memory_source, device=_device_name(runner),
+          attention=getattr(runner, "attention", None) or runner.info.get("attn_implementation"),
+          fused_attention=getattr(runner, "fused", None), packed=packed and name == "lmssl"))
   finally:
     for runner in runners.values():
       runner.close()
@@ -246,17 +269,25 @@ def _device_name(runner) -> str:
 COLUMNS = {
     "peak": [("peak_source", "{}"), ("peak_flops_per_s", "{:.3g}"),
              ("matmul_flops_per_s", "{:.3g}")],
-    "train_step": [("impl", "{}"), ("device", "{}"), ("batch", "{}"), ("seq", "{}"),
+    "train_step": [("model", "{}"), ("impl", "{}"), ("attention", "{}"),
+                   ("fused_attention", "{}"), ("device", "{}"), ("batch", "{}"), ("seq", "{}"),
                    ("tokens_per_s", "{:,.0f}"), ("step_time_s", "{:.3f}"),
                    ("flops_per_s", "{:.3g}"), ("mfu", "{:.1%}"), ("compile_s", "{:.1f}"),
                    ("peak_memory_bytes", "MiB")],
-    "ratio": [("impl", "{}"), ("task", "{}"), ("tokens_per_s_ratio", "{:.2f}x")],
+    "ratio": [("model", "{}"), ("impl", "{}"), ("task", "{}"), ("seq", "{}"),
+              ("tokens_per_s_ratio", "{:.2f}x")],
+    "attention": [("impl", "{}"), ("causal", "{}"), ("batch", "{}"), ("seq", "{}"),
+                  ("heads", "{}"), ("dtype", "{}"), ("segments", "{}"),
+                  ("max_segments", "{}"), ("fused", "{}"),
+                  ("fwd_bwd_s", "{:.5f}"), ("max_abs_diff_out", "{:.2e}"),
+                  ("max_abs_diff_grad", "{:.2e}")],
     "pipeline": [("task", "{}"), ("batch", "{}"), ("seq", "{}"), ("batches", "{}"),
                  ("tokens_per_s", "{:,.0f}"), ("step_ratio", "{:.1f}x")],
     "compile": [("layers", "{}"), ("remat", "{}"), ("compile_s", "{:.1f}"),
                 ("vs_first", "{:.2f}x")],
-    "max_batch": [("remat", "{}"), ("layers", "{}"), ("seq", "{}"), ("budget_bytes", "MiB"),
-                  ("batch", "{}"), ("memory_bytes", "MiB"), ("vs_first", "{:.2f}x")],
+    "max_batch": [("model", "{}"), ("remat", "{}"), ("layers", "{}"), ("seq", "{}"),
+                  ("budget_bytes", "MiB"), ("batch", "{}"), ("memory_bytes", "MiB"),
+                  ("vs_first", "{:.2f}x")],
 }
 
 
@@ -279,7 +310,13 @@ def table(rows: list[dict]) -> str:
 
 def parse_args(argv):
   p = argparse.ArgumentParser(prog="python -m lmssl.bench", description=__doc__.split("\n")[0])
-  p.add_argument("--task", required=True, choices=config_lib.OBJECTIVES)
+  p.add_argument("--task", choices=config_lib.OBJECTIVES, help="required unless --suite")
+  p.add_argument("--suite", default="", choices=("", "accelerator"),
+                 help="the accelerator suite (lmssl/bench_suite.py): attention kernels, "
+                 "BERT-base and GPT-2 small/medium steps beside the peer, remat batches")
+  p.add_argument("--scale", default="full", choices=("full", "tiny"),
+                 help="--suite shapes: full (the real models) or tiny (a CPU check)")
+  p.add_argument("--out", default="bench_accelerator.json", help="--suite's JSON file")
   p.add_argument("--peer", default="", choices=("", "hf"), help="also time this peer")
   p.add_argument("--json", action="store_true", help="one JSON object per line per measurement")
   p.add_argument("--size", default="mini", choices=list(config_lib.SIZES),
@@ -291,7 +328,7 @@ def parse_args(argv):
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--remat", default="none", choices=list(model_lib.REMAT_POLICIES))
   p.add_argument("--dropout", type=float, default=0.0)
-  p.add_argument("--attention", default="auto", choices=list(model_lib.ATTENTION_IMPLS))
+  p.add_argument("--attention", default="auto", choices=list(attention.IMPLEMENTATIONS))
   p.add_argument("--loss_chunks", type=int, default=0, help="train.loss_chunks (CLM)")
   p.add_argument("--steps", type=int, default=5, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
@@ -307,6 +344,8 @@ def parse_args(argv):
                  help="largest batch within this memory under each --remat_policies")
   p.add_argument("--remat_policies", default="none,full")
   args = p.parse_args(argv)
+  if not args.task and not args.suite:
+    p.error("--task is required (or --suite accelerator)")
   for name in ("steps", "rounds", "batch", "seq", "layers", "vocab", "warmup"):
     if getattr(args, name) < (1 if name in ("steps", "rounds") else 0):
       p.error(f"--{name}={getattr(args, name)} must be positive")
@@ -315,20 +354,15 @@ def parse_args(argv):
 
 def run(args) -> list[dict]:
   """Every measurement asked for, as rows; printed as they come."""
+  if args.suite:
+    from lmssl import bench_suite  # it builds on this module
+    return bench_suite.run(args, functools.partial(_report, args, []))
+  rows = []
+  report = functools.partial(_report, args, rows)
   cfg = bench_config(args.task, size=args.size, layers=args.layers, vocab=args.vocab,
                      batch=args.batch, seq=args.seq, dtype=args.dtype, remat=args.remat,
                      dropout=args.dropout, attention=args.attention,
                      loss_chunks=args.loss_chunks)
-  rows = []
-
-  def report(new: list[dict]) -> None:
-    rows.extend(new)
-    if args.json:
-      print("\n".join(json.dumps(r) for r in new), flush=True)
-      return
-    for kind in dict.fromkeys(r["measurement"] for r in new):
-      print(table([r for r in new if r["measurement"] == kind]) + "\n", flush=True)
-
   matmul = matmul_rate()
   peak, source = device_peak(matmul)
   report([dict(measurement="peak", impl="jax", matmul_flops_per_s=matmul,
@@ -347,6 +381,16 @@ def run(args) -> list[dict]:
     report(bench_parts.remat_rows(cfg.copy_and_resolve_references(), args.remat_budget_gib,
                       args.remat_policies.split(",")))
   return rows
+
+
+def _report(args, rows: list, new: list[dict]) -> None:
+  """Prints rows as they come, as tables or JSON lines, and keeps them in `rows`."""
+  rows.extend(new)
+  if args.json:
+    print("\n".join(json.dumps(r) for r in new), flush=True)
+    return
+  for kind in dict.fromkeys(r["measurement"] for r in new):
+    print(table([r for r in new if r["measurement"] == kind]) + "\n", flush=True)
 
 
 def main(argv=None) -> None:

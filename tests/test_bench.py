@@ -8,6 +8,7 @@ import statistics
 import pytest
 
 from conftest import CORPORA
+from conftest import REPO
 from lmssl import bench
 from lmssl import bench_parts
 
@@ -103,3 +104,60 @@ def test_bad_arguments_are_refused(capsys):
   with pytest.raises(SystemExit):
     bench.parse_args(["--task", "mlm", "--rounds", "0"])
   assert "--rounds=0 must be positive" in capsys.readouterr().err
+
+
+def test_accelerator_suite_at_tiny_scale_without_tensorflow(tmp_path):
+  """`--suite accelerator --scale tiny` on the CPU, as an accelerator host runs it: in a
+  process where importing TensorFlow fails, with the peer, writing one JSON file."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  import os
+  import subprocess
+  import sys
+  blocker = tmp_path / "blocker"
+  for name in ("tensorflow", "tensorflow_datasets"):
+    (blocker / name).mkdir(parents=True)
+    (blocker / name / "__init__.py").write_text(
+        f"raise ImportError('the accelerator suite imported {name}')\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO)]))
+  env.pop("XLA_FLAGS", None)  # one CPU device, as one accelerator
+  out = tmp_path / "suite.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "lmssl.bench", "--suite", "accelerator", "--scale", "tiny",
+       "--peer", "hf", "--steps", "1", "--rounds", "1", "--warmup", "1", "--out", str(out)],
+      env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  document = json.loads(out.read_text())
+  assert document["errors"] == [], document["errors"]
+  assert document["meta"]["platform"] == "cpu" and document["scale"] == "tiny"
+  rows = document["rows"]
+  kinds = [r["measurement"] for r in rows]
+  assert kinds.count("peak") == 1 and kinds.count("max_batch") == 2
+  # Attention: xla and splash (interpret mode), causal and not, splash equal to xla and fused.
+  attention_rows = [r for r in rows if r["measurement"] == "attention"]
+  assert sorted((r["impl"], r["causal"]) for r in attention_rows) == [
+      ("splash", False), ("splash", True), ("xla", False), ("xla", True)]
+  for r in attention_rows:
+    if r["impl"] == "splash":
+      assert r["fused"] is True and r["segments"] > 1
+      assert r["max_abs_diff_out"] < 1e-5 and r["max_abs_diff_grad"] < 1e-4
+  # Every model: lmssl on packed rows beside the peer, and their ratio.
+  steps = [r for r in rows if r["measurement"] == "train_step"]
+  assert sorted({r["model"] for r in steps}) == sorted(bench_suite_models())
+  for name in bench_suite_models():
+    lmssl_row, hf_row = [r for r in steps if r["model"] == name]
+    assert lmssl_row["impl"] == "lmssl" and lmssl_row["packed"]
+    assert lmssl_row["dtype"] == "bfloat16" and lmssl_row["attention"] == "xla"
+    assert hf_row["impl"] == "hf" and not hf_row["packed"] and hf_row["attention"] == "sdpa"
+    [ratio] = [r for r in rows if r["measurement"] == "ratio" and r["model"] == name]
+    assert ratio["tokens_per_s_ratio"] == pytest.approx(
+        lmssl_row["tokens_per_s"] / hf_row["tokens_per_s"])
+  none, full = [r for r in rows if r["measurement"] == "max_batch"]
+  assert (none["remat"], full["remat"]) == ("none", "full") and full["batch"] > none["batch"] > 0
+  # The tables went to stdout as well.
+  assert "tokens_per_s_ratio" in result.stdout and f"wrote {out}" in result.stdout
+
+
+def bench_suite_models():
+  from lmssl import bench_suite
+  return list(bench_suite.MODELS)

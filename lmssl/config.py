@@ -284,6 +284,7 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
   _one_of(m.position, "model.position", ("learned", "rope"))
   _one_of(m.remat, "model.remat", ("none", "full", "dots", "dots_no_batch"))
   _one_of(m.attention, "model.attention", attention.IMPLEMENTATIONS)
+  attention.resolve(m.attention, dtype=m.dtype)  # a kernel these devices or dtype cannot run
   _check(m.max_segments >= 1, f"model.max_segments={m.max_segments} must be at least 1; it "
          "bounds the documents per packed row for cuDNN attention (default 64)")
   _one_of(t.schedule, "train.schedule", ("linear", "cosine"))

@@ -178,7 +178,9 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   files.at(workdir).mkdir(parents=True, exist_ok=True)
   metrics_lib.log_all(
       f"{jax.local_device_count()} local / {jax.device_count()} global devices "
-      f"({jax.devices()[0].platform}), mesh {dict(mesh.shape)}; reads rows "
+      f"({jax.devices()[0].platform}, attention "
+      f"{attention.resolve(cfg.model.attention, dtype=cfg.model.dtype)}), mesh "
+      f"{dict(mesh.shape)}; reads rows "
       f"{_ranges(sharding.host_rows(mesh, cfg.train.batch_size))} of each global batch of "
       f"{cfg.train.batch_size}")
 

@@ -38,6 +38,9 @@ def test_bad_config_value_is_one_clear_line_and_writes_nothing(tmp_path):
      "text (byte 0: b'\\x89PNG'); convert it, e.g. `iconv -f latin1 -t utf-8`"),
     (["--config.data.source=text:{d}/data/e.txt"], "lmssl: error: {d}/data/e.txt is empty; "
      "remove it or narrow the glob"),
+    (["--config.model.attention=splash"], "lmssl: error: model.attention='splash' cannot run "
+     "here: it runs on tpu only, and this run's devices are cpu; use "
+     "--config.model.attention=auto (picks xla here) or xla"),
 ])
 def test_bad_input_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, args,
                                                                        last_line):

@@ -140,10 +140,10 @@ def test_two_processes_train_like_one_and_read_only_their_rows(runs, monkeypatch
 
   (_, out0, _), (_, out1, err1) = outs
   # Each process reports itself; only process 0 prints the run's progress.
-  assert "process 0/2: 4 local / 8 global devices (cpu), mesh {'data': 2, 'fsdp': 2, " \
-         "'tensor': 2}; reads rows [0, 4) of each global batch of 8" in out0
-  assert "process 1/2: 4 local / 8 global devices (cpu), mesh {'data': 2, 'fsdp': 2, " \
-         "'tensor': 2}; reads rows [4, 8) of each global batch of 8" in err1
+  assert "process 0/2: 4 local / 8 global devices (cpu, attention xla), mesh {'data': 2, " \
+         "'fsdp': 2, 'tensor': 2}; reads rows [0, 4) of each global batch of 8" in out0
+  assert "process 1/2: 4 local / 8 global devices (cpu, attention xla), mesh {'data': 2, " \
+         "'fsdp': 2, 'tensor': 2}; reads rows [4, 8) of each global batch of 8" in err1
   assert "step 4/4" in out0
   # (Its stdout holds only gloo's own connection chatter.)
   assert not re.search(r"step \d|model:|final:|outputs in|process \d", out1), out1

@@ -5,6 +5,7 @@ Config files in `configs/` start from `base_config()` and set objective-specific
 """
 
 import json
+import math
 import os
 
 import ml_collections
@@ -24,6 +25,7 @@ SIZES = {
 }
 
 OBJECTIVES = ("mlm", "clm")
+DTYPES = ("float32", "bfloat16", "float16")  # model.dtype and model.param_dtype
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -139,8 +141,8 @@ def _add_run_sections(c: ml_collections.ConfigDict) -> None:
   t.b2 = 0.999
   t.eps = 1e-6
   t.grad_clip = 1.0
-  # A step whose loss or gradients are NaN/Inf never updates the state. "stop": the run ends
-  # there with a message, its last checkpoint (all finite) kept; "skip": it goes on to the
+  # A step whose loss, gradients or update are NaN/Inf never updates the state. "stop": the run
+  # ends there with a message, its last checkpoint (all finite) kept; "skip": it goes on to the
   # next batch, logging each skipped step.
   t.nonfinite = "stop"
   t.log_every = 50
@@ -274,6 +276,27 @@ def _one_of(value, name: str, known) -> None:
   _check(value in known, f"{name}={value!r} is not known; use one of {list(known)}")
 
 
+def _min_seq_len(c: ml_collections.ConfigDict) -> int:
+  """The shortest row that holds one target: [CLS] A [SEP] B [SEP] with one piece each for a
+  sentence pair; [CLS] x [SEP] for MLM and fine-tuning; two tokens (one next-token target) for
+  CLM."""
+  if c.data.sentence_pair:
+    return 5
+  if c.task.kind or c.objective == "mlm":
+    return 3
+  return 2
+
+
+def _min_seq_len_why(c: ml_collections.ConfigDict) -> str:
+  if c.data.sentence_pair:
+    return "a sentence pair ([CLS] A [SEP] B [SEP])"
+  if c.task.kind:
+    return "a fine-tuning row ([CLS] text [SEP])"
+  if c.objective == "mlm":
+    return "a masked-LM row ([CLS] token [SEP])"
+  return "a causal-LM row (a token and its next)"
+
+
 def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int = 1) -> None:
   """Fails at start, naming the fix, on values that would otherwise fail deep inside a run."""
   m, d, t = c.model, c.data, c.train
@@ -284,20 +307,31 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
   _one_of(m.position, "model.position", ("learned", "rope"))
   _one_of(m.remat, "model.remat", ("none", "full", "dots", "dots_no_batch"))
   _one_of(m.attention, "model.attention", attention.IMPLEMENTATIONS)
+  _one_of(m.dtype, "model.dtype", DTYPES)
+  _one_of(m.param_dtype, "model.param_dtype", DTYPES)
   attention.resolve(m.attention, dtype=m.dtype)  # a kernel these devices or dtype cannot run
   _check(m.max_segments >= 1, f"model.max_segments={m.max_segments} must be at least 1; it "
          "bounds the documents per packed row for cuDNN attention (default 64)")
   _one_of(t.schedule, "train.schedule", ("linear", "cosine"))
-  _check(t.loss_chunks == 0 or (t.loss_chunks > 0 and (
-      d.seq_len % t.loss_chunks == 0 or c.objective != "clm" or c.task.kind)),
-         f"train.loss_chunks={t.loss_chunks} must be 0 (all logits at once) or divide "
-         f"data.seq_len={d.seq_len}: the pieces are equal parts of the sequence")
+  # Both schedules warm up to train.lr and decay from it: lr 0 never moves a parameter,
+  # a negative one climbs the loss, and NaN/Inf poison the first update.
+  _check(isinstance(t.lr, (int, float)) and math.isfinite(t.lr) and t.lr > 0,
+         f"train.lr={t.lr} must be a finite number above 0 (the peak learning rate that "
+         "warmup reaches); use e.g. 1e-4")
   _one_of(d.sentence_pair, "data.sentence_pair", ("", "nsp", "sop"))
   _one_of(c.task.kind, "task.kind", ("", "classification", "regression", "tokens"))
   _check(not (c.task.kind and d.sentence_pair),
          "data.sentence_pair is a pretraining objective; leave it empty when fine-tuning")
   _check(not d.sentence_pair or c.objective == "mlm",
          f"data.sentence_pair={d.sentence_pair!r} needs objective 'mlm' (it adds to the MLM loss)")
+  min_len = _min_seq_len(c)
+  _check(d.seq_len >= min_len,
+         f"data.seq_len={d.seq_len} is too short: {_min_seq_len_why(c)} needs at least "
+         f"{min_len} positions; use a longer seq_len (128 is typical)")
+  _check(t.loss_chunks == 0 or (t.loss_chunks > 0 and (
+      d.seq_len % t.loss_chunks == 0 or c.objective != "clm" or c.task.kind)),
+         f"train.loss_chunks={t.loss_chunks} must be 0 (all logits at once) or divide "
+         f"data.seq_len={d.seq_len}: the pieces are equal parts of the sequence")
   _check(not c.task.kind or (c.task.train_source and c.task.eval_source),
          "fine-tuning needs --config.task.train_source and --config.task.eval_source "
          "(tsv:PATH, csv:PATH, jsonl:PATH, tfds:NAME:SPLIT or conll:PATH)")
@@ -325,12 +359,17 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
          f"masking rates mask_rate={d.mask_rate}, mask_token_frac={d.mask_token_frac}, "
          f"random_token_frac={d.random_token_frac}: need 0 < mask_rate < 1 and the two "
          "fractions to sum to at most 1")
-  _check(0 < d.max_predictions <= d.seq_len,
+  _check(c.objective != "mlm" or c.task.kind or 0 < d.max_predictions <= d.seq_len,
          f"data.max_predictions={d.max_predictions} must be in [1, seq_len={d.seq_len}]")
   _check(t.steps > 0 and t.log_every > 0 and c.eval.every_steps > 0 and c.eval.steps > 0,
          "train.steps, train.log_every, eval.every_steps and eval.steps must be positive")
   _check(c.checkpoint.every_steps > 0 and c.checkpoint.keep > 0,
          "checkpoint.every_steps and checkpoint.keep must be positive")
+  for name, batch in (("train.batch_size", t.batch_size), ("eval.batch_size", c.eval.batch_size)):
+    _check(batch >= 1, f"{name}={batch} must be at least 1 (sequences per step, over all "
+           f"devices); use a multiple of {max(batch_shards, process_count)}")
+  _check(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be at least 1 "
+         "(1: no gradient accumulation)")
   for name, batch in (("train.batch_size", t.batch_size), ("eval.batch_size", c.eval.batch_size)):
     shards = max(batch_shards, process_count)
     _check(batch > 0 and batch % shards == 0,

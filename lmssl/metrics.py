@@ -5,6 +5,7 @@ writer, so nothing here imports TensorFlow.
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -53,6 +54,9 @@ def train_flops_per_sequence(model_cfg, objective: str, seq_len: int, max_predic
 class Writer:
   """Writes scalars to `metrics.jsonl` and TensorBoard event files in the workdir.
 
+  Each JSONL line is strict JSON: a NaN/Inf scalar is written as null and named in the row's
+  "nonfinite_keys" list (TensorBoard gets the float itself).
+
   On resume from `start_step`, rows logged after that step by the interrupted run are dropped
   (and a last line cut short by a kill), so the file reads as if the run had never stopped.
   """
@@ -65,8 +69,7 @@ class Writer:
     self.path = os.path.join(files.absolute(workdir), "metrics.jsonl")
     kept = []
     if files.at(self.path).exists():
-      kept = [json.dumps(row) + "\n" for row in _rows(self.path)
-              if row["step"] <= start_step]
+      kept = [_json_line(row) for row in _rows(self.path) if row["step"] <= start_step]
     if files.is_url(self.path):  # objects cannot be appended to: rewrite it on each flush
       self._jsonl = files.at(self.path).open("w")
       self._jsonl.writelines(kept)
@@ -80,7 +83,7 @@ class Writer:
       return
     from tensorboard.compat.proto import event_pb2, summary_pb2
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self._jsonl.write(_json_line({"step": int(step), **scalars}))
     self._jsonl.flush()
     summary = summary_pb2.Summary(value=[
         summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])
@@ -92,6 +95,27 @@ class Writer:
     if self.active:
       self._jsonl.close()
       self._events.close()
+
+
+NONFINITE_KEYS = "nonfinite_keys"
+
+
+def _json_line(row: dict) -> str:
+  """`row` as one line of strict JSON: a NaN or Inf value (which JSON cannot hold; Python would
+  write a bare NaN) becomes null, and the row's "nonfinite_keys" lists those keys in order.
+  Rows with every value finite have no such key."""
+  out, bad = {}, list(row.get(NONFINITE_KEYS) or [])
+  for key, value in row.items():
+    if key == NONFINITE_KEYS:
+      continue
+    if isinstance(value, float) and not math.isfinite(value):
+      value = None
+      if key not in bad:
+        bad.append(key)
+    out[key] = value
+  if bad:
+    out[NONFINITE_KEYS] = bad
+  return json.dumps(out, allow_nan=False) + "\n"
 
 
 def _rows(path: str) -> list[dict]:

@@ -136,11 +136,13 @@ def train_step(state: TrainState, batch: dict, *, model, tx, microbatches: int, 
   params = optax.apply_updates(state.params, updates)
   if trainable is not None:
     params = jax.tree.map(lambda new, old, t: new if t else old, params, state.params, trainable)
-  # A NaN/Inf loss or gradient leaves parameters and optimizer state as they were (the loop
-  # then stops or skips, per train.nonfinite); the step still counts, so data moves on.
+  # A NaN/Inf loss, gradient or update leaves parameters and optimizer state as they were (the
+  # loop then stops or skips, per train.nonfinite); the step still counts, so data moves on.
+  # The update is checked too: finite gradients can still give a non-finite update (a NaN
+  # learning rate, an overflow inside the optimizer). Its norm is one more reduction.
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(grad_norm) & jnp.all(jnp.stack(
-      [jnp.isfinite(s["loss_sum"]) for s in sums.values()]))
+  finite = (jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+            & jnp.all(jnp.stack([jnp.isfinite(s["loss_sum"]) for s in sums.values()])))
   keep = functools.partial(jnp.where, finite)
   new_state = TrainState(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
                          opt_state=jax.tree.map(keep, opt_state, state.opt_state))

@@ -53,6 +53,67 @@ def test_invalid_values_fail_with_the_fix(change, message):
     config_lib.validate(cfg, batch_shards=8)
 
 
+_LR = ("must be a finite number above 0 (the peak learning rate that warmup reaches); use "
+       "e.g. 1e-4")
+_SHORT = "is too short: {} needs at least {} positions; use a longer seq_len (128 is typical)"
+
+
+@pytest.mark.parametrize("name,key,value,message", [
+    # Settings that used to train (to exit 0) or fail deep inside, now refused at start.
+    ("mlm_base", "train.lr", -1.0, f"train.lr=-1.0 {_LR}"),
+    ("mlm_base", "train.lr", 0.0, f"train.lr=0.0 {_LR}"),
+    ("clm_base", "train.lr", float("nan"), f"train.lr=nan {_LR}"),
+    ("clm_base", "train.lr", float("inf"), f"train.lr=inf {_LR}"),
+    ("mlm_base", "train.batch_size", 0, "train.batch_size=0 must be at least 1 (sequences per "
+     "step, over all devices); use a multiple of 8"),
+    ("mlm_base", "train.batch_size", -8, "train.batch_size=-8 must be at least 1 (sequences per "
+     "step, over all devices); use a multiple of 8"),
+    ("clm_base", "eval.batch_size", 0, "eval.batch_size=0 must be at least 1 (sequences per "
+     "step, over all devices); use a multiple of 8"),
+    ("mlm_base", "train.microbatches", 0, "train.microbatches=0 must be at least 1 (1: no "
+     "gradient accumulation)"),
+    ("mlm_base", "data.seq_len", 0, "data.seq_len=0 " + _SHORT.format(
+        "a masked-LM row ([CLS] token [SEP])", 3)),
+    ("mlm_base", "data.seq_len", 2, "data.seq_len=2 " + _SHORT.format(
+        "a masked-LM row ([CLS] token [SEP])", 3)),
+    ("clm_base", "data.seq_len", 1, "data.seq_len=1 " + _SHORT.format(
+        "a causal-LM row (a token and its next)", 2)),
+    ("clm_base", "data.seq_len", -5, "data.seq_len=-5 " + _SHORT.format(
+        "a causal-LM row (a token and its next)", 2)),
+    ("mlm_base", "model.dtype", "float12",
+     "model.dtype='float12' is not known; use one of ['float32', 'bfloat16', 'float16']"),
+    ("clm_base", "model.param_dtype", "int8",
+     "model.param_dtype='int8' is not known; use one of ['float32', 'bfloat16', 'float16']"),
+])
+def test_settings_that_cannot_train_are_refused_with_the_rule(name, key, value, message):
+  cfg = load_config(name, "size=tiny")
+  section, field = key.split(".")
+  cfg[section][field] = value
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(cfg, batch_shards=8)
+  assert str(e.value) == message
+
+
+def test_sentence_pairs_need_five_positions_and_the_shortest_rows_are_accepted():
+  pair = load_config("mlm_base", "size=tiny")
+  pair.data.sentence_pair, pair.data.seq_len, pair.data.max_predictions = "nsp", 4, 1
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(pair, batch_shards=8)
+  assert str(e.value) == "data.seq_len=4 " + _SHORT.format(
+      "a sentence pair ([CLS] A [SEP] B [SEP])", 5)
+  pair.data.seq_len = 5
+  config_lib.validate(pair, batch_shards=8)
+  mlm = load_config("mlm_base", "size=tiny")
+  mlm.data.seq_len, mlm.data.max_predictions = 3, 1
+  config_lib.validate(mlm, batch_shards=8)
+  clm = load_config("clm_base", "size=tiny")
+  clm.data.seq_len = 2  # max_predictions (an MLM setting) does not bound a CLM row
+  config_lib.validate(clm, batch_shards=8)
+  for dtype in config_lib.DTYPES:
+    clm.model.dtype = clm.model.param_dtype = dtype
+    config_lib.validate(clm, batch_shards=8)
+
+
 def test_mesh_takes_the_rest_and_refuses_what_does_not_divide():
   assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
   with pytest.raises(ValueError, match="does not divide 8 devices"):

@@ -41,6 +41,16 @@ def test_bad_config_value_is_one_clear_line_and_writes_nothing(tmp_path):
     (["--config.model.attention=splash"], "lmssl: error: model.attention='splash' cannot run "
      "here: it runs on tpu only, and this run's devices are cpu; use "
      "--config.model.attention=auto (picks xla here) or xla"),
+    (["--config.train.lr=-1"], "lmssl: error: train.lr=-1.0 must be a finite number above 0 "
+     "(the peak learning rate that warmup reaches); use e.g. 1e-4"),
+    (["--config.train.lr=nan"], "lmssl: error: train.lr=nan must be a finite number above 0 "
+     "(the peak learning rate that warmup reaches); use e.g. 1e-4"),
+    (["--config.train.batch_size=0"], "lmssl: error: train.batch_size=0 must be at least 1 "
+     "(sequences per step, over all devices); use a multiple of 8"),
+    (["--config.data.seq_len=0"], "lmssl: error: data.seq_len=0 is too short: a masked-LM row "
+     "([CLS] token [SEP]) needs at least 3 positions; use a longer seq_len (128 is typical)"),
+    (["--config.model.dtype=float12"], "lmssl: error: model.dtype='float12' is not known; use "
+     "one of ['float32', 'bfloat16', 'float16']"),
 ])
 def test_bad_input_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, args,
                                                                        last_line):

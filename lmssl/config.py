@@ -210,6 +210,12 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   except FileNotFoundError:
     raise errors.UserError(f"{path} does not exist: {workdir} is not an lmssl run directory; "
                            "name the --workdir of a run") from None
+  except ValueError as e:  # cut short or overwritten: not JSON, or not UTF-8 text
+    raise errors.UserError(f"{path} is damaged (not JSON: {e}); restore it from a copy, or "
+                           "start over in a new --workdir") from None
+  if not isinstance(saved, dict):
+    raise errors.UserError(f"{path} is damaged (not a JSON object); restore it from a copy, "
+                           "or start over in a new --workdir")
   c = base_config()
   _update(c, saved, path)
   return c

@@ -10,6 +10,7 @@ HF files; the mapping itself is numpy.
 """
 
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -42,8 +43,17 @@ def read_dir(hf_dir: str) -> tuple[dict, dict]:
   path = os.path.join(hf_dir, "config.json")
   _check(os.path.isfile(path), f"{hf_dir} has no config.json: --hf_dir must be a local "
          "HuggingFace model folder (config.json plus model.safetensors or pytorch_model.bin)")
-  with open(path, encoding="utf-8") as f:
-    hf_config = json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      hf_config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.UserError(f"{path} is not valid JSON ({e}); it must be the model's HuggingFace "
+                           "config.json, as save_pretrained writes it") from None
+  holds = (sorted(hf_config)[:8] if isinstance(hf_config, dict)
+           else f"a JSON {type(hf_config).__name__}")
+  _check(isinstance(hf_config, dict) and "model_type" in hf_config,
+         f"{path} has no model_type (it holds {holds}); it must be the model's HuggingFace "
+         f"config.json, with model_type one of {sorted(hf_families.FAMILIES)}")
   return hf_config, _read_tensors(hf_dir)
 
 
@@ -66,12 +76,32 @@ def _read_tensors(hf_dir: str) -> dict:
                          "pytorch_model.bin or a sharded index of either")
 
 
+INSTALL_EXTRA = "pip install 'lmssl[hf]' (after `pip install torch` for your platform)"
+
+
+class MissingExtra(errors.UserError):
+  """The `hf` extra (torch, safetensors, ...) cannot be imported here; `missing` says which
+  module and why."""
+
+  def __init__(self, missing: str):
+    super().__init__(f"HuggingFace files need the `hf` extra, and {missing}; install it: "
+                     f"{INSTALL_EXTRA}")
+    self.missing = missing
+
+
+def _extra(module: str):
+  """`module` of the hf extra, imported; else MissingExtra, which says how to install it."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise MissingExtra(f"{module} cannot be imported here ({e})") from e
+
+
 def _read_shard(path: str) -> dict:
   # Through torch, which reads every dtype (numpy has no bfloat16); weights_only refuses code.
-  import torch
+  torch = _extra("torch")
   if path.endswith(".safetensors"):
-    import safetensors.torch
-    tensors = safetensors.torch.load_file(path)
+    tensors = _extra("safetensors.torch").load_file(path)
   else:
     tensors = torch.load(path, map_location="cpu", weights_only=True)
   return {k: v.to(torch.float32).numpy() for k, v in tensors.items()}
@@ -79,12 +109,10 @@ def _read_shard(path: str) -> dict:
 
 def write_dir(hf_dir: str, hf_config: dict, tensors: dict) -> None:
   """Writes config.json and model.safetensors (fp32) into `hf_dir`."""
-  import safetensors.numpy
+  save_file = _extra("safetensors.numpy").save_file
   os.makedirs(hf_dir, exist_ok=True)
-  safetensors.numpy.save_file({k: np.ascontiguousarray(v, np.float32)
-                               for k, v in tensors.items()},
-                              os.path.join(hf_dir, "model.safetensors"),
-                              metadata={"format": "pt"})
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+            os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(hf_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
 

@@ -1,5 +1,6 @@
 """Using a trained run: its parameters read back for evaluation, generation and fill-mask."""
 
+import hashlib
 import os
 
 import jax
@@ -8,6 +9,7 @@ import ml_collections
 from lmssl import checkpoint
 from lmssl import config as config_lib
 from lmssl import errors
+from lmssl import files
 from lmssl import lora
 from lmssl import sample
 from lmssl import sharding
@@ -28,12 +30,25 @@ def load_run(workdir: str, best: bool = False, mesh=None):
   if best and not os.path.isdir(path):
     raise errors.UserError(f"{workdir} has no best/ checkpoint (only fine-tuning runs keep "
                            "one); leave out --best to use the latest checkpoint")
+  tok = tokenizer(cfg, workdir)
   mesh = mesh or inference_mesh()
   abstract = steps.abstract_params(cfg, mesh)
-  values, _ = checkpoint.load_params(path, abstract, lambda key: False)
+  # The newest intact checkpoint; a damaged newer one is named and left in place.
+  values, meta = checkpoint.load_run_params(workdir, path, abstract)
+  # A run's checkpoints store a digest of its tokenizer (train.py): another run's tokenizer in
+  # its place would encode and decode with other pieces, so eval and sample refuse it too.
+  if meta.get("tokenizer", _digest(tok)) != _digest(tok):
+    raise errors.UserError(
+        f"tokenizer {tok.path} is not the one the checkpoints in {workdir} were trained with "
+        "(its pieces differ); put back that run's tokenizer (e.g. from a copy), or start over "
+        "in a new --workdir")
   params = jax.tree_util.tree_map_with_path(lambda p, x: values[jax.tree_util.keystr(p)],
                                             abstract)
   return cfg, params
+
+
+def _digest(tok) -> str:
+  return hashlib.sha256(tok.fingerprint).hexdigest()
 
 
 def merged(cfg, params):
@@ -47,7 +62,23 @@ def merged(cfg, params):
 
 
 def tokenizer(cfg, workdir: str) -> tokenizer_lib.AnyTokenizer:
-  return tokenizer_lib.load(config_lib.tokenizer_path(cfg, workdir))
+  """The tokenizer the run in `workdir` was trained with; a missing or damaged one is named
+  with the fix for eval and sample (which take no tokenizer setting)."""
+  path = config_lib.tokenizer_path(cfg, workdir)
+  try:
+    return tokenizer_lib.load(path)
+  except errors.UserError as e:
+    why = "is missing" if not files.at(path).exists() else f"cannot be read ({_cause(e)})"
+    raise errors.UserError(
+        f"tokenizer {path}, which the run in {workdir} was trained with, {why}; restore it "
+        "from a copy, or start over in a new --workdir") from None
+
+
+def _cause(e: BaseException) -> str:
+  """What the tokenizer library itself said, first line: sentencepiece's parse error."""
+  if e.__cause__ is not None:
+    return (str(e.__cause__).strip().splitlines() or [type(e.__cause__).__name__])[0]
+  return str(e).split("; ")[0]  # its own words, less the fix it gives for train
 
 
 def generate_text(workdir: str, prompts: list[str], *, best: bool = False, **options) -> list[str]:

@@ -8,6 +8,7 @@ prompt; a causal LM continues the prompts.
 """
 
 import json
+import os
 import re
 import sys
 
@@ -92,13 +93,54 @@ def main(argv):
   except errors.Stopped as e:
     print(f"lmssl: {e}", file=sys.stderr, flush=True)
     sys.exit(e.exit_status)
+  except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:
+    message = _path_mixup(e)
+    if message is None:  # not a file and a directory mixed up: a bug, keep its traceback
+      raise
+    sys.exit(f"lmssl: error: {message}")
+
+
+def _path_mixup(e: OSError) -> str | None:
+  """One line for a file standing where lmssl needs a directory (a --workdir that is a file),
+  or a directory where it writes or reads a file (a metrics.jsonl that is a directory); None
+  when `e` is neither."""
+  path = e.filename
+  if not isinstance(path, str) or not path:
+    return None
+  workdir = os.path.abspath(_WORKDIR.value or "")
+  if isinstance(e, IsADirectoryError):
+    if not os.path.isdir(path):
+      return None
+    where = " in the workdir" if os.path.dirname(os.path.abspath(path)) == workdir else ""
+    return (f"{path} is a directory, but lmssl reads or writes a file of that name{where}; "
+            "move the directory away (or use another --workdir) and run again")
+  blocking = path  # the path itself or the first of its parents that is a file
+  while not os.path.isfile(blocking) and os.path.dirname(blocking) not in ("", blocking):
+    blocking = os.path.dirname(blocking)
+  if not os.path.isfile(blocking):
+    return None
+  if os.path.abspath(blocking) == workdir:
+    return (f"--workdir {blocking} is a file, but a run needs a directory there; give --workdir "
+            "a new or existing directory, or move the file away")
+  if workdir.startswith(os.path.abspath(blocking) + os.sep):
+    return (f"--workdir {_WORKDIR.value} cannot be made: {blocking} is a file, not a directory; "
+            "give --workdir a path whose parents are directories, or move the file away")
+  return (f"{blocking} is a file, but lmssl needs a directory there (to hold {path}); move the "
+          "file away, or choose another path")
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, with two mistakes told in one line instead of a traceback: a
-  --config.KEY naming no setting, and a config file (or variant) the config code refuses."""
+  """absl's flag parsing, with these mistakes told in one line instead of a traceback: a
+  --config.KEY naming no setting, a config file (or variant) the config code refuses, and a
+  config file that is missing, unreadable or not valid Python."""
   try:
-    return flags.FLAGS(argv)
+    parsed = flags.FLAGS(argv)
+  except SyntaxError as e:  # the config file (or one it imports) is not valid Python
+    sys.exit(f"lmssl: error: {_syntax(e, _config_file(argv))}")
+  except OSError as e:  # a --config.KEY=VALUE given for a config file that failed to load
+    if "Configuration is not available" not in str(e) or e.__cause__ is None:
+      raise
+    sys.exit(f"lmssl: error: {_unloadable(e.__cause__, _config_file(argv))}")
   except (KeyError, AttributeError) as e:  # how ml_collections refuses an unknown key
     text = str(e).replace("\\", "")
     key = re.search(r"'(\w+)'", text)
@@ -114,6 +156,40 @@ def _parse_flags(argv):
     if marker:  # the config code's own message, from inside absl's report of it
       sys.exit(f"lmssl: error: {refused.strip()}")
     sys.exit(f"lmssl: error: {e}\nPass --helpfull to see every flag.")
+  value = flags.FLAGS["config"].value  # ml_collections keeps a load error until first use
+  if type(value).__name__ == "_ErrorConfig":
+    sys.exit(f"lmssl: error: {_unloadable(vars(value)['_error'], _config_file(argv))}")
+  return parsed
+
+
+_CONFIG_EXAMPLE = "e.g. --config configs/mlm_base.py:smoke (configs/ holds lmssl's own)"
+
+
+def _config_file(argv) -> str:
+  """The --config file named in `argv`, without its :variants."""
+  for i, arg in enumerate(argv):
+    name, eq, value = arg.lstrip("-").partition("=")
+    if name == "config" and arg.startswith("-"):
+      value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+      return value.split(":", 1)[0] or "FILE"
+  return "FILE"
+
+
+def _unloadable(error: Exception, path: str) -> str:
+  """Why the --config file could not be read, in one line."""
+  if isinstance(error, FileNotFoundError) or "No such file or directory" in str(error):
+    return (f"--config {path}: no such file (relative to {os.getcwd()}); give an existing "
+            f"config file, {_CONFIG_EXAMPLE}")
+  reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+  return (f"--config {path} cannot be read ({reason}); give a config file, "
+          f"{_CONFIG_EXAMPLE}")
+
+
+def _syntax(e: SyntaxError, path: str) -> str:
+  where = f"{e.filename}, line {e.lineno}" if e.filename else "the config file"
+  text = f" at {e.text.strip()!r}" if e.text and e.text.strip() else ""
+  return (f"{where} is not valid Python: {e.msg}{text}; fix it there (--config {path} must be "
+          "a Python file defining get_config)")
 
 
 def run():

@@ -11,11 +11,14 @@ that is signalled tells the others, they agree on a step all of them will reach,
 `requested(step)` is true at that step on every host.
 """
 
+import contextlib
 import signal
 import threading
 
 import jax
 from jax.experimental import multihost_utils
+
+from lmssl import errors
 
 
 class Watch:
@@ -60,3 +63,32 @@ class Watch:
     """The shell's status for death by that signal, 128 + its number: schedulers and wrappers
     read it as "stopped, not finished"."""
     return 128 + (self.signal or signal.SIGTERM)
+
+
+class _StopNow(BaseException):
+  """Raised by `stop_at_once`'s handler; a BaseException, so no `except Exception` on the way
+  (a data reader that wraps its errors) mistakes it for a failure of its own."""
+
+
+@contextlib.contextmanager
+def stop_at_once(phase: str, outcome: str):
+  """For a phase with nothing to save (data preparation): SIGTERM or Ctrl-C ends it at once
+  with `errors.Stopped`, whose message names the signal, the `phase` and the `outcome`. One
+  process only, as `Watch`: with several, JAX's notifier owns SIGTERM."""
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+    yield
+    return
+
+  def stop(signum, frame):
+    raise _StopNow(signum)
+
+  previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  except _StopNow as e:
+    signum = e.args[0]
+    raise errors.Stopped(f"received {signal.Signals(signum).name} {phase}: stopped, "
+                         f"{outcome}", 128 + signum) from None
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)

@@ -94,6 +94,11 @@ def _check_generate_args(cfg, prompts, max_new_tokens, temperature, top_k, top_p
          f"top_k={top_k} must be in [0, vocab_size={cfg.vocab_size}]; use 0 to turn it off")
   _check(0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]; use 1.0 to turn nucleus sampling off")
   longest = max(len(p) for p in prompts)
+  _check(cfg.position != "learned" or longest < cfg.max_len,
+         f"the longest prompt ({longest} tokens) is "
+         f"{'as long as' if longest == cfg.max_len else 'longer than'} the model's context, "
+         f"model.max_len={cfg.max_len} learned positions, which must hold the prompt and the new "
+         f"tokens together; shorten the prompt to fewer than {cfg.max_len} tokens")
   _check(cfg.position != "learned" or longest + max_new_tokens <= cfg.max_len,
          f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds "
          f"model.max_len={cfg.max_len} learned positions; shorten the prompt or ask for at most "

@@ -29,6 +29,7 @@ from lmssl import optimizer as optimizer_lib
 from lmssl import preemption
 from lmssl import sharding
 from lmssl import steps
+from lmssl import workdir_lock
 from lmssl.data import pipeline
 from lmssl.data import prepare
 from lmssl.data import tasks
@@ -87,7 +88,14 @@ def _start_from(cfg):
   params = None
   if path.startswith("hf:"):
     hf_dir = path[len("hf:"):]
-    source, params = hf.load(hf_dir)
+    try:
+      source, params = hf.load(hf_dir)
+    except hf.MissingExtra as e:
+      raise errors.UserError(
+          f"init.params_from={path} reads HuggingFace weights, which needs the `hf` extra: "
+          f"{e.missing}; install it with {hf.INSTALL_EXTRA}, or convert the folder where it is "
+          f"installed (python -m lmssl.convert from-hf --hf_dir {hf_dir} --workdir RUN) and set "
+          "init.params_from=RUN") from e
     if not source.data.tokenizer:
       raise errors.UserError(f"init.params_from={path}: the folder has no tokenizer files "
                              "(tokenizer.json, vocab.txt, or vocab.json + merges.txt); add the "
@@ -137,6 +145,25 @@ def _check_same_run(cfg, workdir: str) -> None:
     metrics_lib.log(f"continuing {workdir} with changed settings: {'; '.join(changes)}")
 
 
+class _Settings:
+  """workdir/config.json, the settings the workdir's checkpoints were made with: written at
+  once by a run from step 0, and by a resumed one (whose settings may have changed, with
+  checkpoint.allow_config_change) with its first checkpoint, so that one failing before then
+  leaves the workdir's settings, and the command that made them, as they were."""
+
+  def __init__(self, cfg, workdir: str, start: int):
+    self.cfg, self.path, self.pending = cfg, os.path.join(workdir, "config.json"), True
+    if start == 0:
+      self.saved()
+
+  def saved(self, result=None):
+    """Call after each checkpoint is saved (passes `result` through)."""
+    if self.pending and jax.process_index() == 0:
+      files.write_atomically(self.path, self.cfg.to_json(indent=2))
+    self.pending = False
+    return result
+
+
 def _restore(ckpt, state, init, cfg, workdir: str, meta: dict, tok):
   """The state to start from, in this order of precedence:
     1) the workdir's latest checkpoint: resume this run exactly (state, step, data order);
@@ -144,8 +171,7 @@ def _restore(ckpt, state, init, cfg, workdir: str, meta: dict, tok):
        optimizer, step 0 (fine-tuning);
     3) neither: `state` as created, to train from scratch.
   `meta` is what this run stores beside each checkpoint; a resumed one must agree."""
-  saved = checkpoint.read_meta(ckpt)
-  if saved is not None:  # checked before the state, whose shapes follow the tokenizer's
+  def check(saved):  # checked before the state, whose shapes follow the tokenizer's
     if saved.get("seed", meta["seed"]) != meta["seed"]:
       raise errors.UserError(f"workdir {workdir} was trained with seed {saved['seed']}, not "
                              f"{meta['seed']}; use the same seed to resume or a new workdir")
@@ -154,7 +180,11 @@ def _restore(ckpt, state, init, cfg, workdir: str, meta: dict, tok):
           f"tokenizer {tok.path} is not the one the checkpoints in {ckpt.directory} were "
           "trained with (its pieces differ); resume with that run's tokenizer, or train this "
           "one in a new --workdir")
-    state, _ = checkpoint.restore(ckpt, state)
+
+  # The newest intact checkpoint; a damaged one after it is moved aside (checkpoint.restore).
+  restored = checkpoint.restore(ckpt, state, check=check)
+  if restored is not None:
+    state, _ = restored
     metrics_lib.log(f"resumed from step {int(state.step)} in {ckpt.directory}")
   elif init is not None:
     state = _warm_start(state, *init)
@@ -169,11 +199,27 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   follows `train.steps`.
   """
   # 1. Mesh, and the config checked against it before anything is written.
+  checkpoint.ignore_sigxfsz()  # a file over `ulimit -f` is a refused write, reported as one
   init = _start_from(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   config_lib.validate(cfg, batch_shards=sharding.batch_shards(mesh),
                       process_count=jax.process_count())
   best_key = evaluate_lib.main_metric(cfg) if cfg.task.kind else None
+  # One run per workdir: process 0 holds its lock (workdir_lock.py) from before the settings
+  # check (so it reads a config.json no other run is writing) until this run ends, however it
+  # ends; when process 0 cannot take it, every process stops.
+  lock = distributed.process_0_first(
+      lambda: workdir_lock.acquire(workdir) if jax.process_index() == 0 else None,
+      "lock the workdir")
+  try:
+    return _train(cfg, workdir, until_step, init, mesh, best_key)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(cfg, workdir: str, until_step, init, mesh, best_key) -> dict:
+  """train_and_evaluate's run, once this run owns the workdir."""
   _check_same_run(cfg, workdir)
   files.at(workdir).mkdir(parents=True, exist_ok=True)
   metrics_lib.log_all(
@@ -184,8 +230,11 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
       f"{_ranges(sharding.host_rows(mesh, cfg.train.batch_size))} of each global batch of "
       f"{cfg.train.batch_size}")
 
-  # 2. Data.
-  tok, train_batches, eval_batches, data_where = _datasets(cfg, workdir, mesh)
+  # 2. Data. A stop request here ends the run at once: nothing is trained yet, nothing to save.
+  with preemption.stop_at_once(
+      "during data preparation", "before any training step, so nothing was trained or saved; run "
+      "the same command to start again (data finished preparing is reused)"):
+    tok, train_batches, eval_batches, data_where = _datasets(cfg, workdir, mesh)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     # 3. Model and optimizer, state born sharded.
@@ -201,8 +250,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
     meta = {"seed": cfg.seed, "tokenizer": hashlib.sha256(tok.fingerprint).hexdigest()}
     state = _restore(ckpt, state, init, cfg, workdir, meta, tok)
     start = int(state.step)
-    if jax.process_index() == 0:  # once the workdir's checkpoints are known to fit it
-      files.write_atomically(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
+    settings = _Settings(cfg, workdir, start)  # once the workdir's checkpoints fit it
 
     # 5. Loop.
     end = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
@@ -219,14 +267,18 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
     # SIGTERM or Ctrl-C from here on saves the step in flight and stops (preemption.py).
     with preemption.Watch() as watch:
       try:
+        # A background save that failed stops the run at the next step (one process: with
+        # several, each learns of it at its next save, at the same step as the others).
         state, last = _loop(cfg, state, step_fn, train_batches(start, end), evaluate,
-                            lambda step, st: checkpoint.save(ckpt, step, st, meta),
-                            writer, mesh, start, end, watch.requested)
+                            lambda step, st: settings.saved(checkpoint.save(ckpt, step, st, meta)),
+                            writer, mesh, start, end, watch.requested,
+                            check_saves=(lambda: checkpoint.check(ckpt))
+                            if jax.process_count() == 1 else None)
       finally:  # a run that stops early still commits the checkpoints it started
         try:
           checkpoint.wait(ckpt)
         finally:
-          ckpt.close()
+          checkpoint.close(ckpt)
           writer.close()
           if best is not None:
             best.close()
@@ -310,11 +362,12 @@ class _Best:
 
 
 def _loop(cfg, state, step_fn, batches, evaluate, save, writer, mesh, start: int, end: int,
-          stop_requested):
+          stop_requested, check_saves=None):
   """Steps start+1..end. Dispatches step N before reading step N-1's metrics, so the device
   never waits on the host; evaluates and saves on their schedules. Each step's finiteness is
   checked before anything after it is reported or saved. When `stop_requested(step)`, saves
-  that step and returns early. Returns (state, last)."""
+  that step and returns early. `check_saves()`, before each step, fails if a background save
+  has failed (without waiting for one in flight). Returns (state, last)."""
   tokens = cfg.train.batch_size * cfg.data.seq_len
   flops = cfg.train.batch_size * metrics_lib.train_flops_per_sequence(
       cfg.model, cfg.objective, cfg.data.seq_len, cfg.data.max_predictions)
@@ -323,6 +376,8 @@ def _loop(cfg, state, step_fn, batches, evaluate, save, writer, mesh, start: int
   schedule = optimizer_lib.learning_rate(cfg.train)
   pending, last, unchecked = None, {}, None
   for step, local in enumerate(batches, start=start + 1):
+    if check_saves is not None:
+      check_saves()
     state, step_metrics = step_fn(state, sharding.global_batch(local, mesh))
     _check_finite(cfg, unchecked)
     unchecked = (step, step_metrics)
@@ -353,8 +408,8 @@ def _loop(cfg, state, step_fn, batches, evaluate, save, writer, mesh, start: int
 
 
 def _check_finite(cfg, unchecked) -> None:
-  """Acts on train.nonfinite when the (step, metrics) given had a NaN/Inf loss or gradient:
-  the step itself left the state unchanged."""
+  """Acts on train.nonfinite when the (step, metrics) given had a NaN/Inf loss, gradient or
+  update: the step itself left the state unchanged."""
   if unchecked is None or not int(unchecked[1]["nonfinite"]):
     return
   step, m = unchecked
@@ -367,8 +422,8 @@ def _check_finite(cfg, unchecked) -> None:
     packing = (f" (with cuDNN attention, a row packing more than model.max_segments="
                f"{cfg.model.max_segments} documents does this too: raise it)")
   raise errors.UserError(
-      f"step {step}: the loss or gradients are not finite ({values}); the update was not "
-      "applied and the run stopped, its checkpoints (all from finite steps) kept. Lower "
+      f"step {step}: the loss, gradients or update are not finite ({values}); the update was "
+      "not applied and the run stopped, its checkpoints (all from finite steps) kept. Lower "
       f"train.lr or lengthen train.warmup_steps, check the data{packing}, or set "
       "--config.train.nonfinite=skip to skip such steps")
 

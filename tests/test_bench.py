@@ -70,8 +70,9 @@ def test_chunked_clm_loss_needs_less_memory():
                              loss_chunks=chunks)
     used[chunks] = bench_parts.step_memory(bench_parts.compile_step(cfg, bench_parts.mesh_for(cfg))[0])
   # Per device (one row of 8 each): the whole [1, 256, 8000] float32 logits are 8 MiB, and
-  # the loss keeps them, or their gradient, for the backward; a piece is 1/8 of that.
-  assert used[0] - used[8] > 8 * 2 ** 20
+  # the loss keeps them, or their gradient, for the backward; a piece is 1/8 of that, so the
+  # pieces save at least the other 7/8 (measured: 7.7 MiB).
+  assert used[0] - used[8] > 7 * 2 ** 20
 
 
 def test_pipeline_row(capsys, tokenizer_path, tmp_path):

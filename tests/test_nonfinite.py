@@ -61,8 +61,8 @@ def test_stop_ends_the_run_naming_the_step_and_keeps_only_finite_checkpoints(
   cfg = _config(tmp_path)
   cfg.checkpoint.every_steps = 2
   with pytest.raises(errors.UserError, match=(
-      r"^step 3: the loss or gradients are not finite \(loss nan, grad_norm nan\); the update "
-      r"was not applied and the run stopped, its checkpoints \(all from finite steps\) kept\. "
+      r"^step 3: the loss, gradients or update are not finite \(loss nan, grad_norm nan\); the "
+      r"update was not applied and the run stopped, its checkpoints \(all from finite steps\) kept\. "
       r"Lower train.lr .* or set --config.train.nonfinite=skip to skip such steps$")):
     train.train_and_evaluate(cfg, str(workdir))
   saved = _saved(workdir)

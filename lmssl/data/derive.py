@@ -79,6 +79,7 @@ def write(task: str, source: str, out_dir: str, seed: int = 0, max_chars: int = 
   examples, the first ones in document order); returns {split: task source}."""
   if task not in TASKS:
     raise errors.UserError(f"unknown derived task {task!r}; known: {list(TASKS)}")
+  _check_out_dir(out_dir)
   cfg = ml_collections.ConfigDict(dict(builtin_max_chars=max_chars))
   train_docs, dev_docs = sources.split_documents(sources.read_documents(source, cfg),
                                                  val_fraction)
@@ -104,6 +105,19 @@ def write(task: str, source: str, out_dir: str, seed: int = 0, max_chars: int = 
       f.write(text)
     os.replace(tmp, path)
   return written
+
+
+def _check_out_dir(out_dir: str) -> None:
+  """Refuses an output directory that is, or lies under, a file, before any text is read."""
+  path = os.path.abspath(os.path.expanduser(out_dir))
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    what = "is a file" if path == os.path.abspath(os.path.expanduser(out_dir)) else (
+        f"is under {path}, which is a file")
+    raise errors.UserError(f"--out {out_dir} {what}; it must be a directory (new or existing) "
+                           "for the train and dev files: choose another path, or move the file "
+                           "away")
 
 
 def _main() -> None:

@@ -130,8 +130,9 @@ def prepare(cfg: ml_collections.ConfigDict, tokenizer_path: Optional[str],
         load_prepared(prepared_dir, split)
       logging.info("Reusing prepared data %s", prepared_dir)
       return tokenizer_path, prepared_dir
-    except sources.DataError as e:
-      logging.warning("Rebuilding invalid prepared data: %s", e)
+    except _Corrupt as e:
+      logging.warning("prepared data %s is unusable (%s); rebuilding it now", prepared_dir,
+                      e.problem)
       shutil.rmtree(prepared_dir)
   meta = dict(format_version=FORMAT_VERSION, format="pairs" if layout else "packed",
               seq_len=cfg.seq_len, vocab_size=tokenizer.vocab_size, source=cfg.source,
@@ -188,9 +189,17 @@ def _write_atomically(prepared_dir: str, arrays: dict, meta: dict) -> None:
     raise
 
 
+class _Corrupt(sources.DataError):
+  """A prepared directory that cannot be used; `problem` says which file and why."""
+
+  def __init__(self, message: str, problem: str):
+    super().__init__(message)
+    self.problem = problem
+
+
 def _corrupt(path: str, problem: str, prepared_dir: str) -> sources.DataError:
-  return sources.DataError(f"prepared data file {path} {problem}; delete {prepared_dir} and "
-                           f"run again to rebuild it")
+  return _Corrupt(f"prepared data file {path} {problem}; delete {prepared_dir} and run again to "
+                  "rebuild it", f"{path} {problem}")
 
 
 def read_meta(prepared_dir: str) -> dict:
@@ -256,7 +265,10 @@ def _main() -> None:
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    tokenizer_path, prepared_dir = prepare(config.value.data, None, workdir.value)
+    try:
+      tokenizer_path, prepared_dir = prepare(config.value.data, None, workdir.value)
+    except errors.UserError as e:
+      raise SystemExit(f"lmssl: error: {e}") from None
     print(f"tokenizer: {tokenizer_path}\nprepared: {prepared_dir}")
 
   app.run(run)

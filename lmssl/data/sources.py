@@ -67,6 +67,11 @@ def read_documents(source: str, cfg: ml_collections.ConfigDict) -> list[str]:
 def _glob(pattern: str, source: str) -> list[str]:
   paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
                  if os.path.isfile(p))
+  if not paths and os.path.isdir(os.path.expanduser(pattern)):
+    scheme, _, rest = source.partition(":")
+    example = f"{pattern.rstrip('/')}/*.{'jsonl' if scheme == 'jsonl' else 'txt'}"
+    raise DataError(f"data source {source!r}: {pattern} is a directory; name its files with a "
+                    f"glob, e.g. {scheme}:{example}{rest[len(pattern):]}")
   if not paths:
     raise DataError(f"data source {source!r}: no files match {pattern!r} (relative to "
                     f"{os.getcwd()}); check the path or quote the glob")

@@ -1,0 +1,243 @@
+"""Simple mistakes end in one line naming the value, the rule and the fix (exit 1), never a
+traceback; messages say what happened, not something near it."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SMOKE = ["--config", "configs/mlm_base.py:smoke"]
+
+
+def _run(module, *args, pythonpath=()):
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, pythonpath), str(REPO)])}
+  return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, env=env)
+
+
+def _last_line(out, status=1) -> str:
+  assert out.returncode == status and "Traceback" not in out.stderr, out.stderr[-3000:]
+  return out.stderr.strip().splitlines()[-1]
+
+
+def test_a_workdir_that_is_a_file(tmp_path):
+  workdir = tmp_path / "notes.txt"
+  workdir.write_text("mine")
+  out = _run("lmssl.main", *SMOKE, "--workdir", workdir)
+  assert _last_line(out) == (
+      f"lmssl: error: --workdir {workdir} is a file, but a run needs a directory there; give "
+      "--workdir a new or existing directory, or move the file away")
+  out = _run("lmssl.main", *SMOKE, "--workdir", workdir / "run")
+  assert _last_line(out) == (
+      f"lmssl: error: --workdir {workdir}/run cannot be made: {workdir} is a file, not a "
+      "directory; give --workdir a path whose parents are directories, or move the file away")
+  assert workdir.read_text() == "mine"
+
+
+@pytest.mark.parametrize("config, extra, last_line", [
+    ("configs/nope.py", [], "lmssl: error: --config configs/nope.py: no such file (relative "
+     "to {repo}); give an existing config file, e.g. --config configs/mlm_base.py:smoke "
+     "(configs/ holds lmssl's own)"),
+    ("configs/nope.py:smoke", ["--config.train.steps=3"], "lmssl: error: --config "
+     "configs/nope.py: no such file (relative to {repo}); give an existing config file, e.g. "
+     "--config configs/mlm_base.py:smoke (configs/ holds lmssl's own)"),
+    ("{d}/bad.py", [], "lmssl: error: {d}/bad.py, line 2 is not valid Python: invalid syntax "
+     "at 'return 1 +'; fix it there (--config {d}/bad.py must be a Python file defining "
+     "get_config)"),
+    ("{d}/bad.py:smoke", ["--config.train.steps=3"], "lmssl: error: {d}/bad.py, line 2 is not "
+     "valid Python: invalid syntax at 'return 1 +'; fix it there (--config {d}/bad.py must "
+     "be a Python file defining get_config)"),
+])
+def test_a_config_file_that_is_missing_or_not_python(tmp_path, config, extra, last_line):
+  (tmp_path / "bad.py").write_text("def get_config(arg=None):\n  return 1 +\n")
+  workdir = tmp_path / "run"
+  out = _run("lmssl.main", "--config", config.format(d=tmp_path), "--workdir", workdir, *extra)
+  assert _last_line(out) == last_line.format(d=tmp_path, repo=REPO)
+  assert not workdir.exists()
+
+
+def test_derive_out_naming_a_file(tmp_path):
+  out_file = tmp_path / "order"
+  out_file.write_text("mine")
+  out = _run("lmssl.data.derive", "--task", "order", "--source", "builtin", "--out", out_file)
+  assert _last_line(out) == (
+      f"lmssl: error: --out {out_file} is a file; it must be a directory (new or existing) for "
+      "the train and dev files: choose another path, or move the file away")
+  assert out_file.read_text() == "mine"
+
+
+def _hf_dir(path, config_text: str):
+  path.mkdir()
+  (path / "config.json").write_text(config_text)
+  (path / "model.safetensors").write_bytes(b"\0" * 16)
+  (path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\n")
+  return path
+
+
+def test_hf_source_without_the_hf_extra(tmp_path):
+  # What lmssl sees on a machine without the extra: these packages cannot be imported.
+  stubs = tmp_path / "stubs"
+  for name in ("torch", "transformers", "safetensors"):
+    (stubs / name).mkdir(parents=True)
+    (stubs / name / "__init__.py").write_text(f"raise ImportError(\"No module named '{name}'\")\n")
+  hf_dir = _hf_dir(tmp_path / "bert", json.dumps({"model_type": "bert"}))
+  workdir = tmp_path / "run"
+  out = _run("lmssl.main", *SMOKE, "--workdir", workdir,
+             f"--config.init.params_from=hf:{hf_dir}", pythonpath=[stubs])
+  assert _last_line(out) == (
+      f"lmssl: error: init.params_from=hf:{hf_dir} reads HuggingFace weights, which needs the "
+      "`hf` extra: torch cannot be imported here (No module named 'torch'); install it with pip "
+      "install 'lmssl[hf]' (after `pip install torch` for your platform), or convert the folder "
+      f"where it is installed (python -m lmssl.convert from-hf --hf_dir {hf_dir} --workdir RUN) "
+      "and set init.params_from=RUN")
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("config_text, last_line", [
+    ("{not json", "lmssl: error: {path} is not valid JSON (Expecting property name enclosed in "
+     "double quotes: line 1 column 2 (char 1)); it must be the model's HuggingFace config.json, "
+     "as save_pretrained writes it"),
+    ('{"hidden_size": 64, "vocab_size": 6}', "lmssl: error: {path} has no model_type (it holds "
+     "['hidden_size', 'vocab_size']); it must be the model's HuggingFace config.json, with "
+     "model_type one of ['bert', 'gpt2']"),
+    ("[1, 2]", "lmssl: error: {path} has no model_type (it holds a JSON list); it must be the "
+     "model's HuggingFace config.json, with model_type one of ['bert', 'gpt2']"),
+])
+def test_an_invalid_hf_config_json(tmp_path, config_text, last_line):
+  hf_dir = _hf_dir(tmp_path / "bert", config_text)
+  workdir = tmp_path / "run"
+  out = _run("lmssl.main", *SMOKE, "--workdir", workdir, f"--config.init.params_from=hf:{hf_dir}")
+  assert _last_line(out) == last_line.format(path=hf_dir / "config.json")
+  assert not workdir.exists()
+
+
+def test_metrics_jsonl_that_is_a_directory(tmp_path):
+  workdir = tmp_path / "run"
+  (workdir / "metrics.jsonl").mkdir(parents=True)
+  out = _run("lmssl.main", *SMOKE, "--workdir", workdir, "--config.train.steps=1",
+             f"--config.data.cache_dir={tmp_path / 'cache'}")
+  assert _last_line(out) == (
+      f"lmssl: error: {workdir}/metrics.jsonl is a directory, but lmssl reads or writes a file "
+      "of that name in the workdir; move the directory away (or use another --workdir) and run "
+      "again")
+  assert not any((workdir / "metrics.jsonl").iterdir())
+
+
+@pytest.mark.parametrize("source, suggestion", [
+    ("text:{d}", "text:{d}/*.txt"),
+    ("text:{d}/", "text:{d}/*.txt"),
+    ("jsonl:{d}:body", "jsonl:{d}/*.jsonl:body"),
+])
+def test_a_directory_given_as_a_text_source(tmp_path, source, suggestion):
+  data = tmp_path / "corpus"
+  data.mkdir()
+  (data / "a.txt").write_text("Some text.\n\nMore text.\n")
+  workdir = tmp_path / "run"
+  source = source.format(d=data)
+  out = _run("lmssl.main", *SMOKE, "--workdir", workdir, f"--config.data.source={source}")
+  pattern = source.split(":")[1]
+  assert _last_line(out) == (
+      f"lmssl: error: data source {source!r}: {pattern} is a directory; name its files with a "
+      f"glob, e.g. {suggestion.format(d=data)}")
+  assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_prepare_cli_says_bad_input_in_one_line(tmp_path):
+  out = _run("lmssl.data.prepare", *SMOKE, "--workdir", tmp_path / "run",
+             f"--config.data.source=text:{tmp_path}")
+  assert _last_line(out) == (f"lmssl: error: data source 'text:{tmp_path}': {tmp_path} is a "
+                             f"directory; name its files with a glob, e.g. text:{tmp_path}/*.txt")
+
+
+def test_rebuilding_invalid_prepared_data_says_it_rebuilds(tmp_path):
+  args = [*SMOKE, "--workdir", tmp_path / "run", f"--config.data.cache_dir={tmp_path / 'c'}"]
+  first = _run("lmssl.data.prepare", *args)
+  assert first.returncode == 0, first.stderr[-3000:]
+  prepared = dict(line.split(": ", 1) for line in first.stdout.splitlines())["prepared"]
+  os.remove(os.path.join(prepared, "train", "segment_ids.npy"))
+  again = _run("lmssl.data.prepare", *args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  [warning] = [line for line in again.stderr.splitlines() if "prepared data" in line]
+  assert warning.endswith(
+      f"] prepared data {prepared} is unusable ({prepared}/train/segment_ids.npy is missing); "
+      "rebuilding it now")
+  assert os.path.exists(os.path.join(prepared, "train", "segment_ids.npy"))
+
+
+@pytest.fixture(scope="module")
+def clm_run(tmp_path_factory):
+  """A 2-step causal LM with a 32-position context, and the command that trained it."""
+  root = tmp_path_factory.mktemp("clm")
+  args = ["--config", "configs/clm_base.py:smoke", "--workdir", root / "run",
+          "--config.train.steps=2", "--config.model.max_len=32", "--config.data.seq_len=32",
+          f"--config.data.cache_dir={root / 'cache'}"]
+  out = _run("lmssl.main", *args)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return root / "run", args
+
+
+def test_a_prompt_longer_than_the_context(clm_run):
+  workdir, _ = clm_run
+  out = _run("lmssl.main", "sample", "--workdir", workdir, "--prompt", " ".join(["word"] * 60))
+  last = _last_line(out)
+  assert last.startswith("lmssl: error: the longest prompt (") and last.endswith(
+      " tokens) is longer than the model's context, model.max_len=32 learned positions, which "
+      "must hold the prompt and the new tokens together; shorten the prompt to fewer than 32 "
+      "tokens"), last
+
+
+def test_a_failed_config_change_leaves_the_original_command_working(clm_run, tmp_path):
+  """A resumed run with changed settings that fails before its first checkpoint leaves
+  config.json as it was, so the command that made the run still resumes it."""
+  workdir = tmp_path / "run"
+  shutil.copytree(clm_run[0], workdir)
+  args = [str(workdir) if a == clm_run[0] else a for a in clm_run[1]]
+  before = (workdir / "config.json").read_text()
+  out = _run("lmssl.main", *args, "--config.checkpoint.allow_config_change=True",
+             "--config.train.steps=4", "--config.train.lr=1e30")  # not finite at step 3
+  assert _last_line(out).startswith("lmssl: error: step 3: ")
+  assert (workdir / "config.json").read_text() == before
+  out = _run("lmssl.main", *args)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+_SLOW_PREPARE = """
+import sys, time
+from lmssl.data import prepare
+real = prepare.prepare
+def slow(*args, **kwargs):
+  print("preparing", flush=True)
+  time.sleep(120)
+  return real(*args, **kwargs)
+prepare.prepare = slow
+from lmssl import main
+sys.argv[0] = "lmssl"
+main.run()
+"""
+
+
+def test_sigterm_during_data_preparation_says_nothing_was_trained(tmp_path):
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _SLOW_PREPARE, *SMOKE, "--workdir", str(tmp_path / "run"),
+       f"--config.data.cache_dir={tmp_path / 'cache'}"], cwd=REPO, env=env, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  try:
+    for line in proc.stdout:
+      if line.strip() == "preparing":
+        break
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1] == (
+      "lmssl: received SIGTERM during data preparation: stopped, before any training step, so "
+      "nothing was trained or saved; run the same command to start again (data finished "
+      "preparing is reused)")

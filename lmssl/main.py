@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -95,9 +96,19 @@ def main(argv):
     sys.exit(e.exit_status)
   except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:
     message = _path_mixup(e)
-    if message is None:  # not a file and a directory mixed up: a bug, keep its traceback
-      raise
+    if message is None:  # not a file and a directory mixed up
+      _bug(e)
     sys.exit(f"lmssl: error: {message}")
+  except Exception as e:  # pylint: disable=broad-except
+    _bug(e)
+
+
+def _bug(e: Exception) -> None:
+  """Anything not a user's mistake (those are UserErrors) is lmssl's: the traceback, then a
+  last line that says so."""
+  traceback.print_exc()
+  sys.exit(f"lmssl: this is a bug in lmssl ({type(e).__name__} above), not in your command or "
+           "data; please report it with the traceback and the command")
 
 
 def _path_mixup(e: OSError) -> str | None:

@@ -241,3 +241,19 @@ def test_sigterm_during_data_preparation_says_nothing_was_trained(tmp_path):
       "lmssl: received SIGTERM during data preparation: stopped, before any training step, so "
       "nothing was trained or saved; run the same command to start again (data finished "
       "preparing is reused)")
+
+
+def test_an_unexpected_exception_is_reported_as_a_bug_in_lmssl(tmp_path):
+  """A traceback appears only for a bug, and then the last line says so."""
+  code = ("import lmssl.main as m\n"
+          "def broken(mode):\n"
+          "  raise TypeError('an internal mistake')\n"
+          "m._run = broken\n"
+          "m.run()\n")
+  out = subprocess.run([sys.executable, "-c", code, "--workdir", str(tmp_path / "run")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1
+  assert "Traceback" in out.stderr and "TypeError: an internal mistake" in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      "lmssl: this is a bug in lmssl (TypeError above), not in your command or data; please "
+      "report it with the traceback and the command")

@@ -163,8 +163,9 @@ def runs(data, tmp_path_factory):
 def _refused(workdir, error: str, step: int, kept: str, fix: str) -> str:
   """The one line a refused write of `step` ends the run with, as a regex."""
   where = re.escape(f"{workdir}/checkpoints")
-  return (rf"lmssl: error: could not write a checkpoint in {where}: {error} \({where}/{step}"
-          rf"\.orbax-checkpoint-tmp[^)]*\); {kept}\. {fix}")
+  # The failing file is named when the layer that refused the write said which (not always).
+  return (rf"lmssl: error: could not write a checkpoint in {where}: {error}(?: \({where}/{step}"
+          rf"\.orbax-checkpoint-tmp[^)]*\))?; {kept}\. {fix}")
 
 
 def _needs(runs, name):
@@ -212,11 +213,15 @@ def test_a_file_size_limit_is_a_refused_write_not_a_kill_by_sigxfsz(runs):
                                       r"(?P<kept>[^.]*)", FIX["fsize"]))
   line = re.fullmatch(_refused(workdir, "File too large", r"(?P<step>\d+)", r"(?P<kept>[^.]*)",
                                FIX["fsize"]), _last_line(run))
-  failed, committed = int(line["step"]), _committed(workdir)
-  assert all(step < failed for step in committed)
+  committed = _committed(workdir)
   assert line["kept"] == (f"the last committed checkpoint, step {committed[-1]}, is intact"
                           if committed else "no checkpoint was committed")
-  assert _last_step(workdir) <= failed
+  # Saves come every 2 steps of 4 (the smoke config). The failed save is the one after the
+  # last committed: the steps run while it was written in the background may follow it, but
+  # not the save after it.
+  failed = (committed[-1] if committed else 0) + 2
+  assert line["step"] is None or int(line["step"]) == failed
+  assert _last_step(workdir) <= failed + 2
 
 
 def test_a_read_only_checkpoints_directory_stops_the_run_at_the_next_step(runs):

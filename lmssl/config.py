@@ -282,25 +282,15 @@ def _one_of(value, name: str, known) -> None:
   _check(value in known, f"{name}={value!r} is not known; use one of {list(known)}")
 
 
-def _min_seq_len(c: ml_collections.ConfigDict) -> int:
-  """The shortest row that holds one target: [CLS] A [SEP] B [SEP] with one piece each for a
-  sentence pair; [CLS] x [SEP] for MLM and fine-tuning; two tokens (one next-token target) for
-  CLM."""
+def _shortest_row(c: ml_collections.ConfigDict) -> tuple[int, str]:
+  """The fewest positions a row needs to hold one target, and what that row is."""
   if c.data.sentence_pair:
-    return 5
-  if c.task.kind or c.objective == "mlm":
-    return 3
-  return 2
-
-
-def _min_seq_len_why(c: ml_collections.ConfigDict) -> str:
-  if c.data.sentence_pair:
-    return "a sentence pair ([CLS] A [SEP] B [SEP])"
+    return 5, "a sentence pair ([CLS] A [SEP] B [SEP])"
   if c.task.kind:
-    return "a fine-tuning row ([CLS] text [SEP])"
+    return 3, "a fine-tuning row ([CLS] text [SEP])"
   if c.objective == "mlm":
-    return "a masked-LM row ([CLS] token [SEP])"
-  return "a causal-LM row (a token and its next)"
+    return 3, "a masked-LM row ([CLS] token [SEP])"
+  return 2, "a causal-LM row (a token and its next)"
 
 
 def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int = 1) -> None:
@@ -330,9 +320,9 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
          "data.sentence_pair is a pretraining objective; leave it empty when fine-tuning")
   _check(not d.sentence_pair or c.objective == "mlm",
          f"data.sentence_pair={d.sentence_pair!r} needs objective 'mlm' (it adds to the MLM loss)")
-  min_len = _min_seq_len(c)
+  min_len, row = _shortest_row(c)
   _check(d.seq_len >= min_len,
-         f"data.seq_len={d.seq_len} is too short: {_min_seq_len_why(c)} needs at least "
+         f"data.seq_len={d.seq_len} is too short: {row} needs at least "
          f"{min_len} positions; use a longer seq_len (128 is typical)")
   _check(t.loss_chunks == 0 or (t.loss_chunks > 0 and (
       d.seq_len % t.loss_chunks == 0 or c.objective != "clm" or c.task.kind)),
@@ -371,14 +361,13 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
          "train.steps, train.log_every, eval.every_steps and eval.steps must be positive")
   _check(c.checkpoint.every_steps > 0 and c.checkpoint.keep > 0,
          "checkpoint.every_steps and checkpoint.keep must be positive")
-  for name, batch in (("train.batch_size", t.batch_size), ("eval.batch_size", c.eval.batch_size)):
-    _check(batch >= 1, f"{name}={batch} must be at least 1 (sequences per step, over all "
-           f"devices); use a multiple of {max(batch_shards, process_count)}")
   _check(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be at least 1 "
          "(1: no gradient accumulation)")
+  shards = max(batch_shards, process_count)
   for name, batch in (("train.batch_size", t.batch_size), ("eval.batch_size", c.eval.batch_size)):
-    shards = max(batch_shards, process_count)
-    _check(batch > 0 and batch % shards == 0,
+    _check(batch >= 1, f"{name}={batch} must be at least 1 (sequences per step, over all "
+           f"devices); use a multiple of {shards}")
+    _check(batch % shards == 0,
            f"{name}={batch} is not divisible by {shards} data shards (mesh data x fsdp, "
            f"and {process_count} processes); use a multiple of {shards}")
   _check(t.microbatches > 0 and (t.batch_size // t.microbatches) % batch_shards == 0

@@ -188,9 +188,9 @@ class _RefusedWriteRecords(py_logging.Filter):
     return _refused(failure) is None
 
 
-def _late_write_result(unraisable) -> bool:
-  """Whether an unraisable exception is a TensorStore write of a failed save finishing after
-  Orbax closed that save's event loop: TensorStore hands the result to
+def _late_result(unraisable) -> bool:
+  """Whether an unraisable exception is a TensorStore read or write of a failed restore or
+  save finishing after Orbax closed its event loop: TensorStore hands the result to
   `loop.call_soon_threadsafe`, which raises "Event loop is closed" with no Python caller."""
   e, tb = unraisable.exc_value, unraisable.exc_traceback
   return (isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and
@@ -207,7 +207,7 @@ def _quiet_refused_writes() -> None:
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    if not _late_write_result(unraisable):
+    if not _late_result(unraisable):
       previous(unraisable)
   sys.unraisablehook = hook
 
@@ -380,13 +380,14 @@ def _about_named(e: BaseException | None) -> bool:
 
 def _quiet_about(path: str) -> None:
   """Drops later reports of failed reads of the checkpoint at `path`: Python's "Exception
-  ignored in <coroutine>" and asyncio's "Task exception was never retrieved". Any other
-  report passes as before."""
+  ignored in <coroutine>", asyncio's "Task exception was never retrieved", and the results of
+  reads still under way when the failed restore closed its event loop. Any other report passes
+  as before."""
   if not _NAMED:
     previous = sys.unraisablehook
 
     def hook(unraisable):
-      if not _about_named(unraisable.exc_value):
+      if not (_about_named(unraisable.exc_value) or _late_result(unraisable)):
         previous(unraisable)
     sys.unraisablehook = hook
     py_logging.getLogger("asyncio").addFilter(

@@ -81,6 +81,9 @@ def test_prepare_cli_writes_tokenizer_and_cached_examples(tmp_path):
   out = _run("lmssl.data.prepare", "--config", "configs/mlm_base.py:smoke", "--workdir",
              str(tmp_path / "run"), f"--config.data.cache_dir={tmp_path / 'cache'}")
   assert out.returncode == 0, out.stderr
+  # Importing TensorFlow printed its oneDNN notice twice, through absl's pre-init logging,
+  # before lmssl's first line.
+  assert "oneDNN" not in out.stderr and "absl::InitializeLog" not in out.stderr, out.stderr
   lines = dict(line.split(": ", 1) for line in out.stdout.strip().splitlines())
   assert lines["tokenizer"] == str(tmp_path / "run" / "tokenizer.model")
   assert lines["prepared"].startswith(str(tmp_path / "cache" / "prepared"))

@@ -1,1 +1,8 @@
 """Data: sources -> tokenizer -> prepare (offline, cached) -> pipeline (tf.data, per host)."""
+
+import os
+
+# TensorFlow serves lmssl only as tf.data over integer arrays, where its oneDNN kernels never
+# run; with them on, its import prints a notice about them (twice, through absl's pre-init
+# logging) before lmssl's first line. A user's own setting wins.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

@@ -163,14 +163,37 @@ def _add_run_sections(c: ml_collections.ConfigDict) -> None:
 
 
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
-  """Parses "size=tiny,smoke" into {"size": "tiny", "smoke": True} over `defaults`."""
+  """Parses "size=tiny,smoke" into {"size": "tiny", "smoke": True} over `defaults`, each value
+  typed as its default: a bare name or true/false (yes/no, 1/0) for a boolean, a number for a
+  number, text for text. Anything else is refused, naming the variant."""
   out = dict(defaults)
   for item in filter(None, (s.strip() for s in (arg or "").split(","))):
-    key, _, value = item.partition("=")
+    key, eq, value = item.partition("=")
     if key not in out:
       raise errors.UserError(f"unknown config variant {key!r}; known: {sorted(out)}")
-    out[key] = value if value or "=" in item else True
+    out[key] = _variant_value(key, value.strip() if eq else None, defaults[key])
   return ml_collections.ConfigDict(out)
+
+
+_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _variant_value(key: str, value: str | None, default):
+  """`value` (None: the variant named bare) read as the type of `default`."""
+  if isinstance(default, bool):
+    if value is None or value.lower() in _BOOLEANS:
+      return value is None or _BOOLEANS[value.lower()]
+    raise errors.UserError(f"config variant {key}={value!r} is not a boolean; write {key} "
+                           f"(on), or {key}=true / {key}=false")
+  if value is None:
+    raise errors.UserError(f"config variant {key} needs a value; write {key}=VALUE")
+  if isinstance(default, (int, float)):
+    try:
+      return type(default)(value)
+    except ValueError:
+      raise errors.UserError(f"config variant {key}={value!r} is not a number; write e.g. "
+                             f"{key}={default}") from None
+  return value
 
 
 def apply_size(c: ml_collections.ConfigDict, size: str) -> None:

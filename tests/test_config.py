@@ -1,5 +1,7 @@
 """Configs: variants parse, every knob is validated at start with a message naming the fix."""
 
+import re
+
 import pytest
 
 from conftest import load_config
@@ -31,6 +33,31 @@ def test_base_sizes_are_bert_and_gpt2_shaped():
 ])
 def test_bad_variants_name_the_known_ones(arg, message):
   with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    load_config("mlm_base", arg)
+
+
+@pytest.mark.parametrize("arg,smoke,lora", [
+    ("smoke", True, False), ("smoke=False", False, False), ("smoke=false,lora=no", False, False),
+    ("smoke=true,lora", True, True), ("lora=1", False, True), ("", False, False),
+])
+def test_boolean_variants_parse_as_booleans(arg, smoke, lora):
+  v = config_lib.parse_arg(arg, lora=False, smoke=False, glue="")
+  assert (v.smoke, v.lora, v.glue) == (smoke, lora, "")
+  assert load_config("cls_finetune", arg).lora.rank == (8 if lora else 0)
+
+
+def test_smoke_false_is_the_full_run():
+  assert load_config("mlm_base", "smoke=False").to_dict() == load_config("mlm_base", "").to_dict()
+  assert load_config("mlm_base", "smoke=True").to_dict() == load_config("mlm_base", "smoke").to_dict()
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("smoke=maybe", "config variant smoke='maybe' is not a boolean; write smoke (on), or "
+     "smoke=true / smoke=false"),
+    ("size", "config variant size needs a value; write size=VALUE"),
+])
+def test_variant_values_of_the_wrong_type_are_refused(arg, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     load_config("mlm_base", arg)
 
 

@@ -374,10 +374,12 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
   _check(d.vocab_size >= 100 or d.tokenizer,
          f"data.vocab_size={d.vocab_size} is too small: 5 ids are reserved "
          "(pad, unk, cls/bos, sep/eos, mask); use at least 100")
-  _check(0 < d.mask_rate < 1 and d.mask_token_frac + d.random_token_frac <= 1,
+  # mask_rate 1 is allowed: every candidate piece, up to max_predictions, is predicted.
+  _check(0 < d.mask_rate <= 1 and min(d.mask_token_frac, d.random_token_frac) >= 0 and
+         d.mask_token_frac + d.random_token_frac <= 1,
          f"masking rates mask_rate={d.mask_rate}, mask_token_frac={d.mask_token_frac}, "
-         f"random_token_frac={d.random_token_frac}: need 0 < mask_rate < 1 and the two "
-         "fractions to sum to at most 1")
+         f"random_token_frac={d.random_token_frac}: need 0 < mask_rate <= 1 and the two "
+         "fractions non-negative, summing to at most 1 (BERT: 0.15, 0.8, 0.1)")
   _check(c.objective != "mlm" or c.task.kind or 0 < d.max_predictions <= d.seq_len,
          f"data.max_predictions={d.max_predictions} must be in [1, seq_len={d.seq_len}]")
   _check(t.steps > 0 and t.log_every > 0 and c.eval.every_steps > 0 and c.eval.steps > 0,

@@ -162,6 +162,14 @@ def test_random_replacements_are_the_former_draw(packed, tokenizer):
     np.testing.assert_array_equal(inputs[g][chosen], former[chosen])
 
 
+def test_mask_rate_one_predicts_every_candidate(packed, tokenizer):
+  cfg = data_cfg(mask_rate=1.0, max_predictions=128)
+  got = batches(packed, tokenizer, steps=2, shuffle=False, cfg=cfg)
+  orig = _original_rows(packed, got, 8)
+  weights = np.concatenate([b["masked_weights"] for b in got])
+  np.testing.assert_array_equal((weights > 0).sum(1), (~tokenizer.special[orig]).sum(1))
+
+
 def test_max_predictions_caps_and_pads(packed, tokenizer):
   got = batches(packed, tokenizer, steps=4, shuffle=False, cfg=data_cfg(max_predictions=5))
   w = np.concatenate([b["masked_weights"] for b in got])

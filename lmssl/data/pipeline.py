@@ -30,7 +30,7 @@ _SHUFFLE_STREAM = 0x5EED  # third word of the shuffle's seed
 OBJECTIVES = ("mlm", "clm", "task")
 
 
-def _check_args(objective, global_batch, rows, num_rows, cfg, tokenizer):
+def _check_args(objective, global_batch, rows, num_rows, tokenizer):
   if objective not in OBJECTIVES:
     raise errors.UserError(f"unknown objective {objective!r}; known: {list(OBJECTIVES)}")
   if global_batch <= 0:
@@ -41,14 +41,9 @@ def _check_args(objective, global_batch, rows, num_rows, cfg, tokenizer):
                            f"global batch of {global_batch}; take them from sharding.host_rows")
   if num_rows == 0:
     raise errors.UserError("the prepared split has no rows; use a larger corpus")
+  # The masking rates are the config's, checked by config.validate; the tokenizer is checked
+  # here, the first place that has it.
   if objective == "mlm":
-    fracs = (cfg.mask_token_frac, cfg.random_token_frac)
-    if min(fracs) < 0 or sum(fracs) > 1:
-      raise errors.UserError(f"mask_token_frac {fracs[0]} + random_token_frac {fracs[1]} must be "
-                       f"non-negative and sum to at most 1 (e.g. 0.8 and 0.1)")
-    if not 0 < cfg.mask_rate <= 1 or cfg.max_predictions < 1:
-      raise errors.UserError(f"mask_rate {cfg.mask_rate} must be in (0, 1] and max_predictions "
-                       f"{cfg.max_predictions} at least 1")
     if tokenizer.mask_id is None:
       raise errors.UserError(f"tokenizer {tokenizer.path} has no mask token, but masked-LM "
                              f"(objective mlm) needs one; use a tokenizer with a [MASK] token "
@@ -168,7 +163,7 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   pair_rows = objective != "task" and pairs.check_arrays(arrays, cfg.sentence_pair)
   num_rows = arrays["a_ids" if pair_rows else "input_ids"].shape[0]
   rows = np.arange(global_batch) if host_rows is None else np.asarray(host_rows, np.int64)
-  _check_args(objective, global_batch, rows, num_rows, cfg, tokenizer)
+  _check_args(objective, global_batch, rows, num_rows, tokenizer)
   batch = len(rows)
   if num_steps is None:
     steps = tf.data.Dataset.counter(start_step)

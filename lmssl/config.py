@@ -203,21 +203,36 @@ def apply_size(c: ml_collections.ConfigDict, size: str) -> None:
   c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = SIZES[size]
 
 
-def set_vocab(c: ml_collections.ConfigDict, tokenizer_vocab: int) -> None:
-  """Takes the vocabulary size from the tokenizer unless the config fixes one that matches."""
+def vocab_change(c: ml_collections.ConfigDict, tokenizer_vocab: int) -> dict:
+  """{"model.vocab_size": the tokenizer's}, unless the config fixes a size that differs."""
   if c.model.vocab_size and c.model.vocab_size != tokenizer_vocab:
     raise errors.UserError(f"model.vocab_size={c.model.vocab_size} but the tokenizer has "
                      f"{tokenizer_vocab} pieces; set --config.model.vocab_size=0 to follow it")
-  c.model.vocab_size = tokenizer_vocab
+  return {"model.vocab_size": tokenizer_vocab}
 
 
-def set_labels(c: ml_collections.ConfigDict, names) -> None:
-  """Records a fine-tuning task's label set, in order, so a checkpoint can be read back."""
+def joined_labels(names) -> str:
+  """task.labels for a fine-tuning task's label set, in order, so a checkpoint reads back."""
   bad = [n for n in names if "," in n or not n]
   if bad:
     raise errors.UserError(f"labels {bad} are empty or contain a comma; rename them in the task "
                            "files (task.labels is a comma-separated list)")
-  c.task.labels = ",".join(names)
+  return ",".join(names)
+
+
+def resolved(c: ml_collections.ConfigDict, changes: dict | None = None
+             ) -> ml_collections.FrozenConfigDict:
+  """A frozen copy of `c` with `changes` ({"model.vocab_size": 8000, ...}) made: how a run
+  takes in what it derives (a warm start's architecture, the tokenizer's vocabulary, a task's
+  labels) once, at the top, leaving `c` as it was and nothing to rewrite later."""
+  out = ml_collections.ConfigDict(c.to_dict())
+  for key, value in (changes or {}).items():
+    *parents, name = key.split(".")
+    section = out
+    for parent in parents:
+      section = section[parent]
+    section[name] = value
+  return ml_collections.FrozenConfigDict(out)
 
 
 # Model fields that describe how to run a model, not what it is: a run that starts from
@@ -255,15 +270,15 @@ def _update(c: ml_collections.ConfigDict, values: dict, path: str) -> None:
       c[key] = value
 
 
-def inherit_model(c: ml_collections.ConfigDict, source: ml_collections.ConfigDict,
-                  source_workdir: str) -> None:
-  """Takes the architecture, objective and tokenizer of the run whose parameters `c` starts
-  from; `c` keeps its own runtime fields (dtypes, remat, dropout), data, task and training."""
-  c.objective = source.objective
-  for key, value in source.model.items():
-    if key not in RUNTIME_MODEL_FIELDS:
-      c.model[key] = value
-  c.data.tokenizer = tokenizer_path(source, source_workdir)
+def source_changes(source: ml_collections.ConfigDict, source_workdir: str) -> dict:
+  """The architecture, objective and tokenizer of the run whose parameters a run starts from,
+  as changes for `resolved`; the run keeps its own runtime fields (dtypes, remat, dropout),
+  data, task and training."""
+  changes = {"objective": source.objective,
+             "data.tokenizer": tokenizer_path(source, source_workdir)}
+  changes.update({f"model.{key}": value for key, value in source.model.items()
+                  if key not in RUNTIME_MODEL_FIELDS})
+  return changes
 
 
 # Settings a resumed run may change, being about where and how it runs, what it logs and

@@ -1,14 +1,25 @@
-"""Metrics of a model on a fixed list of eval batches: pretraining losses, perplexity and bits
-per byte, or a fine-tuning task's scores from its predictions."""
+"""Evaluation: a model's metrics on a fixed list of eval batches (pretraining losses,
+perplexity and bits per byte, or a fine-tuning task's scores from its predictions), the metric
+that picks a fine-tuning run's best checkpoint and the keeping of it, and the `eval` command."""
 
+import json
 import math
+import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from lmssl import checkpoint
+from lmssl import config as config_lib
+from lmssl import datasets
 from lmssl import errors
+from lmssl import files
 from lmssl import heads
+from lmssl import inference
+from lmssl import metrics as metrics_lib
 from lmssl import scores
 from lmssl import sharding
 from lmssl import steps
@@ -61,3 +72,55 @@ def main_metric(cfg) -> tuple[str, bool]:
     raise errors.UserError(f"task.metric={name!r} is not a metric lmssl reports; use one of "
                            f"{known}")
   return f"eval_{name}", scores.HIGHER_IS_BETTER.get(name, name != "loss")
+
+
+class Best:
+  """Keeps the parameters of the best evaluation so far in `workdir/best` (+ best.json)."""
+
+  def __init__(self, workdir: str, key: str, higher_is_better: bool):
+    self.key, self.sign = key, 1.0 if higher_is_better else -1.0
+    self.path = os.path.join(files.absolute(workdir), "best.json")
+    # Laid out like a run's checkpoints ({"params"} as the state), so `init.params_from`,
+    # `lmssl eval --best` and `lmssl sample --best` read it like any checkpoint.
+    self.mngr = checkpoint.manager(os.path.join(workdir, "best"), ml_collections.ConfigDict(
+        dict(keep=1, async_save=False)))
+    self.record = None
+    if files.at(self.path).exists():  # resuming: beat the best of the interrupted run
+      self.record = json.loads(files.read_text(self.path))
+
+  def update(self, step: int, evals: dict, params) -> None:
+    value = evals[self.key]
+    if self.record is not None and self.sign * value <= self.sign * self.record["value"]:
+      return
+    checkpoint.save(self.mngr, step, {"params": params}, {"metric": self.key, "value": value})
+    checkpoint.wait(self.mngr)  # best.json only ever names a committed checkpoint
+    self.record = {"step": step, "metric": self.key, "value": value, "evals": evals}
+    if jax.process_index() == 0:
+      files.write_atomically(self.path, json.dumps(self.record, indent=2))
+    metrics_lib.log(f"best {self.key} {value:.4f} at step {step}")
+
+  def close(self) -> None:
+    self.mngr.close()
+
+
+def evaluate_run(workdir: str, eval_source: str = "", best: bool = False) -> dict:
+  """The `eval` command: metrics of the run in `workdir` on all of its eval data, or on
+  `eval_source` (a corpus for a pretraining run, a task file for a fine-tuning run). Writes
+  nothing."""
+  mesh = inference.inference_mesh()
+  cfg, params = inference.load_run(workdir, best, mesh)
+  shards = sharding.batch_shards(mesh)
+  changes = {"data.tokenizer": config_lib.tokenizer_path(cfg, workdir),
+             "eval.batch_size": shards * max(1, cfg.eval.batch_size // shards)}
+  if eval_source:
+    changes["task.eval_source" if cfg.task.kind else "data.val_source"] = eval_source
+  cfg = config_lib.resolved(cfg, changes)
+  data = datasets.load(cfg, workdir)
+  cfg = config_lib.resolved(cfg, data.changes)
+  _, eval_batches = datasets.batches(cfg, data, mesh, full_eval=True)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    eval_fn = steps.compile_eval(cfg, jax.tree.map(lambda x: x.sharding, params), mesh)
+    evals = run(eval_fn, params, eval_batches, mesh, cfg,
+                np.asarray(data.tokenizer.piece_bytes()))
+  return {"workdir": files.absolute(workdir), "data": data.where,
+          "checkpoint": "best" if best else "latest", **evals}

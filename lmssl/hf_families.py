@@ -187,7 +187,7 @@ def lmssl_config(hf_config: dict, heads: tuple) -> ml_collections.ConfigDict:
   if task:
     c.task.kind = task[0]
     if task[0] != "regression":
-      config_lib.set_labels(c, labels(hf_config))
+      c.task.labels = config_lib.joined_labels(labels(hf_config))
   return c
 
 

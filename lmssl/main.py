@@ -53,8 +53,8 @@ def _run(mode: str) -> None:
     from lmssl import train
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   elif mode == "eval":
-    from lmssl import train
-    print(json.dumps(train.evaluate_run(_WORKDIR.value, _EVAL_SOURCE.value, _BEST.value)))
+    from lmssl import evaluate
+    print(json.dumps(evaluate.evaluate_run(_WORKDIR.value, _EVAL_SOURCE.value, _BEST.value)))
   else:
     if not _PROMPT.value:
       raise errors.UserError("sample needs at least one --prompt TEXT")

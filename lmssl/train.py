@@ -5,24 +5,22 @@ pretrained backbone, optionally through LoRA adapters); they differ in data and 
 """
 
 import hashlib
-import json
 import os
 
 import flax.linen as nn
 import jax
 import numpy as np
-import ml_collections
 
 from lmssl import attention
 from lmssl import checkpoint
 from lmssl import config as config_lib
+from lmssl import datasets
 from lmssl import distributed
 from lmssl import errors
 from lmssl import evaluate as evaluate_lib
 from lmssl import files
 from lmssl import heads
 from lmssl import hf
-from lmssl import inference
 from lmssl import lora as lora_lib
 from lmssl import metrics as metrics_lib
 from lmssl import optimizer as optimizer_lib
@@ -30,61 +28,15 @@ from lmssl import preemption
 from lmssl import sharding
 from lmssl import steps
 from lmssl import workdir_lock
-from lmssl.data import pipeline
-from lmssl.data import prepare
-from lmssl.data import tasks
 from lmssl.data import tokenizer as tokenizer_lib
 
 
-def _datasets(cfg, workdir, mesh, full_eval: bool = False):
-  """The tokenizer, a factory of per-host train iterators, this host's fixed list of eval
-  batches, and where the data lives. Each host reads the rows of each batch that its devices
-  in `mesh` hold. Pretraining data is prepared (and cached) on first use, by process 0 before
-  the others; a task's files are read and encoded. Task evals, and all evals with
-  `full_eval`, cover every example once; else pretraining evals read eval.steps batches."""
-  if cfg.task.kind:
-    if not cfg.data.tokenizer:
-      raise errors.UserError("fine-tuning needs the pretrained model's tokenizer: set "
-                             "--config.init.params_from=RUN (or --config.data.tokenizer)")
-    tok = tokenizer_lib.load(cfg.data.tokenizer)
-    train_arrays, eval_arrays, names = tasks.load(cfg.task, tok, cfg.data.seq_len)
-    config_lib.set_labels(cfg, names)
-    objective, where, full_eval = "task", f"{cfg.task.train_source}, {cfg.task.eval_source}", True
-  else:
-    tokenizer_path, where = distributed.process_0_first(
-        lambda: prepare.prepare(cfg.data, None, workdir), "prepare the data")
-    tok = tokenizer_lib.load(tokenizer_path)
-    train_arrays = prepare.load_prepared(where, "train")
-    eval_arrays = prepare.load_prepared(where, "validation")
-    objective = cfg.objective
-  config_lib.set_vocab(cfg, tok.vocab_size)
-  eval_steps = cfg.eval.steps
-  if full_eval:  # pad to whole batches with rows that weigh nothing
-    eval_arrays = tasks.pad_rows(dict(eval_arrays), cfg.eval.batch_size)
-    eval_steps = len(next(iter(eval_arrays.values()))) // cfg.eval.batch_size
-  common = dict(objective=objective, seed=cfg.seed, cfg=cfg.data, tokenizer=tok)
-
-  def train_batches(start_step, end_step):
-    ds = pipeline.make_dataset(
-        train_arrays, global_batch=cfg.train.batch_size, start_step=start_step,
-        host_rows=sharding.host_rows(mesh, cfg.train.batch_size),
-        num_steps=end_step - start_step, **common)
-    return ds.as_numpy_iterator()
-
-  # The eval set is the same rows and masks every time: read it once, reuse it each evaluation.
-  eval_batches = list(pipeline.make_dataset(
-      eval_arrays, global_batch=cfg.eval.batch_size, start_step=0, shuffle=False,
-      host_rows=sharding.host_rows(mesh, cfg.eval.batch_size), num_steps=eval_steps,
-      **common).as_numpy_iterator())
-  return tok, train_batches, eval_batches, where
-
-
-def _start_from(cfg):
-  """For init.params_from: (where, parameters already in memory or None), after adopting the
-  source's architecture and tokenizer; None when there is no source."""
+def _resolve_start(cfg):
+  """Phase 1a: (the config with the architecture and tokenizer of init.params_from adopted,
+  (where, parameters already in memory or None) or None when there is no source)."""
   path, given = cfg.init.params_from, cfg.data.tokenizer
   if not path:
-    return None
+    return config_lib.resolved(cfg), None
   params = None
   if path.startswith("hf:"):
     hf_dir = path[len("hf:"):]
@@ -100,10 +52,11 @@ def _start_from(cfg):
       raise errors.UserError(f"init.params_from={path}: the folder has no tokenizer files "
                              "(tokenizer.json, vocab.txt, or vocab.json + merges.txt); add the "
                              "model's tokenizer files to it")
-    config_lib.inherit_model(cfg, source, hf_dir)
+    cfg = config_lib.resolved(cfg, config_lib.source_changes(source, hf_dir))
   else:
     source_workdir = checkpoint.run_dir(path)
-    config_lib.inherit_model(cfg, config_lib.load_run_config(source_workdir), source_workdir)
+    cfg = config_lib.resolved(cfg, config_lib.source_changes(
+        config_lib.load_run_config(source_workdir), source_workdir))
   theirs = cfg.data.tokenizer
   if given and given != theirs and (tokenizer_lib.load(given).fingerprint !=
                                     tokenizer_lib.load(theirs).fingerprint):
@@ -111,7 +64,7 @@ def _start_from(cfg):
         f"data.tokenizer={given} is not the tokenizer the parameters in "
         f"init.params_from={path} were trained with ({theirs}); leave data.tokenizer empty "
         "to use that one")
-  return path, params
+  return cfg, (path, params)
 
 
 def _warm_start(state, path: str, in_memory=None):
@@ -164,7 +117,7 @@ class _Settings:
     return result
 
 
-def _restore(ckpt, state, init, cfg, workdir: str, meta: dict, tok):
+def _restore(ckpt, state, init, workdir: str, meta: dict, tok):
   """The state to start from, in this order of precedence:
     1) the workdir's latest checkpoint: resume this run exactly (state, step, data order);
     2) init.params_from: another run's parameters (backbone + matching heads), new
@@ -195,12 +148,14 @@ def _restore(ckpt, state, init, cfg, workdir: str, meta: dict, tok):
 def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict:
   """Trains per `cfg` in `workdir`, resuming from its latest checkpoint. Returns final metrics.
 
+  `cfg` itself is left as given: the run resolves a frozen copy of it (phases 1 and 2).
   `until_step` stops early (with a checkpoint) as an interruption would; the schedule still
   follows `train.steps`.
   """
-  # 1. Mesh, and the config checked against it before anything is written.
+  # 1. The config, with a warm start's architecture and tokenizer, checked against the mesh
+  #    before anything is written.
   checkpoint.ignore_sigxfsz()  # a file over `ulimit -f` is a refused write, reported as one
-  init = _start_from(cfg)
+  cfg, init = _resolve_start(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   config_lib.validate(cfg, batch_shards=sharding.batch_shards(mesh),
                       process_count=jax.process_count())
@@ -230,11 +185,14 @@ def _train(cfg, workdir: str, until_step, init, mesh, best_key) -> dict:
       f"{_ranges(sharding.host_rows(mesh, cfg.train.batch_size))} of each global batch of "
       f"{cfg.train.batch_size}")
 
-  # 2. Data. A stop request here ends the run at once: nothing is trained yet, nothing to save.
+  # 2. Data, and the config completed with what it decides (vocabulary, labels): final now.
+  #    A stop request here ends the run at once: nothing is trained yet, nothing to save.
   with preemption.stop_at_once(
       "during data preparation", "before any training step, so nothing was trained or saved; run "
       "the same command to start again (data finished preparing is reused)"):
-    tok, train_batches, eval_batches, data_where = _datasets(cfg, workdir, mesh)
+    data = datasets.load(cfg, workdir)
+    cfg = config_lib.resolved(cfg, data.changes)
+    train_batches, eval_batches = datasets.batches(cfg, data, mesh)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     # 3. Model and optimizer, state born sharded.
@@ -247,16 +205,12 @@ def _train(cfg, workdir: str, until_step, init, mesh, best_key) -> dict:
 
     # 4. Restore (see _restore for the order of precedence).
     ckpt = checkpoint.manager(workdir, cfg.checkpoint)
-    meta = {"seed": cfg.seed, "tokenizer": hashlib.sha256(tok.fingerprint).hexdigest()}
-    state = _restore(ckpt, state, init, cfg, workdir, meta, tok)
-    start = int(state.step)
-    settings = _Settings(cfg, workdir, start)  # once the workdir's checkpoints fit it
+    meta = {"seed": cfg.seed, "tokenizer": hashlib.sha256(data.tokenizer.fingerprint).hexdigest()}
+    state = _restore(ckpt, state, init, workdir, meta, data.tokenizer)
 
     # 5. Loop.
-    end = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
-    writer = metrics_lib.Writer(workdir, start)
-    best = _Best(workdir, *best_key) if best_key else None
-    token_bytes = np.asarray(tok.piece_bytes())
+    best = evaluate_lib.Best(workdir, *best_key) if best_key else None
+    token_bytes = np.asarray(data.tokenizer.piece_bytes())
 
     def evaluate(step, params):
       evals = evaluate_lib.run(eval_fn, params, eval_batches, mesh, cfg, token_bytes)
@@ -264,33 +218,46 @@ def _train(cfg, workdir: str, until_step, init, mesh, best_key) -> dict:
         best.update(step, evals, params)
       return evals
 
-    # SIGTERM or Ctrl-C from here on saves the step in flight and stops (preemption.py).
-    with preemption.Watch() as watch:
+    state, last = _train_loop(cfg, workdir, until_step, state, step_fn, train_batches,
+                              evaluate, ckpt, meta, best, mesh)
+  return _final(workdir, state, last, trainable, best, data)
+
+
+def _train_loop(cfg, workdir, until_step, state, step_fn, train_batches, evaluate, ckpt, meta,
+                best, mesh):
+  """Phase 5: the loop from the restored step, with the run's outputs opened and closed around
+  it; (state, last metrics). A stop request ends it early, saved, as errors.Stopped."""
+  start = int(state.step)
+  end = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
+  settings = _Settings(cfg, workdir, start)  # once the workdir's checkpoints fit it
+  writer = metrics_lib.Writer(workdir, start)
+  # SIGTERM or Ctrl-C from here on saves the step in flight and stops (preemption.py).
+  with preemption.Watch() as watch:
+    try:
+      # A background save that failed stops the run at the next step (one process: with
+      # several, each learns of it at its next save, at the same step as the others).
+      state, last = _loop(cfg, state, step_fn, train_batches(start, end), evaluate,
+                          lambda step, st: settings.saved(checkpoint.save(ckpt, step, st, meta)),
+                          writer, mesh, start, end, watch.requested,
+                          check_saves=(lambda: checkpoint.check(ckpt))
+                          if jax.process_count() == 1 else None)
+    finally:  # a run that stops early still commits the checkpoints it started
       try:
-        # A background save that failed stops the run at the next step (one process: with
-        # several, each learns of it at its next save, at the same step as the others).
-        state, last = _loop(cfg, state, step_fn, train_batches(start, end), evaluate,
-                            lambda step, st: settings.saved(checkpoint.save(ckpt, step, st, meta)),
-                            writer, mesh, start, end, watch.requested,
-                            check_saves=(lambda: checkpoint.check(ckpt))
-                            if jax.process_count() == 1 else None)
-      finally:  # a run that stops early still commits the checkpoints it started
-        try:
-          checkpoint.wait(ckpt)
-        finally:
-          checkpoint.close(ckpt)
-          writer.close()
-          if best is not None:
-            best.close()
-    if int(state.step) < end:
-      raise errors.Stopped(
-          f"{watch.reason()}: stopped after step {int(state.step)} of {cfg.train.steps}, "
-          f"saved in {ckpt.directory}; run the same command to resume from there",
-          watch.exit_status())
-  return _final(workdir, state, last, trainable, best, tok, data_where)
+        checkpoint.wait(ckpt)
+      finally:
+        checkpoint.close(ckpt)
+        writer.close()
+        if best is not None:
+          best.close()
+  if int(state.step) < end:
+    raise errors.Stopped(
+        f"{watch.reason()}: stopped after step {int(state.step)} of {cfg.train.steps}, "
+        f"saved in {ckpt.directory}; run the same command to resume from there",
+        watch.exit_status())
+  return state, last
 
 
-def _final(workdir: str, state, last: dict, trainable: int, best, tok, data_where) -> dict:
+def _final(workdir: str, state, last: dict, trainable: int, best, data) -> dict:
   """The final metrics of a finished run, logged with where its outputs are."""
   final = {"step": int(state.step), **last, "trainable_params": trainable}
   if best is not None and best.record:
@@ -300,29 +267,8 @@ def _final(workdir: str, state, last: dict, trainable: int, best, tok, data_wher
       k.startswith("eval_")))
   metrics_lib.log(f"outputs in {files.absolute(workdir)}: metrics.jsonl, tensorboard/, "
                   f"checkpoints/, config.json{', best/' if best else ''}; tokenizer "
-                  f"{tok.path}; data {data_where}")
+                  f"{data.tokenizer.path}; data {data.where}")
   return final
-
-
-def evaluate_run(workdir: str, eval_source: str = "", best: bool = False) -> dict:
-  """Metrics of the run in `workdir` on all of its eval data, or on `eval_source` (a corpus
-  for a pretraining run, a task file for a fine-tuning run). Writes nothing."""
-  mesh = inference.inference_mesh()
-  cfg, params = inference.load_run(workdir, best, mesh)
-  if eval_source and cfg.task.kind:
-    cfg.task.eval_source = eval_source
-  elif eval_source:
-    cfg.data.val_source = eval_source
-  cfg.data.tokenizer = config_lib.tokenizer_path(cfg, workdir)
-  cfg.eval.batch_size = sharding.batch_shards(mesh) * max(
-      1, cfg.eval.batch_size // sharding.batch_shards(mesh))
-  tok, _, eval_batches, where = _datasets(cfg, workdir, mesh, full_eval=True)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    eval_fn = steps.compile_eval(cfg, jax.tree.map(lambda x: x.sharding, params), mesh)
-    evals = evaluate_lib.run(eval_fn, params, eval_batches, mesh, cfg,
-                             np.asarray(tok.piece_bytes()))
-  return {"workdir": files.absolute(workdir), "data": where, "checkpoint": "best" if best
-          else "latest", **evals}
 
 
 def _ranges(rows) -> str:
@@ -330,35 +276,6 @@ def _ranges(rows) -> str:
   breaks = [i + 1 for i in range(len(rows) - 1) if rows[i + 1] != rows[i] + 1]
   runs = [(part[0], part[-1] + 1) for part in np.split(np.asarray(rows), breaks)]
   return " + ".join(f"[{a}, {b})" for a, b in runs)
-
-
-class _Best:
-  """Keeps the parameters of the best evaluation so far in `workdir/best` (+ best.json)."""
-
-  def __init__(self, workdir: str, key: str, higher_is_better: bool):
-    self.key, self.sign = key, 1.0 if higher_is_better else -1.0
-    self.path = os.path.join(files.absolute(workdir), "best.json")
-    # Laid out like a run's checkpoints ({"params"} as the state), so `init.params_from`,
-    # `lmssl eval --best` and `lmssl sample --best` read it like any checkpoint.
-    self.mngr = checkpoint.manager(os.path.join(workdir, "best"), ml_collections.ConfigDict(
-        dict(keep=1, async_save=False)))
-    self.record = None
-    if files.at(self.path).exists():  # resuming: beat the best of the interrupted run
-      self.record = json.loads(files.read_text(self.path))
-
-  def update(self, step: int, evals: dict, params) -> None:
-    value = evals[self.key]
-    if self.record is not None and self.sign * value <= self.sign * self.record["value"]:
-      return
-    checkpoint.save(self.mngr, step, {"params": params}, {"metric": self.key, "value": value})
-    checkpoint.wait(self.mngr)  # best.json only ever names a committed checkpoint
-    self.record = {"step": step, "metric": self.key, "value": value, "evals": evals}
-    if jax.process_index() == 0:
-      files.write_atomically(self.path, json.dumps(self.record, indent=2))
-    metrics_lib.log(f"best {self.key} {value:.4f} at step {step}")
-
-  def close(self) -> None:
-    self.mngr.close()
 
 
 def _loop(cfg, state, step_fn, batches, evaluate, save, writer, mesh, start: int, end: int,

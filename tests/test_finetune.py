@@ -16,6 +16,7 @@ from conftest import REPO, load_config
 from lmssl import checkpoint
 from lmssl import config as config_lib
 from lmssl import errors
+from lmssl import evaluate
 from lmssl import inference
 from lmssl import sample
 from lmssl import sharding
@@ -74,9 +75,9 @@ def test_warm_start_on_another_mesh_restores_backbone_and_inits_heads(pretrained
   cfg = load_config("cls_finetune", "smoke")
   cfg.init.params_from = pretrained
   cfg.task.labels = "original,shuffled"
-  init = train._start_from(cfg)  # adopts the source's architecture and tokenizer
-  assert cfg.model.d_model == 64 and cfg.data.tokenizer.endswith("wiki.model")
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+  cfg, init = train._resolve_start(cfg)  # adopts the source's architecture and tokenizer
+  assert cfg.model.d_model == 64 and cfg.data.tokenizer.endswith("wiki.model")
   mesh = sharding.make_mesh(cfg.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     fresh, _ = steps.create_state(cfg, mesh)
@@ -147,7 +148,7 @@ def test_finetune_on_real_text_beats_majority_class(pretrained, order_task, tmp_
   assert final["eval_accuracy"] > majority + 0.15, (final, majority)
   assert final["best"]["metric"] == "eval_accuracy"
   assert final["best"]["value"] >= final["eval_accuracy"]
-  evals = train.evaluate_run(str(tmp_path), best=True)
+  evals = evaluate.evaluate_run(str(tmp_path), best=True)
   assert evals["eval_accuracy"] == pytest.approx(final["best"]["value"])
 
 
@@ -182,7 +183,7 @@ def test_sentence_pair_objective_trains_with_mlm(kind, tokenizer_path, wikitext_
 def test_eval_reports_perplexity_and_bits_per_byte(tokenizer_path, wikitext_dir, tmp_path):
   cfg = _pretrain_config(tokenizer_path, wikitext_dir, str(tmp_path / "cache"), "clm", 4)
   train.train_and_evaluate(cfg, str(tmp_path / "run"))
-  evals = train.evaluate_run(str(tmp_path / "run"))
+  evals = evaluate.evaluate_run(str(tmp_path / "run"))
   assert evals["eval_perplexity"] == pytest.approx(math.exp(evals["eval_loss"]), rel=1e-5)
   # Recompute bits per byte from the validation rows: every token predicted within its
   # document, and the bytes of the predicted pieces.
@@ -242,7 +243,9 @@ def test_tagging_and_regression_heads_train_and_report_their_metrics(pretrained,
   cfg.init.params_from = pretrained
   cfg.task.train_source, cfg.task.eval_source = tagged["train"], tagged["dev"]
   final = train.train_and_evaluate(cfg, str(tmp_path / "ner"))
-  assert cfg.task.labels == "O,B-CAP,I-CAP"
+  # The labels, in order, are the run's (config.json); the config given stays as it was.
+  assert config_lib.load_run_config(str(tmp_path / "ner")).task.labels == "O,B-CAP,I-CAP"
+  assert cfg.task.labels == ""
   for key in ("eval_entity_f1", "eval_entity_precision", "eval_token_accuracy"):
     assert 0.0 <= final[key] <= 1.0
   # Word-level accuracy from host-side predictions equals the head's weighted accuracy.

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import load_config
 from lmssl import checkpoint
+from lmssl import config as config_lib
 from lmssl import train
 
 
@@ -34,8 +35,12 @@ def _metrics(workdir):
 
 @pytest.mark.parametrize("name", ["mlm_base", "clm_base"])
 def test_smoke_variant_runs_and_writes_its_outputs(name, cache_dir, tmp_path):
-  cfg = _smoke(name, cache_dir)
-  final = train.train_and_evaluate(cfg, str(tmp_path))
+  given = _smoke(name, cache_dir)
+  final = train.train_and_evaluate(given, str(tmp_path))
+  # The run resolved a copy of its config (vocabulary from the tokenizer) and left `given`.
+  assert given.to_dict() == _smoke(name, cache_dir).to_dict()
+  cfg = config_lib.load_run_config(str(tmp_path))
+  assert given.model.vocab_size == 0 and cfg.model.vocab_size == given.data.vocab_size
   assert final["step"] == cfg.train.steps
   rows = _metrics(tmp_path)
   train_rows = [r for r in rows if "loss" in r]

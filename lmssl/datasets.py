@@ -1,0 +1,75 @@
+"""A run's data: its tokenizer and examples (`load`), then its batches on a mesh (`batches`).
+
+Training and evaluation both build on this, so neither imports the other. `load` reads the
+config and changes nothing: what the data decides about the run (the tokenizer's vocabulary,
+a task's labels) is returned for the caller to resolve its config with.
+"""
+
+import dataclasses
+
+from lmssl import config as config_lib
+from lmssl import distributed
+from lmssl import errors
+from lmssl import sharding
+from lmssl.data import pipeline
+from lmssl.data import prepare
+from lmssl.data import tasks
+from lmssl.data import tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+  tokenizer: tokenizer_lib.AnyTokenizer
+  objective: str  # the pipeline's: "mlm", "clm" or "task"
+  train: dict  # arrays of examples
+  eval: dict
+  where: str  # the prepared data's directory, or the task's sources
+  changes: dict  # config values the data decides (model.vocab_size, task.labels)
+
+
+def load(cfg, workdir: str) -> RunData:
+  """The tokenizer and examples of the run `cfg` describes. Pretraining data is prepared (and
+  cached) on first use, by process 0 before the others; a task's files are read and encoded."""
+  if cfg.task.kind:
+    if not cfg.data.tokenizer:
+      raise errors.UserError("fine-tuning needs the pretrained model's tokenizer: set "
+                             "--config.init.params_from=RUN (or --config.data.tokenizer)")
+    tok = tokenizer_lib.load(cfg.data.tokenizer)
+    train, evals, names = tasks.load(cfg.task, tok, cfg.data.seq_len)
+    changes = {"task.labels": config_lib.joined_labels(names)}
+    objective, where = "task", f"{cfg.task.train_source}, {cfg.task.eval_source}"
+  else:
+    tokenizer_path, where = distributed.process_0_first(
+        lambda: prepare.prepare(cfg.data, None, workdir), "prepare the data")
+    tok = tokenizer_lib.load(tokenizer_path)
+    train = prepare.load_prepared(where, "train")
+    evals = prepare.load_prepared(where, "validation")
+    objective, changes = cfg.objective, {}
+  changes.update(config_lib.vocab_change(cfg, tok.vocab_size))
+  return RunData(tok, objective, train, evals, where, changes)
+
+
+def batches(cfg, data: RunData, mesh, full_eval: bool = False):
+  """(a factory of this host's train batches for steps [start, end), this host's fixed list of
+  eval batches). Each host reads the rows of each batch that its devices in `mesh` hold. Task
+  evals, and all evals with `full_eval`, cover every example once; else pretraining evals read
+  eval.steps batches."""
+  eval_arrays, eval_steps = data.eval, cfg.eval.steps
+  if full_eval or data.objective == "task":  # pad to whole batches with rows that weigh nothing
+    eval_arrays = tasks.pad_rows(dict(eval_arrays), cfg.eval.batch_size)
+    eval_steps = len(next(iter(eval_arrays.values()))) // cfg.eval.batch_size
+  common = dict(objective=data.objective, seed=cfg.seed, cfg=cfg.data, tokenizer=data.tokenizer)
+
+  def train_batches(start_step, end_step):
+    ds = pipeline.make_dataset(
+        data.train, global_batch=cfg.train.batch_size, start_step=start_step,
+        host_rows=sharding.host_rows(mesh, cfg.train.batch_size),
+        num_steps=end_step - start_step, **common)
+    return ds.as_numpy_iterator()
+
+  # The eval set is the same rows and masks every time: read it once, reuse it each evaluation.
+  eval_batches = list(pipeline.make_dataset(
+      eval_arrays, global_batch=cfg.eval.batch_size, start_step=0, shuffle=False,
+      host_rows=sharding.host_rows(mesh, cfg.eval.batch_size), num_steps=eval_steps,
+      **common).as_numpy_iterator())
+  return train_batches, eval_batches

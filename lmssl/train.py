@@ -21,7 +21,6 @@ from lmssl import errors
 from lmssl import evaluate as evaluate_lib
 from lmssl import files
 from lmssl import heads
-from lmssl import hf
 from lmssl import inference
 from lmssl import lora as lora_lib
 from lmssl import metrics as metrics_lib
@@ -33,7 +32,8 @@ from lmssl import workdir_lock
 from lmssl.data import pipeline
 from lmssl.data import prepare
 from lmssl.data import tasks
-from lmssl.data import tokenizer as tokenizer_lib
+from lmssl.hf import tokenizer as tokenizer_lib
+from lmssl.hf import weights as hf
 
 
 def _datasets(cfg, workdir, mesh, full_eval: bool = False):
@@ -51,8 +51,9 @@ def _datasets(cfg, workdir, mesh, full_eval: bool = False):
     config_lib.set_labels(cfg, names)
     objective, where, full_eval = "task", f"{cfg.task.train_source}, {cfg.task.eval_source}", True
   else:
+    given = tokenizer_lib.load(cfg.data.tokenizer) if cfg.data.tokenizer else None
     tokenizer_path, where = distributed.process_0_first(
-        lambda: prepare.prepare(cfg.data, None, workdir), "prepare the data")
+        lambda: prepare.prepare(cfg.data, given, workdir), "prepare the data")
     tok = tokenizer_lib.load(tokenizer_path)
     train_arrays = prepare.load_prepared(where, "train")
     eval_arrays = prepare.load_prepared(where, "validation")

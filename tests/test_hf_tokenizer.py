@@ -17,12 +17,11 @@ import pytest
 
 from lmssl import config
 from lmssl import errors
-from lmssl.data import hf_tokenizer
 from lmssl.data import pipeline
 from lmssl.data import prepare
 from lmssl.data import task_files
 from lmssl.data import tasks
-from lmssl.data import tokenizer as tok
+from lmssl.hf import tokenizer as hf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
@@ -86,12 +85,12 @@ def gpt2_dir(train_lines, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bert(bert_dir):
-  return tok.load(str(bert_dir))
+  return hf_tokenizer.load(str(bert_dir))
 
 
 @pytest.fixture(scope="module")
 def gpt2(gpt2_dir):
-  return tok.load(str(gpt2_dir))
+  return hf_tokenizer.load(str(gpt2_dir))
 
 
 def _gpt2_reference(directory):
@@ -183,8 +182,8 @@ def test_byte_level_ids_match_transformers_and_gpt2(gpt2, gpt2_dir, lines):
 def test_saved_copies_load_with_the_same_ids(bert, gpt2, lines, tmp_path):
   for name, original in (("bert", bert), ("gpt2", gpt2)):
     original.save(str(tmp_path / name))
-    again = tok.load(str(tmp_path / name))
-    from_json = tok.load(str(tmp_path / name / "tokenizer.json"))
+    again = hf_tokenizer.load(str(tmp_path / name))
+    from_json = hf_tokenizer.load(str(tmp_path / name / "tokenizer.json"))
     auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / name))
     want = original.encode_batch(lines)
     assert again.encode_batch(lines) == from_json.encode_batch(lines) == want, name
@@ -269,7 +268,7 @@ def test_prepare_with_a_tokenizer_directory(bert, gpt2, train_lines, tmp_path):
   found = {}
   for t in (bert, gpt2):
     cfg.tokenizer = t.path
-    path, out = prepare.prepare(cfg, None, str(tmp_path / "work"))
+    path, out = prepare.prepare(cfg, t, str(tmp_path / "work"))
     tokens = prepare.load_prepared(out, "train")["tokens"]
     assert path == t.path and tokens[0, 0] == t.cls_id and tokens.max() < t.vocab_size
     assert prepare.read_meta(out)["vocab_size"] == t.vocab_size
@@ -318,14 +317,14 @@ def test_load_errors(tmp_path, bert_dir, monkeypatch):
   broken.mkdir()
   (broken / "tokenizer.json").write_text("{not json", encoding="utf-8")
   with pytest.raises(errors.UserError, match=f"tokenizer {broken} cannot be read"):
-    tok.load(str(broken))
+    hf_tokenizer.load(str(broken))
   renamed = tmp_path / "renamed"
   renamed.mkdir()
   (renamed / "vocab.txt").write_text((bert_dir / "vocab.txt").read_text(encoding="utf-8"),
                                      encoding="utf-8")
   _write_json(renamed / "tokenizer_config.json", {"cls_token": "[BOS]"})
   with pytest.raises(errors.UserError, match=r"its cls token '\[BOS\]' is not in the vocab"):
-    tok.load(str(renamed))
+    hf_tokenizer.load(str(renamed))
   monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if the hf extra were not installed
   with pytest.raises(errors.UserError, match=r"pip install 'lmssl\[hf\]'"):
-    tok.load(str(bert_dir))
+    hf_tokenizer.load(str(bert_dir))

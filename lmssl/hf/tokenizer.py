@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from lmssl import errors
+from lmssl import files
+from lmssl.data import tokenizer as sp_tokenizer
 
 ROLES = ("pad", "unk", "cls", "sep", "bos", "eos", "mask")
 # Roles of well-known special tokens, for a tokenizer.json that comes without config files.
@@ -316,3 +318,15 @@ class HFTokenizer:
       space = _META_SPACE if self._kind == "metaspace" else _BYTE_SPACE
       starts = [p.startswith(space) for p in self._pieces]
     return np.array(starts, dtype=bool) | self.special
+
+
+AnyTokenizer = sp_tokenizer.Tokenizer | HFTokenizer
+
+
+def load(path: str) -> AnyTokenizer:
+  """The tokenizer at `path`: a sentencepiece `.model` file, or a HuggingFace tokenizer
+  directory (tokenizer.json, BERT's vocab.txt or GPT-2's vocab.json + merges.txt) or its
+  tokenizer.json."""
+  if files.at(path).is_dir() or os.path.basename(path) == "tokenizer.json":
+    return HFTokenizer.load(path)
+  return sp_tokenizer.Tokenizer.load(path)

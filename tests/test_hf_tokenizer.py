@@ -84,6 +84,22 @@ def gpt2_dir(train_lines, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def llama_dir(train_lines, tmp_path_factory):
+  """A sentencepiece tokenizer.model as Llama checkpoints ship it: a unigram model with byte
+  fallback (unk 0, bos 1, eos 2, no pad), named LlamaTokenizer in tokenizer_config.json."""
+  import io
+  import sentencepiece as spm
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(train_lines), model_writer=model, vocab_size=400,
+      model_type="unigram", byte_fallback=True, num_threads=1, minloglevel=2)
+  path = tmp_path_factory.mktemp("llama")
+  (path / "tokenizer.model").write_bytes(model.getvalue())
+  _write_json(path / "tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer"})
+  return path
+
+
+@pytest.fixture(scope="module")
 def bert(bert_dir):
   return hf_tokenizer.load(str(bert_dir))
 
@@ -197,6 +213,28 @@ def test_saved_copies_load_with_the_same_ids(bert, gpt2, lines, tmp_path):
   auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "bert"))
   assert auto(lines[0])["input_ids"] == [bert.cls_id, *bert.encode(lines[0]), bert.sep_id]
   assert bert.fingerprint != gpt2.fingerprint
+
+
+def test_sentencepiece_folder_loads_as_transformers_reads_it(llama_dir, lines, tmp_path):
+  """A folder with a sentencepiece tokenizer.model, and the copy transformers' LlamaTokenizer
+  saves of it (tokenizer.json), tokenize and decode as transformers does."""
+  auto = transformers.AutoTokenizer.from_pretrained(str(llama_dir))
+  auto.save_pretrained(str(tmp_path / "saved"))
+  want = auto(lines, add_special_tokens=False)["input_ids"]
+  assert len(set(map(tuple, want))) > 100 and any(i < 259 for ids in want for i in ids[1:])
+  loaded = [hf_tokenizer.load(str(llama_dir)), hf_tokenizer.load(str(tmp_path / "saved"))]
+  for t in loaded:
+    assert isinstance(t, hf_tokenizer.HFTokenizer) and t.vocab_size == 400
+    assert t.encode_batch(lines) == want and t.encode(lines[0]) == want[0]
+    assert [t.decode(ids) for ids in want] == [auto.decode(ids, skip_special_tokens=True)
+                                                for ids in want]
+    assert _ids(t) == {"pad": 2, "unk": 0, "cls": 1, "sep": 2, "bos": 1, "eos": 2, "mask": None}
+    assert np.flatnonzero(t.special).tolist() == [0, 1, 2]
+    sizes = t.piece_bytes()
+    for line, ids in zip(lines, want):  # "▁" is a space; transformers prepends one
+      if "<unk>" not in line:  # WikiText's literal <unk> is the special token, zero bytes
+        assert sizes[ids].sum() == len(line.encode("utf-8")) + 1, line
+  assert loaded[0].fingerprint == loaded[1].fingerprint
 
 
 # ---------------------------------------------------------------------------- pieces

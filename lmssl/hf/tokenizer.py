@@ -2,12 +2,12 @@
 
 A directory loads through transformers' AutoTokenizer, so lmssl tokenizes exactly as
 transformers does: tokenizer.json when present, else BERT's vocab.txt, GPT-2's vocab.json +
-merges.txt, or a sentencepiece tokenizer.model (Llama) or spiece.model (T5). A folder that names no tokenizer
-class (no tokenizer_class in tokenizer_config.json, no config.json) loads by its files, as
-BertTokenizer, GPT2Tokenizer or from tokenizer.json alone. Special ids keep the original's
-values; a role transformers leaves unnamed follows BERT/GPT-2 conventions: cls = bos, sep =
-eos, pad = eos; mask may be absent (None). This module only adds what lmssl needs on top:
-those roles, and per-piece tables (special, word_start, piece_bytes) read off the fast
+merges.txt, or a sentencepiece tokenizer.model (Llama) or spiece.model (T5). A folder that
+names no tokenizer class (no tokenizer_class in tokenizer_config.json, no config.json) loads
+by its files: BertTokenizer, GPT2Tokenizer, or tokenizer.json alone. Special ids keep the
+original's values; a role transformers leaves unnamed follows BERT/GPT-2 conventions: cls =
+bos, sep = eos, pad = eos; mask may be absent (None). The adapter only adds what lmssl needs
+on top: those roles, and per-piece tables (special, word_start, piece_bytes) read off the fast
 tokenizer's pipeline.
 
 The `hf` extra (transformers, tokenizers) is imported only when a HuggingFace tokenizer is

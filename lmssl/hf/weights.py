@@ -341,6 +341,6 @@ def convert(hf_dir: str) -> Converted:
 
 def load(hf_dir: str) -> tuple[ml_collections.ConfigDict, dict]:
   """(lmssl config, params as nested dicts of numpy) of a local HF BERT or GPT-2 folder. The
-  config's tokenizer is the folder's own (WordPiece or byte-level BPE, read with `tokenizers`)."""
+  config's tokenizer is the folder's own (read through transformers' AutoTokenizer)."""
   converted = convert(hf_dir)
   return converted.config, converted.params

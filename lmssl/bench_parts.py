@@ -50,12 +50,13 @@ def pipeline_row(cfg, args, step_tokens_per_s: float | None) -> dict:
   each put on the device as a training step would take it."""
   from lmssl.data import pipeline
   from lmssl.data import prepare
-  from lmssl.data import tokenizer as tokenizer_lib
+  from lmssl.hf import tokenizer as tokenizer_lib
   cfg.data.source = args.data_source
   cfg.data.tokenizer = args.tokenizer
   workdir = args.workdir or os.path.join(os.path.expanduser("~/.cache/lmssl"), "bench")
   cfg.data.cache_dir = workdir
-  tokenizer_path, prepared_dir = prepare.prepare(cfg.data, None, workdir)
+  given = tokenizer_lib.load(args.tokenizer) if args.tokenizer else None
+  tokenizer_path, prepared_dir = prepare.prepare(cfg.data, given, workdir)
   tok = tokenizer_lib.load(tokenizer_path)
   mesh = mesh_for(cfg)
   batch = cfg.train.batch_size

@@ -14,7 +14,7 @@ from lmssl import sharding
 from lmssl.data import pipeline
 from lmssl.data import prepare
 from lmssl.data import tasks
-from lmssl.data import tokenizer as tokenizer_lib
+from lmssl.hf import tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +39,9 @@ def load(cfg, workdir: str) -> RunData:
     changes = {"task.labels": config_lib.joined_labels(names)}
     objective, where = "task", f"{cfg.task.train_source}, {cfg.task.eval_source}"
   else:
+    given = tokenizer_lib.load(cfg.data.tokenizer) if cfg.data.tokenizer else None
     tokenizer_path, where = distributed.process_0_first(
-        lambda: prepare.prepare(cfg.data, None, workdir), "prepare the data")
+        lambda: prepare.prepare(cfg.data, given, workdir), "prepare the data")
     tok = tokenizer_lib.load(tokenizer_path)
     train = prepare.load_prepared(where, "train")
     evals = prepare.load_prepared(where, "validation")

@@ -14,7 +14,7 @@ from lmssl import lora
 from lmssl import sample
 from lmssl import sharding
 from lmssl import steps
-from lmssl.data import tokenizer as tokenizer_lib
+from lmssl.hf import tokenizer as tokenizer_lib
 
 
 def inference_mesh():

@@ -20,7 +20,6 @@ from lmssl import errors
 from lmssl import evaluate as evaluate_lib
 from lmssl import files
 from lmssl import heads
-from lmssl import hf
 from lmssl import lora as lora_lib
 from lmssl import metrics as metrics_lib
 from lmssl import optimizer as optimizer_lib
@@ -28,7 +27,8 @@ from lmssl import preemption
 from lmssl import sharding
 from lmssl import steps
 from lmssl import workdir_lock
-from lmssl.data import tokenizer as tokenizer_lib
+from lmssl.hf import tokenizer as tokenizer_lib
+from lmssl.hf import weights as hf
 
 
 def _resolve_start(cfg):

@@ -187,7 +187,8 @@ def test_eval_reports_perplexity_and_bits_per_byte(tokenizer_path, wikitext_dir,
   assert evals["eval_perplexity"] == pytest.approx(math.exp(evals["eval_loss"]), rel=1e-5)
   # Recompute bits per byte from the validation rows: every token predicted within its
   # document, and the bytes of the predicted pieces.
-  _, prepared_dir = prepare.prepare(cfg.data, tokenizer_path, str(tmp_path / "run"))
+  _, prepared_dir = prepare.prepare(cfg.data, tok.Tokenizer.load(tokenizer_path),
+                                   str(tmp_path / "run"))
   rows = prepare.load_prepared(prepared_dir, "validation")
   segments = np.asarray(rows["segment_ids"])
   targets = np.asarray(rows["tokens"])[:, 1:]

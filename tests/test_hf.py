@@ -16,13 +16,13 @@ pytest.importorskip("safetensors")
 from conftest import load_config
 from lmssl import checkpoint
 from lmssl import config as config_lib
-from lmssl import convert
 from lmssl import errors
-from lmssl import hf
 from lmssl import inference
 from lmssl import sample
 from lmssl import train
-from lmssl.data import tokenizer as tokenizer_lib
+from lmssl.hf import convert
+from lmssl.hf import tokenizer as tokenizer_lib
+from lmssl.hf import weights
 
 TOLERANCE = 1e-4
 _SUBJECTS = ["The river", "A small village", "The old castle", "Her second album", "The storm",
@@ -139,7 +139,7 @@ def test_round_trip_reproduces_every_tensor(hf_dirs, tmp_path, name):
     if original_config.get(key) is not None:
       assert exported_config[key] == original_config[key], key
   if name in ("bert", "gpt2"):
-    assert sorted(out["tokenizer"]) == sorted(hf.tokenizer_files(hf_dirs[name]))
+    assert sorted(out["tokenizer"]) == sorted(weights.tokenizer_files(hf_dirs[name]))
 
 
 def test_greedy_generation_matches_transformers(hf_dirs, tmp_path):
@@ -207,7 +207,7 @@ def test_unknown_tensors_and_models_are_named_and_nothing_is_written(hf_dirs, tm
 
   (broken / "config.json").write_text(json.dumps(dict(config, model_type="roberta")))
   with pytest.raises(errors.UserError, match="model_type 'roberta' is not supported"):
-    hf.load(str(broken))
+    weights.load(str(broken))
 
   del tensors["bert.encoder.layer.0.attention.self.rotary.weight"]
   del tensors["bert.encoder.layer.2.output.dense.weight"]
@@ -215,7 +215,7 @@ def test_unknown_tensors_and_models_are_named_and_nothing_is_written(hf_dirs, tm
                               metadata={"format": "pt"})
   (broken / "config.json").write_text(json.dumps(config))
   with pytest.raises(errors.UserError, match=r"output\.dense\.weight: layers \[2\] are missing"):
-    hf.load(str(broken))
+    weights.load(str(broken))
 
 
 def test_converted_run_is_not_resumed_and_outputs_are_not_overwritten(hf_dirs, tmp_path):
@@ -244,11 +244,11 @@ def test_lmssl_run_exports_with_its_tokenizer(tokenizer_path, paragraphs, tmp_pa
   cfg.data.tokenizer = tokenizer_path
   cfg.model.vocab_size = tokenizer_lib.load(tokenizer_path).vocab_size
   cfg.model.max_len = 128
-  shapes = hf.lmssl_shapes(cfg, (cfg.objective,), pooler=False)
+  shapes = weights.lmssl_shapes(cfg, (cfg.objective,), pooler=False)
   rng = np.random.default_rng(0)
   params = {}
   for path, shape in shapes.items():
-    hf._set(params, path, (rng.normal(size=shape) * 0.1 + path.endswith("scale")).astype(
+    weights._set(params, path, (rng.normal(size=shape) * 0.1 + path.endswith("scale")).astype(
         np.float32))
   run = tmp_path / "run"
   mngr = checkpoint.manager(str(run), cfg.checkpoint)

@@ -17,12 +17,11 @@ import pytest
 
 from lmssl import config
 from lmssl import errors
-from lmssl.data import hf_tokenizer
 from lmssl.data import pipeline
 from lmssl.data import prepare
 from lmssl.data import task_files
 from lmssl.data import tasks
-from lmssl.data import tokenizer as tok
+from lmssl.hf import tokenizer as hf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
@@ -85,13 +84,29 @@ def gpt2_dir(train_lines, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def llama_dir(train_lines, tmp_path_factory):
+  """A sentencepiece tokenizer.model as Llama checkpoints ship it: a unigram model with byte
+  fallback (unk 0, bos 1, eos 2, no pad), named LlamaTokenizer in tokenizer_config.json."""
+  import io
+  import sentencepiece as spm
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(train_lines), model_writer=model, vocab_size=400,
+      model_type="unigram", byte_fallback=True, num_threads=1, minloglevel=2)
+  path = tmp_path_factory.mktemp("llama")
+  (path / "tokenizer.model").write_bytes(model.getvalue())
+  _write_json(path / "tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer"})
+  return path
+
+
+@pytest.fixture(scope="module")
 def bert(bert_dir):
-  return tok.load(str(bert_dir))
+  return hf_tokenizer.load(str(bert_dir))
 
 
 @pytest.fixture(scope="module")
 def gpt2(gpt2_dir):
-  return tok.load(str(gpt2_dir))
+  return hf_tokenizer.load(str(gpt2_dir))
 
 
 def _gpt2_reference(directory):
@@ -183,8 +198,8 @@ def test_byte_level_ids_match_transformers_and_gpt2(gpt2, gpt2_dir, lines):
 def test_saved_copies_load_with_the_same_ids(bert, gpt2, lines, tmp_path):
   for name, original in (("bert", bert), ("gpt2", gpt2)):
     original.save(str(tmp_path / name))
-    again = tok.load(str(tmp_path / name))
-    from_json = tok.load(str(tmp_path / name / "tokenizer.json"))
+    again = hf_tokenizer.load(str(tmp_path / name))
+    from_json = hf_tokenizer.load(str(tmp_path / name / "tokenizer.json"))
     auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / name))
     want = original.encode_batch(lines)
     assert again.encode_batch(lines) == from_json.encode_batch(lines) == want, name
@@ -198,6 +213,28 @@ def test_saved_copies_load_with_the_same_ids(bert, gpt2, lines, tmp_path):
   auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "bert"))
   assert auto(lines[0])["input_ids"] == [bert.cls_id, *bert.encode(lines[0]), bert.sep_id]
   assert bert.fingerprint != gpt2.fingerprint
+
+
+def test_sentencepiece_folder_loads_as_transformers_reads_it(llama_dir, lines, tmp_path):
+  """A folder with a sentencepiece tokenizer.model, and the copy transformers' LlamaTokenizer
+  saves of it (tokenizer.json), tokenize and decode as transformers does."""
+  auto = transformers.AutoTokenizer.from_pretrained(str(llama_dir))
+  auto.save_pretrained(str(tmp_path / "saved"))
+  want = auto(lines, add_special_tokens=False)["input_ids"]
+  assert len(set(map(tuple, want))) > 100 and any(i < 259 for ids in want for i in ids[1:])
+  loaded = [hf_tokenizer.load(str(llama_dir)), hf_tokenizer.load(str(tmp_path / "saved"))]
+  for t in loaded:
+    assert isinstance(t, hf_tokenizer.HFTokenizer) and t.vocab_size == 400
+    assert t.encode_batch(lines) == want and t.encode(lines[0]) == want[0]
+    assert [t.decode(ids) for ids in want] == [auto.decode(ids, skip_special_tokens=True)
+                                                for ids in want]
+    assert _ids(t) == {"pad": 2, "unk": 0, "cls": 1, "sep": 2, "bos": 1, "eos": 2, "mask": None}
+    assert np.flatnonzero(t.special).tolist() == [0, 1, 2]
+    sizes = t.piece_bytes()
+    for line, ids in zip(lines, want):  # "▁" is a space; transformers prepends one
+      if "<unk>" not in line:  # WikiText's literal <unk> is the special token, zero bytes
+        assert sizes[ids].sum() == len(line.encode("utf-8")) + 1, line
+  assert loaded[0].fingerprint == loaded[1].fingerprint
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -269,7 +306,7 @@ def test_prepare_with_a_tokenizer_directory(bert, gpt2, train_lines, tmp_path):
   found = {}
   for t in (bert, gpt2):
     cfg.tokenizer = t.path
-    path, out = prepare.prepare(cfg, None, str(tmp_path / "work"))
+    path, out = prepare.prepare(cfg, t, str(tmp_path / "work"))
     tokens = prepare.load_prepared(out, "train")["tokens"]
     assert path == t.path and tokens[0, 0] == t.cls_id and tokens.max() < t.vocab_size
     assert prepare.read_meta(out)["vocab_size"] == t.vocab_size
@@ -318,14 +355,14 @@ def test_load_errors(tmp_path, bert_dir, monkeypatch):
   broken.mkdir()
   (broken / "tokenizer.json").write_text("{not json", encoding="utf-8")
   with pytest.raises(errors.UserError, match=f"tokenizer {broken} cannot be read"):
-    tok.load(str(broken))
+    hf_tokenizer.load(str(broken))
   renamed = tmp_path / "renamed"
   renamed.mkdir()
   (renamed / "vocab.txt").write_text((bert_dir / "vocab.txt").read_text(encoding="utf-8"),
                                      encoding="utf-8")
   _write_json(renamed / "tokenizer_config.json", {"cls_token": "[BOS]"})
   with pytest.raises(errors.UserError, match=r"its cls token '\[BOS\]' is not in the vocab"):
-    tok.load(str(renamed))
+    hf_tokenizer.load(str(renamed))
   monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if the hf extra were not installed
   with pytest.raises(errors.UserError, match=r"pip install 'lmssl\[hf\]'"):
-    tok.load(str(bert_dir))
+    hf_tokenizer.load(str(bert_dir))

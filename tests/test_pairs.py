@@ -25,7 +25,7 @@ MAX_TOKENS = SEQ_LEN - pairs.NUM_SPECIAL
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_path):
-  return tok.load(tokenizer_path)
+  return tok.Tokenizer.load(tokenizer_path)
 
 
 @pytest.fixture(scope="module")

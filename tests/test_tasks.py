@@ -25,7 +25,7 @@ PAIR_LABELS = ("contradiction", "entailment", "neutral")
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_path):
-  return tok.load(tokenizer_path)
+  return tok.Tokenizer.load(tokenizer_path)
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,11 @@ import pytest
 
 from lmssl import errors
 from lmssl.data import tokenizer as tok
+from lmssl.hf import tokenizer as hf_tokenizer
 
 
 def test_reserved_ids(tokenizer_path):
-  t = tok.load(tokenizer_path)
+  t = hf_tokenizer.load(tokenizer_path)
   assert isinstance(t, tok.Tokenizer)
   assert [t.id_to_piece(i) for i in range(tok.NUM_RESERVED)] == list(tok.RESERVED_PIECES)
   assert t.vocab_size == 1000
@@ -54,15 +55,15 @@ def test_missing_tokenizer_path(tmp_path):
   with pytest.raises(ValueError, match=f"{missing}.*does not exist"):
     tok.Tokenizer.load(str(missing))
   with pytest.raises(errors.UserError, match=f"{missing}.*does not exist.*HuggingFace"):
-    tok.load(str(missing))
+    hf_tokenizer.load(str(missing))
   with pytest.raises(errors.UserError, match=f"{tmp_path}/tokenizer.json does not exist"):
-    tok.load(str(tmp_path / "tokenizer.json"))
+    hf_tokenizer.load(str(tmp_path / "tokenizer.json"))
   with pytest.raises(errors.UserError, match=f"{tmp_path} holds no tokenizer.json, vocab.txt"):
-    tok.load(str(tmp_path))  # a directory without HuggingFace tokenizer files
+    hf_tokenizer.load(str(tmp_path))  # a directory without HuggingFace tokenizer files
 
 
 def test_encode_with_masks(tokenizer_path):
-  t = tok.load(tokenizer_path)
+  t = hf_tokenizer.load(tokenizer_path)
   ids = t.encode_with_masks("The [MASK] sat on the [MASK].")
   assert ids.count(tok.MASK_ID) == 2
   assert [i for i in ids if i != tok.MASK_ID] == t.encode("The") + t.encode("sat on the") + (

@@ -88,35 +88,42 @@ def _cache_key(fingerprint: bytes, seq_len: int, splits: dict[str, list[str]],
   return h.hexdigest()
 
 
-def _resolve_tokenizer(cfg, tokenizer_path: Optional[str], workdir: str,
-                       train_docs: list[str]) -> str:
-  # 1. an explicit path, 2. config.data.tokenizer, 3. one trained earlier into the workdir
-  # (resume), 4. train one there now.
-  path = tokenizer_path or cfg.tokenizer
+def _own_tokenizer(cfg, workdir: str, train_docs: list[str]) -> tok.Tokenizer:
+  """The sentencepiece tokenizer prepare finds or makes when the caller passes none."""
+  # 1. config.data.tokenizer, 2. one trained earlier into the workdir (resume), 3. train one
+  # there now.
+  path = cfg.tokenizer
   if path:
-    return path
+    if files.at(path).is_dir() or os.path.basename(path) == "tokenizer.json":
+      raise errors.UserError(
+          f"tokenizer {path} is a HuggingFace tokenizer, which prepare does not load itself; "
+          "run training (python -m lmssl.main), which loads it and prepares the data, or pass "
+          "it in loaded by lmssl.hf.tokenizer.load")
+    return tok.Tokenizer.load(path)
   path = os.path.join(files.absolute(workdir), "tokenizer.model")
   if files.at(path).exists():
     logging.info("Reusing tokenizer %s", path)
-    return path
+    return tok.Tokenizer.load(path)
   logging.info("Training a %s tokenizer (vocab %d) on %d documents into %s",
                cfg.tokenizer_type, cfg.vocab_size, len(train_docs), path)
   tok.train(train_docs, path, cfg.vocab_size, cfg.tokenizer_type, cfg.tokenizer_max_sentences)
-  return path
+  return tok.Tokenizer.load(path)
 
 
-def prepare(cfg: ml_collections.ConfigDict, tokenizer_path: Optional[str],
+def prepare(cfg: ml_collections.ConfigDict, tokenizer: Optional[tok.AnyTokenizer],
             workdir: str) -> tuple[str, str]:
-  """Reads and tokenizes config.data's corpus into rows; returns (tokenizer_path, prepared_dir).
+  """Reads and tokenizes config.data's corpus into rows; returns (tokenizer path, prepared_dir).
 
-  The tokenizer is `tokenizer_path` if given, else cfg.tokenizer, else `{workdir}/
-  tokenizer.model` (trained from the training documents when it does not exist yet). With
-  cfg.sentence_pair set the rows are sentence pairs, the same for "nsp" and "sop".
+  The tokenizer is `tokenizer` if given (the caller loaded it, perhaps a HuggingFace one),
+  else the sentencepiece model cfg.tokenizer, else `{workdir}/tokenizer.model` (trained from
+  the training documents when it does not exist yet). With cfg.sentence_pair set the rows are
+  sentence pairs, the same for "nsp" and "sop".
   """
   pairs.check_settings(cfg.sentence_pair, cfg.short_seq_prob, cfg.seq_len)
   train_docs, val_docs = sources.train_and_val_documents(cfg)
-  tokenizer_path = _resolve_tokenizer(cfg, tokenizer_path, workdir, train_docs)
-  tokenizer = tok.load(tokenizer_path)
+  if tokenizer is None:
+    tokenizer = _own_tokenizer(cfg, workdir, train_docs)
+  tokenizer_path = tokenizer.path
   splits = dict(train=train_docs, validation=val_docs)
   layout = ""
   if cfg.sentence_pair:

@@ -1,29 +1,33 @@
-"""Tokenizers: lmssl's own SentencePiece models, and `load` for those or HuggingFace ones.
+"""lmssl's own SentencePiece tokenizers (trained here, or a `.model` file), and the interface
+every tokenizer lmssl uses has.
 
 A tokenizer lmssl trains has five reserved ids at the front of its vocabulary:
 
   0 [PAD]   1 [UNK]   2 [CLS] (= BOS)   3 [SEP] (= EOS)   4 [MASK]
 
-An imported HuggingFace tokenizer (hf_tokenizer.py) keeps its original's ids, so code outside
-this module reads special ids from the tokenizer object, never these constants. Both kinds have
+An imported HuggingFace tokenizer (lmssl/hf/tokenizer.py) keeps its original's ids, so code
+outside this module reads special ids from the tokenizer object, never these constants. Both
+kinds have (`AnyTokenizer`)
   path, vocab_size, pad_id, unk_id, cls_id, sep_id, bos_id, eos_id, mask_id (None: no mask
   token); special (bool[vocab]: ids text does not produce, never masked nor drawn as random
   replacements); word_start (bool[vocab]); fingerprint (bytes naming its behaviour, for cache
   keys); encode, encode_batch (neither adds special tokens), decode, encode_with_masks,
   piece_bytes and id_to_piece.
 [CLS]/[SEP] double as BOS/EOS: a packed document is `[CLS] ids [SEP]` for both objectives.
+Data code takes tokenizer objects; loading one by path, which may be a HuggingFace folder, is
+lmssl.hf.tokenizer.load's job (above this package), so lmssl/data never imports lmssl/hf.
 """
 
 import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
 
 from lmssl import errors
 from lmssl import files
-from lmssl.data import hf_tokenizer
 
 PAD_ID = 0
 UNK_ID = 1
@@ -174,13 +178,26 @@ class Tokenizer:
     return starts
 
 
-AnyTokenizer = Tokenizer | hf_tokenizer.HFTokenizer
+class AnyTokenizer(Protocol):
+  """What data code may use of a tokenizer: `Tokenizer` here, or lmssl.hf.tokenizer's
+  HFTokenizer (see the module docstring)."""
 
+  path: str
+  vocab_size: int
+  pad_id: int
+  unk_id: int
+  cls_id: int
+  sep_id: int
+  bos_id: int
+  eos_id: int
+  mask_id: int | None
+  special: np.ndarray
+  word_start: np.ndarray
+  fingerprint: bytes
 
-def load(path: str) -> AnyTokenizer:
-  """The tokenizer at `path`: a sentencepiece `.model` file, or a HuggingFace tokenizer
-  directory (tokenizer.json, BERT's vocab.txt or GPT-2's vocab.json + merges.txt) or its
-  tokenizer.json."""
-  if files.at(path).is_dir() or os.path.basename(path) == "tokenizer.json":
-    return hf_tokenizer.HFTokenizer.load(path)
-  return Tokenizer.load(path)
+  def encode(self, text: str) -> list[int]: ...
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+  def decode(self, ids: Iterable[int]) -> str: ...
+  def encode_with_masks(self, text: str) -> list[int]: ...
+  def piece_bytes(self) -> np.ndarray: ...
+  def id_to_piece(self, i: int) -> str: ...

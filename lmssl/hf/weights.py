@@ -1,6 +1,6 @@
 """HuggingFace BERT and GPT-2 checkpoints as lmssl configs and parameters, both ways.
 
-The families' name tables and config translation live in `hf_families`. Every tensor of a
+The families' name tables and config translation live in `families`. Every tensor of a
 checkpoint is mapped, checked as a tie, or named as a buffer; anything else stops the
 conversion with its name. Per-layer tensors (`{i}` in a name) are stacked into lmssl's scanned
 layers, and split back, in `_stack`/`_unstack` only.
@@ -22,8 +22,8 @@ import numpy as np
 
 from lmssl import errors
 from lmssl import heads as heads_lib
-from lmssl import hf_families
 from lmssl import model as model_lib
+from lmssl.hf import families
 
 # Old BERT checkpoints name LayerNorm parameters as TF did.
 _ALIASES = ((".gamma", ".weight"), (".beta", ".bias"))
@@ -53,7 +53,7 @@ def read_dir(hf_dir: str) -> tuple[dict, dict]:
            else f"a JSON {type(hf_config).__name__}")
   _check(isinstance(hf_config, dict) and "model_type" in hf_config,
          f"{path} has no model_type (it holds {holds}); it must be the model's HuggingFace "
-         f"config.json, with model_type one of {sorted(hf_families.FAMILIES)}")
+         f"config.json, with model_type one of {sorted(families.FAMILIES)}")
   return hf_config, _read_tensors(hf_dir)
 
 
@@ -170,7 +170,7 @@ def _as_hf_matrix(path: str, x: np.ndarray, layered: bool) -> np.ndarray:
   return x.reshape(lead + (-1,))
 
 
-def _named(family: hf_families.Family, prefix: str):
+def _named(family: families.Family, prefix: str):
   """(full HF name template, table template, lmssl path(s)) for every table entry."""
   for template, paths in family.base.items():
     yield prefix + template, template, paths
@@ -178,7 +178,7 @@ def _named(family: hf_families.Family, prefix: str):
     yield template, template, paths
 
 
-def to_lmssl(family: hf_families.Family, tensors: dict, shapes: dict, num_layers: int,
+def to_lmssl(family: families.Family, tensors: dict, shapes: dict, num_layers: int,
              tied: bool = True) -> tuple[dict, list[str]]:
   """HF tensors -> (lmssl params as nested dicts of numpy, notes on what was not copied).
 
@@ -240,7 +240,7 @@ def to_lmssl(family: hf_families.Family, tensors: dict, shapes: dict, num_layers
   return params, notes
 
 
-def from_lmssl(family: hf_families.Family, params: dict, base_only: bool) -> dict:
+def from_lmssl(family: families.Family, params: dict, base_only: bool) -> dict:
   """lmssl params (nested dicts of arrays, no adapters) -> {HF tensor name: numpy array}."""
   flat = {k: np.asarray(v, np.float32) for k, v in _flat_paths(params).items()}
   prefix = "" if base_only else family.base_prefix
@@ -261,12 +261,12 @@ def from_lmssl(family: hf_families.Family, params: dict, base_only: bool) -> dic
   return out
 
 
-def present_heads(family: hf_families.Family, hf_config: dict, tensors: dict) -> tuple:
+def present_heads(family: families.Family, hf_config: dict, tensors: dict) -> tuple:
   """The lmssl heads a checkpoint's tensors carry (the config names the classifier kind)."""
   names = set(tensors)
   architecture = (hf_config.get("architectures") or [family.base_model])[0]
   found = []
-  if family is hf_families.BERT:
+  if family is families.BERT:
     if any(n.startswith("cls.predictions.") for n in names):
       found.append("mlm")
     if any(n.startswith("cls.seq_relationship.") for n in names):
@@ -275,7 +275,7 @@ def present_heads(family: hf_families.Family, hf_config: dict, tensors: dict) ->
       if architecture == "BertForTokenClassification":
         found.append("tokens")
       elif (hf_config.get("problem_type") == "regression"
-            or len(hf_families.labels(hf_config)) == 1):
+            or len(families.labels(hf_config)) == 1):
         found.append("regression")
       else:
         found.append("classification")
@@ -317,7 +317,7 @@ def heads_of(c: ml_collections.ConfigDict, params: dict) -> tuple:
 class Converted:
   config: ml_collections.ConfigDict
   params: dict
-  family: hf_families.Family
+  family: families.Family
   hf_config: dict
   notes: list
 
@@ -327,9 +327,9 @@ def convert(hf_dir: str) -> Converted:
   copied (tied tensors, buffers)."""
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
   hf_config, tensors = read_dir(hf_dir)
-  family = hf_families.family_of(hf_config)
+  family = families.family_of(hf_config)
   heads = present_heads(family, hf_config, tensors)
-  c = hf_families.lmssl_config(hf_config, heads)
+  c = families.lmssl_config(hf_config, heads)
   pooler = any(n.startswith(("pooler.", "bert.pooler.")) for n in tensors)
   shapes = lmssl_shapes(c, heads, pooler)
   params, notes = to_lmssl(family, tensors, shapes, c.model.num_layers,
@@ -341,6 +341,6 @@ def convert(hf_dir: str) -> Converted:
 
 def load(hf_dir: str) -> tuple[ml_collections.ConfigDict, dict]:
   """(lmssl config, params as nested dicts of numpy) of a local HF BERT or GPT-2 folder. The
-  config's tokenizer is the folder's own (WordPiece or byte-level BPE, read with `tokenizers`)."""
+  config's tokenizer is the folder's own (read through transformers' AutoTokenizer)."""
   converted = convert(hf_dir)
   return converted.config, converted.params

@@ -2,7 +2,7 @@
 
 Each family is one name table (HF tensor name -> lmssl parameter path), one list of the
 tensors HF stores transposed, the tensors tied to another one and the buffers that hold no
-weights; `lmssl.hf` applies them. The config functions translate config.json to the lmssl
+weights; `lmssl.hf.weights` applies them. The config functions translate config.json to the lmssl
 config that computes the same model, and back, refusing what lmssl cannot compute exactly.
 """
 

@@ -25,9 +25,6 @@ from lmssl import attention
 from lmssl import heads
 from lmssl import model as model_lib
 
-PAD_ID = 0
-
-
 class _Decoder(nn.Module):
   """The CLM LanguageModel's modules, with a cached decoding entry point."""
   cfg: Any
@@ -35,11 +32,6 @@ class _Decoder(nn.Module):
   def setup(self):
     self.transformer = model_lib.Transformer(self.cfg)
     self.clm_head = heads.OutputProjection(self.cfg)
-
-  def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL):
-    x_BxLxD, table_VxD = self.transformer(tokens_BxL, segment_ids_BxL, positions_BxL,
-                                          causal=True)
-    return self.clm_head(x_BxLxD, table_VxD)
 
   def decode(self, tokens_BxL, positions_BxL, mask, cache_index):
     """Logits [B, V] after each row's last new token."""
@@ -85,7 +77,7 @@ def _check_generate_args(cfg, prompts, max_new_tokens, temperature, top_k, top_p
   _check(isinstance(prompts, (list, tuple)) and prompts
          and all(isinstance(p, (list, tuple)) and p for p in prompts),
          "prompts must be a non-empty list of non-empty token-id lists; start an empty prompt "
-         "with the bos id (2)")
+         "with the tokenizer's bos id")
   for i, prompt in enumerate(prompts):
     _check_ids(prompt, cfg.vocab_size, f"prompts[{i}]")
   _check(max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be at least 1")
@@ -158,7 +150,7 @@ def _cut(tokens, eos_id: int) -> list[int]:
 
 
 def generate(model_cfg, params, prompts: list[list[int]], *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id: int = 3,
+             eos_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0) -> list[list[int]]:
   """Continues each prompt by up to `max_new_tokens` tokens from a CLM model.
 
@@ -170,7 +162,8 @@ def generate(model_cfg, params, prompts: list[list[int]], *, max_new_tokens: int
     temperature: 0 decodes greedily; otherwise samples from softmax(logits / temperature).
     top_k: sample among the k likeliest tokens only (0: no limit).
     top_p: sample among the fewest likeliest tokens whose mass reaches top_p (1.0: no limit).
-    eos_id: a row stops after emitting it; an id outside the vocabulary never stops a row.
+    eos_id: the tokenizer's; a row stops after emitting it (an id outside the vocabulary
+      never stops a row).
     seed: the sampling seed; a fixed seed reproduces the same tokens.
 
   Returns:
@@ -180,7 +173,9 @@ def generate(model_cfg, params, prompts: list[list[int]], *, max_new_tokens: int
   _check_generate_args(cfg, prompts, max_new_tokens, temperature, top_k, top_p)
   params = nn.meta.unbox(params)
   width = max(len(p) for p in prompts)
-  tokens_BxP = np.array([[PAD_ID] * (width - len(p)) + list(p) for p in prompts], np.int32)
+  # Left padding is kept out of attention (pad_B), so its id only has to be in the
+  # vocabulary: each row repeats its own first token.
+  tokens_BxP = np.array([[p[0]] * (width - len(p)) + list(p) for p in prompts], np.int32)
   pad_B = jnp.asarray([width - len(p) for p in prompts], jnp.int32)
   sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
   rng = jax.random.key(seed)
@@ -199,49 +194,14 @@ def generate(model_cfg, params, prompts: list[list[int]], *, max_new_tokens: int
   return [_cut(row, eos_id) for row in np.stack(generated, axis=1)]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _full_logits(params, tokens_1xL, segment_ids_1xL, *, cfg):
-  positions_1xL = jnp.arange(tokens_1xL.shape[1])[None]
-  return _Decoder(cfg).apply({"params": params}, tokens_1xL, segment_ids_1xL, positions_1xL)
-
-
-def greedy_reference(model_cfg, params, prompt: list[int], max_new_tokens: int,
-                     eos_id: int = 3) -> list[int]:
-  """Greedy continuation of one prompt without a cache: a full causal forward per new token.
-
-  The sequence grows in a buffer of fixed length (rounded up to a multiple of 32, so that
-  nearby lengths share one compiled forward); the causal mask keeps the not-yet-filled tail
-  from reaching the real tokens.
-  """
-  cfg = _inference_config(model_cfg)
-  _check_generate_args(cfg, [prompt], max_new_tokens, 0.0, 0, 1.0)
-  params = nn.meta.unbox(params)
-  end = len(prompt) + max_new_tokens
-  width = -(-end // 32) * 32
-  if cfg.position == "learned":
-    width = max(min(width, cfg.max_len), end)
-  tokens = np.zeros((1, width), np.int32)
-  tokens[0, :len(prompt)] = prompt
-  new = []
-  for n in range(len(prompt), end):
-    segment_ids = (np.arange(width) < n).astype(np.int32)[None]
-    logits_1xLxV = _full_logits(params, tokens, segment_ids, cfg=cfg)
-    token = int(jnp.argmax(logits_1xLxV[0, n - 1]))
-    if token == eos_id:
-      break
-    tokens[0, n] = token
-    new.append(token)
-  return new
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "top_k"))
 def _fill_mask_top_k(params, tokens_1xL, masked_positions_1xM, *, cfg, top_k: int):
   logits_1xMxV = _Encoder(cfg).apply({"params": params}, tokens_1xL, masked_positions_1xM)
   return jax.lax.top_k(jax.nn.softmax(logits_1xMxV[0], axis=-1), top_k)
 
 
-def fill_mask(model_cfg, params, ids: list[int], *, top_k: int = 5,
-              mask_id: int = 4) -> list[list[tuple[int, float]]]:
+def fill_mask(model_cfg, params, ids: list[int], *, mask_id: int,
+              top_k: int = 5) -> list[list[tuple[int, float]]]:
   """The `top_k` likeliest (id, probability) fillers for each `mask_id` in `ids`, best first.
 
   Args:
@@ -249,7 +209,7 @@ def fill_mask(model_cfg, params, ids: list[int], *, top_k: int = 5,
     params: the MLM LanguageModel's parameters ({"transformer": ..., "mlm_head": ...}).
     ids: one sequence, `[CLS] ... [SEP]` included, with at least one mask_id.
     top_k: candidates per masked position.
-    mask_id: the [MASK] id.
+    mask_id: the tokenizer's [MASK] id.
 
   Returns:
     One list of top_k (id, probability) pairs per mask, in the order the masks appear.

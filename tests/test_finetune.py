@@ -160,10 +160,11 @@ def test_fill_mask_of_trained_model_ranks_true_token_above_chance(pretrained, wi
   rng = np.random.default_rng(0)
   ranks = []
   for sentence in sentences:
-    ids = [tok.CLS_ID] + tokenizer.encode(sentence)[:60] + [tok.SEP_ID]
+    ids = [tokenizer.cls_id] + tokenizer.encode(sentence)[:60] + [tokenizer.sep_id]
     at = int(rng.integers(1, len(ids) - 1))
-    true_id, ids[at] = ids[at], tok.MASK_ID
-    found = sample.fill_mask(cfg.model, params, ids, top_k=cfg.model.vocab_size)[0]
+    true_id, ids[at] = ids[at], tokenizer.mask_id
+    found = sample.fill_mask(cfg.model, params, ids, mask_id=tokenizer.mask_id,
+                             top_k=cfg.model.vocab_size)[0]
     ranks.append([i for i, _ in found].index(true_id))
   # Chance puts the true token at rank ~V/2 = 500; unigram statistics alone do far better.
   assert np.median(ranks) < cfg.model.vocab_size / 10, ranks

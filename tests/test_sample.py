@@ -39,6 +39,26 @@ def _model_cfg(name="clm_base", norm="pre", position="learned"):
   return cfg
 
 
+def _greedy_reference(model_cfg, params, prompt, max_new_tokens):
+  """Greedy continuation of one prompt without a cache: the training model's full causal
+  forward per new token. The sequence grows in a buffer of fixed length (rounded up to a
+  multiple of 32, so that nearby lengths share one compiled forward); the causal mask keeps
+  the not-yet-filled tail from reaching the real tokens."""
+  lm = heads.LanguageModel(model_lib.module_config(model_cfg), "clm")
+  forward = jax.jit(lambda p, batch: lm.apply({"params": p}, batch)["clm"])
+  end = len(prompt) + max_new_tokens
+  width = -(-end // 32) * 32
+  if model_cfg.position == "learned":
+    width = max(min(width, model_cfg.max_len), end)
+  tokens = np.zeros((1, width), np.int32)
+  tokens[0, :len(prompt)] = prompt
+  for n in range(len(prompt), end):
+    batch = {"input_ids": tokens, "positions": np.arange(width, dtype=np.int32)[None],
+             "segment_ids": (np.arange(width) < n).astype(np.int32)[None]}
+    tokens[0, n] = int(jnp.argmax(forward(params, batch)[0, n - 1]))
+  return tokens[0, len(prompt):end].tolist()
+
+
 _CACHE = {}
 
 
@@ -47,7 +67,7 @@ def _clm(norm="pre", position="rope"):
   if (norm, position) not in _CACHE:
     cfg = _model_cfg(norm=norm, position=position)
     params = _random_params(cfg, "clm")
-    refs = [sample.greedy_reference(cfg, params, p, NEW, eos_id=NO_EOS) for p in PROMPTS]
+    refs = [_greedy_reference(cfg, params, p, NEW) for p in PROMPTS]
     _CACHE[norm, position] = cfg, params, refs
   return _CACHE[norm, position]
 
@@ -117,8 +137,8 @@ def test_generation_stops_once_every_row_has_emitted_eos(monkeypatch):
 def test_fill_mask_ranks_the_heads_probabilities():
   cfg = _model_cfg("mlm_base", norm="post")
   params = _random_params(cfg, "mlm")
-  ids = [2, 10, 4, 12, 13, 4, 3]
-  got = sample.fill_mask(cfg, params, ids, top_k=5)
+  ids = [2, 10, 40, 12, 13, 40, 3]  # the caller's mask id (a GPT-2-style tokenizer's differs)
+  got = sample.fill_mask(cfg, params, ids, mask_id=40, top_k=5)
   assert len(got) == 2 and all(len(c) == 5 for c in got)
   module_cfg = model_lib.module_config(cfg)
   tokens = jnp.array([ids])
@@ -140,13 +160,14 @@ def test_fill_mask_ranks_the_heads_probabilities():
     ({"top_k": -1}, r"top_k=-1 must be in \[0, vocab_size=64\]"),
     ({"temperature": -0.5}, r"temperature=-0.5 must be >= 0"),
     ({"max_new_tokens": 0}, r"max_new_tokens=0 must be at least 1"),
-    ({"prompts": [[2], []]}, r"non-empty token-id lists"),
+    ({"prompts": [[2], []]}, r"non-empty token-id lists; start an empty prompt with the "
+     r"tokenizer's bos id$"),
     ({"prompts": [[2, 64]]}, r"prompts\[0\] holds ids \[64\] outside the vocabulary"),
     ({"prompts": [[2] * 1020]}, r"plus max_new_tokens=8 exceeds model.max_len=1024"),
 ])
 def test_generate_rejects_bad_arguments(kwargs, match):
   cfg = _model_cfg()
-  args = {"prompts": [[2, 5]], "max_new_tokens": NEW, **kwargs}
+  args = {"prompts": [[2, 5]], "max_new_tokens": NEW, "eos_id": NO_EOS, **kwargs}
   with pytest.raises(ValueError, match=match):
     sample.generate(cfg, {}, args.pop("prompts"), **args)
 
@@ -154,6 +175,6 @@ def test_generate_rejects_bad_arguments(kwargs, match):
 def test_fill_mask_rejects_bad_arguments():
   cfg = _model_cfg("mlm_base", norm="post")
   with pytest.raises(ValueError, match="no mask_id=4"):
-    sample.fill_mask(cfg, {}, [2, 10, 3])
+    sample.fill_mask(cfg, {}, [2, 10, 3], mask_id=4)
   with pytest.raises(ValueError, match="top_k=0 must be in"):
-    sample.fill_mask(cfg, {}, [2, 4, 3], top_k=0)
+    sample.fill_mask(cfg, {}, [2, 4, 3], mask_id=4, top_k=0)

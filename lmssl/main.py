@@ -9,7 +9,6 @@ prompt; a causal LM continues the prompts.
 
 import json
 import os
-import re
 import sys
 import traceback
 
@@ -149,28 +148,56 @@ def _parse_flags(argv):
   except SyntaxError as e:  # the config file (or one it imports) is not valid Python
     sys.exit(f"lmssl: error: {_syntax(e, _config_file(argv))}")
   except OSError as e:  # a --config.KEY=VALUE given for a config file that failed to load
-    if "Configuration is not available" not in str(e) or e.__cause__ is None:
+    if e.__cause__ is None:  # not ml_collections' report of the config file's own error
       raise
     sys.exit(f"lmssl: error: {_unloadable(e.__cause__, _config_file(argv))}")
-  except (KeyError, AttributeError) as e:  # how ml_collections refuses an unknown key
-    text = str(e).replace("\\", "")
-    key = re.search(r"'(\w+)'", text)
-    key = key.group(1) if key else text
-    hint = re.search(r'Did you mean "(\w+)"', text)
-    given = next((a.split("=")[0] for a in argv if a.startswith("--config.")
-                  and key in a.split("=")[0].split(".")), "--config.KEY")
-    sys.exit(f"lmssl: error: {given} names no setting: the config has no {key!r}"
-             f"{f' (did you mean {hint.group(1)!r}?)' if hint else ''}; lmssl/config.py lists "
-             "every setting")
+  except (KeyError, AttributeError, flags.UnrecognizedFlagError):  # a --config.KEY unknown
+    unknown = _unknown_setting(argv)
+    if unknown is None:
+      raise
+    sys.exit(f"lmssl: error: {unknown}")
   except flags.Error as e:
-    _, marker, refused = str(e).rpartition("lmssl.errors.UserError: ")
-    if marker:  # the config code's own message, from inside absl's report of it
-      sys.exit(f"lmssl: error: {refused.strip()}")
+    refused = _innermost_user_error(e)
+    if refused is not None:  # the config code's own message, which absl wraps in its report
+      sys.exit(f"lmssl: error: {refused}")
     sys.exit(f"lmssl: error: {e}\nPass --helpfull to see every flag.")
   value = flags.FLAGS["config"].value  # ml_collections keeps a load error until first use
   if type(value).__name__ == "_ErrorConfig":
     sys.exit(f"lmssl: error: {_unloadable(vars(value)['_error'], _config_file(argv))}")
   return parsed
+
+
+def _unknown_setting(argv) -> str | None:
+  """The first --config.KEY in `argv` that names no setting of the base config (which
+  declares every knob), told with the nearest name; None when every one names a setting."""
+  import difflib
+  from lmssl import config as config_lib
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    given = arg.split("=", 1)[0]
+    section = config_lib.base_config()
+    for part in given.split(".")[1:]:
+      known = list(section.keys()) if hasattr(section, "keys") else []
+      if part not in known:
+        near = difflib.get_close_matches(part, known, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        return (f"{given} names no setting: the config has no {part!r}{hint}; lmssl/config.py "
+                "lists every setting")
+      section = section[part]
+  return None
+
+
+def _innermost_user_error(e: BaseException):
+  """The UserError `e` was raised from, if any: the first one raised, whose message is lmssl's
+  own line (absl and ml_collections re-raise it with their report around it)."""
+  from lmssl import errors
+  found, seen = None, 0
+  while e is not None and seen < 16:
+    if isinstance(e, errors.UserError):
+      found = e
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return found
 
 
 _CONFIG_EXAMPLE = "e.g. --config configs/mlm_base.py:smoke (configs/ holds lmssl's own)"

@@ -30,6 +30,8 @@ def test_bad_config_value_is_one_clear_line_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("args, last_line", [
     (["--config.train.stepz=5"], "lmssl: error: --config.train.stepz names no setting: the "
      "config has no 'stepz' (did you mean 'steps'?); lmssl/config.py lists every setting"),
+    (["--config.trian.steps=5"], "lmssl: error: --config.trian.steps names no setting: the "
+     "config has no 'trian' (did you mean 'train'?); lmssl/config.py lists every setting"),
     (["--config.train.steps=ten"], "lmssl: error: flag --config.train.steps=ten: invalid "
      "literal for int() with base 10: 'ten'"),
     (["--config=configs/mlm_base.py:smoke,tiny"], "lmssl: error: unknown config variant "

@@ -9,15 +9,16 @@ import pytest
 
 from conftest import CORPORA
 from conftest import REPO
-from lmssl import bench
-from lmssl import bench_parts
+from lmssl.bench import __main__ as cli
+from lmssl.bench import parts
+from lmssl.bench import step as bench_step
 
 TINY = ["--size", "tiny", "--vocab", "300", "--batch", "8", "--seq", "32", "--steps", "2",
         "--rounds", "2", "--warmup", "1"]
 
 
 def _run(capsys, *extra):
-  rows = bench.run(bench.parse_args(["--json", *TINY, *extra]))
+  rows = cli.run(cli.parse_args(["--json", *TINY, *extra]))
   printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert printed == rows
   return rows
@@ -27,7 +28,7 @@ def _check_step_row(row, cfg, peak, predictions):
   step_s = statistics.median(row["rounds_step_time_s"])
   assert len(row["rounds_step_time_s"]) == 2 and row["step_time_s"] == step_s
   assert row["tokens_per_s"] == pytest.approx(cfg.train.batch_size * cfg.data.seq_len / step_s)
-  flops = bench.flops_per_step(cfg, predictions)
+  flops = bench_step.flops_per_step(cfg, predictions)
   assert row["flops_per_s"] == pytest.approx(flops / step_s)
   assert row["mfu"] == pytest.approx(flops / step_s / peak)
   assert row["peak_memory_bytes"] > 0
@@ -37,14 +38,14 @@ def test_step_compile_and_memory_rows(capsys):
   rows = _run(capsys, "--task", "clm", "--compile_layers", "1,3")
   peak, step, first, second = rows
   assert peak["measurement"] == "peak" and peak["peak_flops_per_s"] > 0
-  cfg = bench.bench_config("clm", size="tiny", vocab=300, batch=8, seq=32)
+  cfg = bench_step.bench_config("clm", size="tiny", vocab=300, batch=8, seq=32)
   assert {k: step[k] for k in ("impl", "task", "batch", "seq", "layers")} == dict(
       impl="lmssl", task="clm", batch=8, seq=32, layers=2)
   _check_step_row(step, cfg, peak["peak_flops_per_s"], None)
   assert step["compile_s"] > 0
   # On CPU the memory is XLA's figure for the compiled step: the same step compiled again.
-  compiled, _ = bench_parts.compile_step(cfg, bench_parts.mesh_for(cfg))
-  assert step["peak_memory_bytes"] == bench_parts.step_memory(compiled)
+  compiled, _ = parts.compile_step(cfg, parts.mesh_for(cfg))
+  assert step["peak_memory_bytes"] == parts.step_memory(compiled)
   assert [first["layers"], second["layers"]] == [1, 3]
   assert second["vs_first"] == pytest.approx(second["compile_s"] / first["compile_s"])
 
@@ -57,7 +58,7 @@ def test_largest_batch_is_the_boundary_of_the_budget(budget):
     return 100 + 37 * k + 64 * (k // 16) + (k * k) // 50
 
   calls = []
-  k = bench_parts.largest_batch(memory, budget, start=8)
+  k = parts.largest_batch(memory, budget, start=8)
   searched = set(calls)
   assert k == max((j for j in range(1, 2000) if memory(j) <= budget), default=0)
   assert len(searched) <= 2 * max(k, 1).bit_length() + 4
@@ -66,9 +67,9 @@ def test_largest_batch_is_the_boundary_of_the_budget(budget):
 def test_chunked_clm_loss_needs_less_memory():
   used = {}
   for chunks in (0, 8):
-    cfg = bench.bench_config("clm", size="tiny", vocab=8000, batch=8, seq=256,
+    cfg = bench_step.bench_config("clm", size="tiny", vocab=8000, batch=8, seq=256,
                              loss_chunks=chunks)
-    used[chunks] = bench_parts.step_memory(bench_parts.compile_step(cfg, bench_parts.mesh_for(cfg))[0])
+    used[chunks] = parts.step_memory(parts.compile_step(cfg, parts.mesh_for(cfg))[0])
   # Per device (one row of 8 each): the whole [1, 256, 8000] float32 logits are 8 MiB, and
   # the loss keeps them, or their gradient, for the backward; a piece is 1/8 of that, so the
   # pieces save at least the other 7/8 (measured: 7.7 MiB).
@@ -91,7 +92,7 @@ def test_pipeline_row(capsys, tokenizer_path, tmp_path):
 def test_hf_peer_side_by_side(capsys):
   rows = _run(capsys, "--task", "mlm", "--peer", "hf")
   peak, ours, theirs, ratio = rows
-  cfg = bench.bench_config("mlm", size="tiny", vocab=300, batch=8, seq=32)
+  cfg = bench_step.bench_config("mlm", size="tiny", vocab=300, batch=8, seq=32)
   assert (ours["impl"], theirs["impl"]) == ("lmssl", "hf")
   assert theirs["device"] == "cpu" and theirs["memory_source"] == "peak RSS growth"
   # The HuggingFace head projects every position to the vocabulary; lmssl's the masked ones.
@@ -103,7 +104,7 @@ def test_hf_peer_side_by_side(capsys):
 
 def test_bad_arguments_are_refused(capsys):
   with pytest.raises(SystemExit):
-    bench.parse_args(["--task", "mlm", "--rounds", "0"])
+    cli.parse_args(["--task", "mlm", "--rounds", "0"])
   assert "--rounds=0 must be positive" in capsys.readouterr().err
 
 
@@ -160,5 +161,5 @@ def test_accelerator_suite_at_tiny_scale_without_tensorflow(tmp_path):
 
 
 def bench_suite_models():
-  from lmssl import bench_suite
-  return list(bench_suite.MODELS)
+  from lmssl.bench import suite
+  return list(suite.MODELS)

@@ -1,35 +1,18 @@
-"""Throughput of lmssl's train step, side by side with the HuggingFace PyTorch peer.
-
-  python -m lmssl.bench --task mlm|clm [--peer hf] [--json] [--pipeline]
-      [--compile_layers 2,24] [--remat_budget_gib 4]
-
-The step is timed whole (forward, backward, clipped AdamW update) on batches already on the
-device, after warm-up; with `--peer hf`, BertForMaskedLM (15% of positions labelled) or
-GPT2LMHeadModel of the same shape, dtype and optimizer runs in a child process, and the two
-take turns, round by round, so the machine's drift touches both alike. The defaults are the
-reference CPU shapes: 4 layers, d_model 256, 4 heads, MLP 1024, vocabulary 32000; MLM 32 x 128,
-CLM 16 x 256; float32.
-
-Also, on request: the input pipeline alone (`--pipeline`: real tf.data batches from prepared,
-tokenized data, put on the device), compile time against depth (`--compile_layers`), and the
-largest batch whose step fits a memory budget under each remat policy (`--remat_budget_gib`,
-from XLA's compiled memory figures, so nothing is allocated).
+"""The timed train step: lmssl's, and the HuggingFace PyTorch peer's in a child process, taking
+turns round by round so the machine's drift touches both alike; the config and synthetic batches
+they run on; the FLOPs and the peak that MFU is made of.
 
 MFU is analytic model FLOPs per second over the peak: the device's dense bf16 peak on
-accelerators, on CPUs a large float32 matmul's measured rate (printed too). Each
-implementation's FLOPs count what it computes: the HuggingFace MLM head projects every position
-to the vocabulary, lmssl's only the masked ones.
+accelerators, on CPUs a large float32 matmul's measured rate. Each implementation's FLOPs count
+what it computes: the HuggingFace MLM head projects every position to the vocabulary, lmssl's
+only the masked ones.
 """
 
-import argparse
-import functools
 import importlib.util
-import json
 import math
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -37,15 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmssl import attention
-from lmssl import bench_parts
-from lmssl import config as config_lib
 from lmssl import errors
 from lmssl import metrics
-from lmssl import model as model_lib
 from lmssl import sharding
 from lmssl import steps
+from lmssl.bench import parts
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 # task: (batch, seq_len) of the reference CPU comparison.
 SHAPES = {"mlm": (32, 128), "clm": (16, 256)}
 
@@ -138,8 +119,8 @@ class Lmssl:
   """lmssl's jitted train step on a state born sharded, cycling through device batches."""
 
   def __init__(self, cfg, packed: bool = False):
-    self.mesh = bench_parts.mesh_for(cfg)
-    self.compiled, self.compile_s = bench_parts.compile_step(cfg, self.mesh)
+    self.mesh = parts.mesh_for(cfg)
+    self.compiled, self.compile_s = parts.compile_step(cfg, self.mesh)
     self.attention = attention.resolve(cfg.model.attention, dtype=cfg.model.dtype)
     self.fused = attention.runs_fused(self.compiled.as_text(), self.attention)
     with jax.set_mesh(self.mesh):
@@ -159,14 +140,14 @@ class Lmssl:
   def memory(self) -> tuple[int, str]:
     # The compiled step's own figure: a device's peak in use would carry over from whatever
     # ran before in this process.
-    return bench_parts.step_memory(self.compiled), "XLA compiled step"
+    return parts.step_memory(self.compiled), "XLA compiled step"
 
   def close(self) -> None:
     pass
 
 
 class Peer:
-  """The HuggingFace PyTorch step (`lmssl.bench_hf`) in a child process with its own threads
+  """The HuggingFace PyTorch step (`lmssl.bench.hf_peer`) in a child process with its own threads
   and memory, run on request."""
 
   def __init__(self, cfg, peer: str):
@@ -184,10 +165,10 @@ class Peer:
         dtype=m.dtype, dropout=m.dropout, mask_rate=cfg.data.mask_rate, lr=t.lr, b1=t.b1,
         b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
         warmup_steps=t.warmup_steps, total_steps=t.steps, seed=cfg.seed, threads=None)
-    from lmssl import bench_hf
+    from lmssl.bench import hf_peer  # imports torch: only with --peer hf
     context = multiprocessing.get_context("spawn")
     self._conn, child = context.Pipe()
-    self._process = context.Process(target=bench_hf.serve, args=(child, settings), daemon=True)
+    self._process = context.Process(target=hf_peer.serve, args=(child, settings), daemon=True)
     self._process.start()
     self.info = self._ask("info")
 
@@ -264,142 +245,3 @@ def _device_name(runner) -> str:
   if isinstance(runner, Peer):
     return runner.info["device"]
   return f"{jax.local_device_count()} x {jax.devices()[0].device_kind}"
-
-
-COLUMNS = {
-    "peak": [("peak_source", "{}"), ("peak_flops_per_s", "{:.3g}"),
-             ("matmul_flops_per_s", "{:.3g}")],
-    "train_step": [("model", "{}"), ("impl", "{}"), ("attention", "{}"),
-                   ("fused_attention", "{}"), ("device", "{}"), ("batch", "{}"), ("seq", "{}"),
-                   ("tokens_per_s", "{:,.0f}"), ("step_time_s", "{:.3f}"),
-                   ("flops_per_s", "{:.3g}"), ("mfu", "{:.1%}"), ("compile_s", "{:.1f}"),
-                   ("peak_memory_bytes", "MiB")],
-    "ratio": [("model", "{}"), ("impl", "{}"), ("task", "{}"), ("seq", "{}"),
-              ("tokens_per_s_ratio", "{:.2f}x")],
-    "attention": [("impl", "{}"), ("causal", "{}"), ("batch", "{}"), ("seq", "{}"),
-                  ("heads", "{}"), ("dtype", "{}"), ("segments", "{}"),
-                  ("max_segments", "{}"), ("fused", "{}"),
-                  ("fwd_bwd_s", "{:.5f}"), ("max_abs_diff_out", "{:.2e}"),
-                  ("max_abs_diff_grad", "{:.2e}")],
-    "pipeline": [("task", "{}"), ("batch", "{}"), ("seq", "{}"), ("batches", "{}"),
-                 ("tokens_per_s", "{:,.0f}"), ("step_ratio", "{:.1f}x")],
-    "compile": [("layers", "{}"), ("remat", "{}"), ("compile_s", "{:.1f}"),
-                ("vs_first", "{:.2f}x")],
-    "max_batch": [("model", "{}"), ("remat", "{}"), ("layers", "{}"), ("seq", "{}"),
-                  ("budget_bytes", "MiB"), ("batch", "{}"), ("memory_bytes", "MiB"),
-                  ("vs_first", "{:.2f}x")],
-}
-
-
-def _cell(value, fmt: str) -> str:
-  if value is None:
-    return "-"
-  if fmt == "MiB":
-    return f"{value / 2 ** 20:,.0f} MiB"
-  return fmt.format(value)
-
-
-def table(rows: list[dict]) -> str:
-  """The rows of one measurement kind as an aligned text table."""
-  columns = COLUMNS[rows[0]["measurement"]]
-  cells = [[name for name, _ in columns]] + [[_cell(r.get(n), f) for n, f in columns]
-                                             for r in rows]
-  widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-  return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
-
-
-def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m lmssl.bench", description=__doc__.split("\n")[0])
-  p.add_argument("--task", choices=config_lib.OBJECTIVES, help="required unless --suite")
-  p.add_argument("--suite", default="", choices=("", "accelerator"),
-                 help="the accelerator suite (lmssl/bench_suite.py): attention kernels, "
-                 "BERT-base and GPT-2 small/medium steps beside the peer, remat batches")
-  p.add_argument("--scale", default="full", choices=("full", "tiny"),
-                 help="--suite shapes: full (the real models) or tiny (a CPU check)")
-  p.add_argument("--out", default="bench_accelerator.json", help="--suite's JSON file")
-  p.add_argument("--peer", default="", choices=("", "hf"), help="also time this peer")
-  p.add_argument("--json", action="store_true", help="one JSON object per line per measurement")
-  p.add_argument("--size", default="mini", choices=list(config_lib.SIZES),
-                 help="model shape (mini: 4 layers, d_model 256, 4 heads, MLP 1024)")
-  p.add_argument("--layers", type=int, default=0, help="layers (0: the size's)")
-  p.add_argument("--vocab", type=int, default=32000)
-  p.add_argument("--batch", type=int, default=0, help="0: MLM 32, CLM 16")
-  p.add_argument("--seq", type=int, default=0, help="0: MLM 128, CLM 256")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  p.add_argument("--remat", default="none", choices=list(model_lib.REMAT_POLICIES))
-  p.add_argument("--dropout", type=float, default=0.0)
-  p.add_argument("--attention", default="auto", choices=list(attention.IMPLEMENTATIONS))
-  p.add_argument("--loss_chunks", type=int, default=0, help="train.loss_chunks (CLM)")
-  p.add_argument("--steps", type=int, default=5, help="timed steps per round")
-  p.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
-  p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-  p.add_argument("--no_step", action="store_true", help="skip the train-step timing")
-  p.add_argument("--pipeline", action="store_true", help="also time the input pipeline alone")
-  p.add_argument("--data_source", default="builtin", help="--pipeline's corpus (data.source)")
-  p.add_argument("--tokenizer", default="", help="--pipeline's tokenizer (default: trained)")
-  p.add_argument("--workdir", default="", help="--pipeline's tokenizer and prepared data "
-                 "(default ~/.cache/lmssl/bench)")
-  p.add_argument("--compile_layers", default="", help="e.g. 2,24: compile time per depth")
-  p.add_argument("--remat_budget_gib", type=float, default=0.0,
-                 help="largest batch within this memory under each --remat_policies")
-  p.add_argument("--remat_policies", default="none,full")
-  args = p.parse_args(argv)
-  if not args.task and not args.suite:
-    p.error("--task is required (or --suite accelerator)")
-  for name in ("steps", "rounds", "batch", "seq", "layers", "vocab", "warmup"):
-    if getattr(args, name) < (1 if name in ("steps", "rounds") else 0):
-      p.error(f"--{name}={getattr(args, name)} must be positive")
-  return args
-
-
-def run(args) -> list[dict]:
-  """Every measurement asked for, as rows; printed as they come."""
-  if args.suite:
-    from lmssl import bench_suite  # it builds on this module
-    return bench_suite.run(args, functools.partial(_report, args, []))
-  rows = []
-  report = functools.partial(_report, args, rows)
-  cfg = bench_config(args.task, size=args.size, layers=args.layers, vocab=args.vocab,
-                     batch=args.batch, seq=args.seq, dtype=args.dtype, remat=args.remat,
-                     dropout=args.dropout, attention=args.attention,
-                     loss_chunks=args.loss_chunks)
-  matmul = matmul_rate()
-  peak, source = device_peak(matmul)
-  report([dict(measurement="peak", impl="jax", matmul_flops_per_s=matmul,
-               peak_flops_per_s=peak, peak_source=source)])
-  step_tokens = None
-  if not args.no_step:
-    report(step_rows(cfg.copy_and_resolve_references(), args, peak, source))
-    step_tokens = next(r["tokens_per_s"] for r in rows
-                       if r["measurement"] == "train_step" and r["impl"] == "lmssl")
-  if args.pipeline:
-    report([bench_parts.pipeline_row(cfg.copy_and_resolve_references(), args, step_tokens)])
-  if args.compile_layers:
-    report(bench_parts.compile_rows(cfg.copy_and_resolve_references(),
-                        [int(n) for n in args.compile_layers.split(",")]))
-  if args.remat_budget_gib:
-    report(bench_parts.remat_rows(cfg.copy_and_resolve_references(), args.remat_budget_gib,
-                      args.remat_policies.split(",")))
-  return rows
-
-
-def _report(args, rows: list, new: list[dict]) -> None:
-  """Prints rows as they come, as tables or JSON lines, and keeps them in `rows`."""
-  rows.extend(new)
-  if args.json:
-    print("\n".join(json.dumps(r) for r in new), flush=True)
-    return
-  for kind in dict.fromkeys(r["measurement"] for r in new):
-    print(table([r for r in new if r["measurement"] == kind]) + "\n", flush=True)
-
-
-def main(argv=None) -> None:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    run(args)
-  except errors.UserError as e:
-    sys.exit(f"lmssl.bench: error: {e}")
-
-
-if __name__ == "__main__":
-  main()

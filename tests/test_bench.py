@@ -163,3 +163,35 @@ def test_accelerator_suite_at_tiny_scale_without_tensorflow(tmp_path):
 def bench_suite_models():
   from lmssl.bench import suite
   return list(suite.MODELS)
+
+
+def test_installed_copy_runs_from_any_directory(tmp_path):
+  """After a non-editable `pip install .`, `python -m lmssl.bench` run from elsewhere, with
+  only the installed copy on the path, finds the task's config and times its step."""
+  import os
+  import shutil
+  import subprocess
+  import sys
+  src, site, elsewhere = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
+  # From a copy, so the build leaves nothing in the working tree.
+  shutil.copytree(REPO / "lmssl", src / "lmssl", ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(REPO / name, src / name)
+  subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                  "--no-build-isolation", "--no-index", "--target", str(site), str(src)],
+                 check=True, capture_output=True, timeout=120)
+  elsewhere.mkdir()
+  env = dict(os.environ, PYTHONPATH=str(site))
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run(
+      [sys.executable, "-c", "import lmssl, runpy; print(lmssl.__file__, flush=True); "
+       "runpy.run_module('lmssl.bench', run_name='__main__')", "--json", "--task", "clm",
+       "--size", "tiny", "--layers", "1", "--vocab", "300", "--batch", "2", "--seq", "32",
+       "--steps", "1", "--rounds", "1", "--warmup", "0"],
+      cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  where, *lines = result.stdout.splitlines()
+  assert where == str(site / "lmssl" / "__init__.py")
+  step = [json.loads(line) for line in lines][-1]
+  assert (step["measurement"], step["task"], step["layers"], step["seq"]) == (
+      "train_step", "clm", 1, 32)

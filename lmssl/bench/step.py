@@ -8,10 +8,10 @@ what it computes: the HuggingFace MLM head projects every position to the vocabu
 only the masked ones.
 """
 
+import importlib
 import importlib.util
 import math
 import multiprocessing
-import os
 import statistics
 import time
 
@@ -26,18 +26,15 @@ from lmssl import sharding
 from lmssl import steps
 from lmssl.bench import parts
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 # task: (batch, seq_len) of the reference CPU comparison.
 SHAPES = {"mlm": (32, 128), "clm": (16, 256)}
 
 
 def bench_config(task: str, *, size="mini", layers=0, vocab=32000, batch=0, seq=0,
                  dtype="float32", remat="none", dropout=0.0, attention="auto", loss_chunks=0):
-  """The task's config file at `size`, with the benchmark's shape (0: the reference one)."""
-  spec = importlib.util.spec_from_file_location(task, os.path.join(CONFIGS, f"{task}_base.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(f"size={size}")
+  """The task's base config at `size`, with the benchmark's shape (0: the reference one).
+  Imported by name from the package, so an installed lmssl benchmarks from any directory."""
+  c = importlib.import_module(f"lmssl.configs.{task}_base").get_config(f"size={size}")
   m = c.model
   m.num_layers = layers or m.num_layers
   m.vocab_size, m.dtype, m.remat, m.dropout, m.attention = vocab, dtype, remat, dropout, attention

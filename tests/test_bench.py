@@ -3,48 +3,71 @@ of. No timing is asserted: these machines are shared."""
 
 import importlib.util
 import json
+import math
 import statistics
+import types
 
+import jax
 import pytest
 
 from conftest import CORPORA
 from conftest import REPO
-from lmssl import bench
-from lmssl import bench_parts
+from lmssl import sharding
+from lmssl import steps
+from lmssl.bench import __main__ as cli
+from lmssl.bench import parts
+from lmssl.bench import step as bench_step
 
 TINY = ["--size", "tiny", "--vocab", "300", "--batch", "8", "--seq", "32", "--steps", "2",
         "--rounds", "2", "--warmup", "1"]
+# Train FLOPs of one step at the TINY shapes (2 layers, d_model 128, MLP 512, vocabulary 300,
+# 8 rows of 32 tokens), counted by hand as 3 x the forward's matmuls. Per token and layer:
+# projections 2 * (4 * 128^2 + 2 * 128 * 512) = 393,216, attention 2 * 2 * 32 * 128 = 16,384.
+# CLM, every position to the vocabulary: 3 * 256 * (2 * 409,600 + 2 * 128 * 300).
+CLM_FLOPS = 688_128_000
+# MLM, 5 predictions a row (15% of 32), each a 128^2 transform and a 128 x 300 projection:
+# 3 * 8 * (32 * 2 * 409,600 + 2 * 5 * (128^2 + 128 * 300)); the HuggingFace head predicts at
+# all 32 positions: 3 * 8 * (32 * 2 * 409,600 + 2 * 32 * (128^2 + 128 * 300)).
+MLM_FLOPS, HF_MLM_FLOPS = 642_293_760, 713_293_824
 
 
 def _run(capsys, *extra):
-  rows = bench.run(bench.parse_args(["--json", *TINY, *extra]))
+  rows = cli.run(cli.parse_args(["--json", *TINY, *extra]))
   printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert printed == rows
   return rows
 
 
-def _check_step_row(row, cfg, peak, predictions):
+def _check_step_row(row, flops_per_step, peak):
+  """The row's rates against what one step holds: 8 x 32 tokens and `flops_per_step`, counted
+  by hand; its MFU against the peak row's figure."""
   step_s = statistics.median(row["rounds_step_time_s"])
   assert len(row["rounds_step_time_s"]) == 2 and row["step_time_s"] == step_s
-  assert row["tokens_per_s"] == pytest.approx(cfg.train.batch_size * cfg.data.seq_len / step_s)
-  flops = bench.flops_per_step(cfg, predictions)
-  assert row["flops_per_s"] == pytest.approx(flops / step_s)
-  assert row["mfu"] == pytest.approx(flops / step_s / peak)
+  assert row["tokens_per_s"] * step_s == pytest.approx(8 * 32)
+  assert row["flops_per_s"] * step_s == pytest.approx(flops_per_step)
+  assert row["mfu"] * peak == pytest.approx(row["flops_per_s"])
   assert row["peak_memory_bytes"] > 0
+
+
+def _per_device_bytes(tree) -> int:
+  return sum(x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape))
+             for x in jax.tree.leaves(tree))
 
 
 def test_step_compile_and_memory_rows(capsys):
   rows = _run(capsys, "--task", "clm", "--compile_layers", "1,3")
   peak, step, first, second = rows
   assert peak["measurement"] == "peak" and peak["peak_flops_per_s"] > 0
-  cfg = bench.bench_config("clm", size="tiny", vocab=300, batch=8, seq=32)
+  cfg = bench_step.bench_config("clm", size="tiny", vocab=300, batch=8, seq=32)
   assert {k: step[k] for k in ("impl", "task", "batch", "seq", "layers")} == dict(
       impl="lmssl", task="clm", batch=8, seq=32, layers=2)
-  _check_step_row(step, cfg, peak["peak_flops_per_s"], None)
+  _check_step_row(step, CLM_FLOPS, peak["peak_flops_per_s"])
   assert step["compile_s"] > 0
-  # On CPU the memory is XLA's figure for the compiled step: the same step compiled again.
-  compiled, _ = bench_parts.compile_step(cfg, bench_parts.mesh_for(cfg))
-  assert step["peak_memory_bytes"] == bench_parts.step_memory(compiled)
+  # The step holds the state (parameters and AdamW's two moments) and, for the clip's global
+  # norm, every gradient at once: its memory is at least both, on each device.
+  state, _ = parts.abstract_state(cfg, parts.mesh_for(cfg))
+  assert cfg.train.grad_clip > 0
+  assert step["peak_memory_bytes"] >= _per_device_bytes(state) + _per_device_bytes(state.params)
   assert [first["layers"], second["layers"]] == [1, 3]
   assert second["vs_first"] == pytest.approx(second["compile_s"] / first["compile_s"])
 
@@ -57,32 +80,75 @@ def test_largest_batch_is_the_boundary_of_the_budget(budget):
     return 100 + 37 * k + 64 * (k // 16) + (k * k) // 50
 
   calls = []
-  k = bench_parts.largest_batch(memory, budget, start=8)
+  k = parts.largest_batch(memory, budget, start=8)
   searched = set(calls)
   assert k == max((j for j in range(1, 2000) if memory(j) <= budget), default=0)
   assert len(searched) <= 2 * max(k, 1).bit_length() + 4
 
 
-def test_chunked_clm_loss_needs_less_memory():
+def test_step_memory_grows_with_the_batch_and_shrinks_with_loss_chunks():
   used = {}
-  for chunks in (0, 8):
-    cfg = bench.bench_config("clm", size="tiny", vocab=8000, batch=8, seq=256,
-                             loss_chunks=chunks)
-    used[chunks] = bench_parts.step_memory(bench_parts.compile_step(cfg, bench_parts.mesh_for(cfg))[0])
+  for chunks, batch in ((0, 8), (8, 8), (0, 16)):
+    cfg = bench_step.bench_config("clm", size="tiny", vocab=8000, batch=batch, seq=256,
+                                  loss_chunks=chunks)
+    used[chunks, batch] = parts.step_memory(parts.compile_step(cfg, parts.mesh_for(cfg))[0])
+  # A second row on each device brings its own [1, 256, 8000] float32 logits (8 MiB), which
+  # the unchunked loss keeps for the backward.
+  assert used[0, 16] - used[0, 8] > 7 * 2 ** 20
   # Per device (one row of 8 each): the whole [1, 256, 8000] float32 logits are 8 MiB, and
   # the loss keeps them, or their gradient, for the backward; a piece is 1/8 of that, so the
   # pieces save at least the other 7/8 (measured: 7.7 MiB).
-  assert used[0] - used[8] > 7 * 2 ** 20
+  assert used[0, 8] - used[8, 8] > 7 * 2 ** 20
 
 
-def test_pipeline_row(capsys, tokenizer_path, tmp_path):
-  rows = _run(capsys, "--task", "mlm", "--no_step", "--pipeline", "--data_source",
-              f"text:{CORPORA / 'wikitext-2' / 'valid.txt'}", "--tokenizer", tokenizer_path,
-              "--workdir", str(tmp_path))
+@pytest.mark.parametrize("task, predictions, flops", [
+    ("clm", None, CLM_FLOPS), ("mlm", None, MLM_FLOPS), ("mlm", 32, HF_MLM_FLOPS)])
+def test_flops_per_step_as_counted_by_hand(task, predictions, flops):
+  cfg = bench_step.bench_config(task, size="tiny", vocab=300, batch=8, seq=32)
+  assert bench_step.flops_per_step(cfg, predictions) == flops
+
+
+@pytest.mark.parametrize("task", ["clm", "mlm"])
+def test_flops_per_step_as_xla_counts_them(task):
+  """XLA's count for the step's program before optimization: the matmuls, and a little more
+  for the elementwise work and the update. One layer, as XLA counts a scan's body once."""
+  cfg = bench_step.bench_config(task, size="tiny", layers=1, vocab=300, batch=8, seq=32)
+  mesh = parts.mesh_for(cfg)
+  with jax.set_mesh(mesh):
+    state, shardings = parts.abstract_state(cfg, mesh)
+    step, _ = steps.compile_steps(cfg, shardings, mesh)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                         steps.example_batch(cfg, cfg.train.batch_size))
+    xla = step.lower(state, batch).cost_analysis()["flops"]
+  assert 1.0 <= xla / bench_step.flops_per_step(cfg) <= 1.1
+
+
+def test_pipeline_row(capsys, tokenizer_path, tmp_path, monkeypatch):
+  """On a clock on which each batch put on the device takes 0.25 s, the row's rate is one
+  batch's tokens per 0.25 s, and its count is the batches timed."""
+  now, shapes = [0.0], []
+  global_batch = sharding.global_batch
+
+  def put(batch, mesh):
+    now[0] += 0.25
+    shapes.append(batch["input_ids"].shape)
+    return global_batch(batch, mesh)
+
+  monkeypatch.setattr(sharding, "global_batch", put)
+  monkeypatch.setattr(parts, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+  flags = ["--task", "mlm", "--no_step", "--pipeline", "--data_source",
+           f"text:{CORPORA / 'wikitext-2' / 'valid.txt'}", "--tokenizer", tokenizer_path,
+           "--workdir", str(tmp_path)]
+  rows = _run(capsys, *flags)
   row = rows[-1]
   assert {k: row[k] for k in ("measurement", "task", "batch", "seq", "batches")} == dict(
       measurement="pipeline", task="mlm", batch=8, seq=32, batches=16)
-  assert row["tokens_per_s"] > 0 and row["step_ratio"] is None
+  assert set(shapes) == {(8, 32)} and len(shapes) == 16 + 3  # after 1 + 2 warm-up batches
+  assert row["tokens_per_s"] == pytest.approx(8 * 32 / 0.25) and row["step_ratio"] is None
+  # Beside a step that takes 512 tokens a second, the pipeline is twice as fast.
+  cfg = bench_step.bench_config("mlm", size="tiny", vocab=300, batch=8, seq=32)
+  again = parts.pipeline_row(cfg, cli.parse_args([*TINY, *flags]), 512.0)
+  assert again["step_ratio"] == pytest.approx(2.0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None
@@ -91,19 +157,18 @@ def test_pipeline_row(capsys, tokenizer_path, tmp_path):
 def test_hf_peer_side_by_side(capsys):
   rows = _run(capsys, "--task", "mlm", "--peer", "hf")
   peak, ours, theirs, ratio = rows
-  cfg = bench.bench_config("mlm", size="tiny", vocab=300, batch=8, seq=32)
   assert (ours["impl"], theirs["impl"]) == ("lmssl", "hf")
   assert theirs["device"] == "cpu" and theirs["memory_source"] == "peak RSS growth"
   # The HuggingFace head projects every position to the vocabulary; lmssl's the masked ones.
-  _check_step_row(ours, cfg, peak["peak_flops_per_s"], None)
-  _check_step_row(theirs, cfg, peak["peak_flops_per_s"], cfg.data.seq_len)
+  _check_step_row(ours, MLM_FLOPS, peak["peak_flops_per_s"])
+  _check_step_row(theirs, HF_MLM_FLOPS, peak["peak_flops_per_s"])
   assert ratio["tokens_per_s_ratio"] == pytest.approx(
       ours["tokens_per_s"] / theirs["tokens_per_s"])
 
 
 def test_bad_arguments_are_refused(capsys):
   with pytest.raises(SystemExit):
-    bench.parse_args(["--task", "mlm", "--rounds", "0"])
+    cli.parse_args(["--task", "mlm", "--rounds", "0"])
   assert "--rounds=0 must be positive" in capsys.readouterr().err
 
 
@@ -160,5 +225,37 @@ def test_accelerator_suite_at_tiny_scale_without_tensorflow(tmp_path):
 
 
 def bench_suite_models():
-  from lmssl import bench_suite
-  return list(bench_suite.MODELS)
+  from lmssl.bench import suite
+  return list(suite.MODELS)
+
+
+def test_installed_copy_runs_from_any_directory(tmp_path):
+  """After a non-editable `pip install .`, `python -m lmssl.bench` run from elsewhere, with
+  only the installed copy on the path, finds the task's config and times its step."""
+  import os
+  import shutil
+  import subprocess
+  import sys
+  src, site, elsewhere = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
+  # From a copy, so the build leaves nothing in the working tree.
+  shutil.copytree(REPO / "lmssl", src / "lmssl", ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(REPO / name, src / name)
+  subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                  "--no-build-isolation", "--no-index", "--target", str(site), str(src)],
+                 check=True, capture_output=True, timeout=120)
+  elsewhere.mkdir()
+  env = dict(os.environ, PYTHONPATH=str(site))
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run(
+      [sys.executable, "-c", "import lmssl, runpy; print(lmssl.__file__, flush=True); "
+       "runpy.run_module('lmssl.bench', run_name='__main__')", "--json", "--task", "clm",
+       "--size", "tiny", "--layers", "1", "--vocab", "300", "--batch", "2", "--seq", "32",
+       "--steps", "1", "--rounds", "1", "--warmup", "0"],
+      cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  where, *lines = result.stdout.splitlines()
+  assert where == str(site / "lmssl" / "__init__.py")
+  step = [json.loads(line) for line in lines][-1]
+  assert (step["measurement"], step["task"], step["layers"], step["seq"]) == (
+      "train_step", "clm", 1, 32)

@@ -1,68 +1,45 @@
-"""Imports point one way: leaves -> heads/data -> steps -> evaluate/sample/inference/hf -> train
--> main (and bench, beside main); TF only in lmssl/data; the `hf` extra's packages only lazily,
-under lmssl/hf/ in the modules that use them, or in a module of the extra's own that is only
-imported lazily. lmssl/data never imports lmssl/hf."""
+"""The package's architecture, held by its imports: layers that import only downwards,
+TensorFlow only in lmssl/data, and the `hf` extra only under lmssl/hf/, lazily."""
 
 import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lmssl"
-# Which lmssl modules each module may import (by top-level module name under lmssl).
-ALLOWED = {
-    "errors": set(),
-    "files": set(),
-    "config": {"attention", "errors", "files"},
-    "sharding": {"errors"},
-    "attention": {"errors", "sharding"},
-    "optimizer": set(),
-    "checkpoint": {"errors", "files"},
-    "metrics": {"errors", "files"},
-    "distributed": {"errors"},
-    "workdir_lock": {"errors", "files"},
-    "preemption": {"errors"},
-    "scores": set(),
-    "model": {"attention"},
-    "heads": {"model"},
-    "lora": {"optimizer"},
-    "data": {"data", "errors", "files"},
-    "steps": {"heads", "model", "optimizer", "sharding"},
-    "datasets": {"config", "data", "distributed", "errors", "hf", "sharding"},
-    "evaluate": {"checkpoint", "config", "datasets", "errors", "files", "heads", "inference",
-                 "metrics", "scores", "sharding", "steps"},
-    "sample": {"attention", "heads", "model"},
-    "inference": {"checkpoint", "config", "data", "errors", "files", "hf", "lora", "sample",
-                  "sharding", "steps"},
-    # The package lmssl/hf/; FILE_ALLOWED holds its files to their own arrows.
-    "hf": {"checkpoint", "config", "data", "errors", "files", "heads", "hf", "inference",
-           "metrics", "model"},
-    "train": {"attention", "checkpoint", "config", "datasets", "distributed", "errors",
-              "evaluate", "files", "heads", "hf", "lora", "metrics", "optimizer", "preemption",
-              "sharding", "steps", "workdir_lock"},
-    "convert": {"hf"},  # `python -m lmssl.convert` runs lmssl.hf.convert
-    "main": {"config", "distributed", "errors", "evaluate", "inference", "train"},
-    "bench_parts": {"data", "hf", "sharding", "steps"},
-    # bench_suite builds on bench; bench starts it, lazily, for --suite.
-    "bench": {"attention", "bench_hf", "bench_suite", "bench_parts", "config", "errors",
-              "metrics", "model", "sharding", "steps"},
-    "bench_hf": set(),
-    "bench_suite": {"attention", "bench", "bench_parts"},
-}
-# Files held to less than their module's entry. hf/tokenizer.py sits just above data (inference
-# loads tokenizers through it, and hf/convert.py imports inference); families and weights sit
-# below the train loop.
-FILE_ALLOWED = {"hf/__init__.py": set(),
-                "hf/families.py": {"config", "errors"},
-                "hf/weights.py": {"errors", "heads", "hf", "model"},
-                "hf/tokenizer.py": {"data", "errors", "files"}}
-# Packages of the optional `hf` extra: imported only inside functions, so lmssl imports and
-# trains without them, and only by these files.
-OPTIONAL = {"tokenizers": {"hf/tokenizer.py"},
-            "torch": {"hf/weights.py", "hf/convert.py"},
-            "transformers": {"hf/tokenizer.py", "hf/convert.py"},
-            "safetensors": {"hf/weights.py", "hf/convert.py"}}
-# Modules that exist for the extra (the benchmark's PyTorch peer): they import its packages at
-# the top, and lmssl imports them only inside functions.
-EXTRA_MODULES = {"bench_hf"}
+# Bottom to top. A unit (a top-level module, the lmssl/data package as one, or a file of
+# lmssl/hf/ or lmssl/bench/) imports only units of lower layers; lmssl/data's files import
+# each other.
+LAYERS = [
+    # Leaves: no lmssl imports.
+    {"errors", "files", "optimizer", "scores", "bench/hf_peer"},
+    # Services a run uses, and the data package (TensorFlow lives here).
+    {"sharding", "distributed", "preemption", "checkpoint", "metrics", "workdir_lock", "lora",
+     "data"},
+    # Attention kernels; tokenizer loading by path (lmssl's own or a HuggingFace folder).
+    {"attention", "hf/tokenizer"},
+    {"model", "config"},
+    {"heads", "configs", "hf/families"},
+    # Steps over the model; HuggingFace weights in and out.
+    {"steps", "sample", "hf/weights"},
+    # A run's pieces: its data on a mesh, its trained parameters read back.
+    {"datasets", "inference"},
+    {"evaluate", "hf/convert", "bench/parts"},
+    {"train", "convert", "bench/step"},
+    # Entry points.
+    {"main", "bench/suite"},
+    {"bench/__main__"},
+]
+PACKAGES = {"hf", "bench"}  # their files are units, and their __init__ imports nothing
+# Packages of the optional `hf` extra: imported only under lmssl/hf/, inside functions, so
+# lmssl imports and trains without them.
+EXTRA = {"torch", "transformers", "safetensors", "tokenizers"}
+# The benchmark's PyTorch peer exists for the extra: it imports it at the top, and is itself
+# imported only inside functions.
+EXTRA_FILES = {"bench/hf_peer"}
+
+
+def _unit(parts) -> str:
+  """The unit of lmssl module path `parts` (("hf", "weights") or ("train",))."""
+  return "/".join(parts[:2]) if parts[0] in PACKAGES else parts[0]
 
 
 def _imports(path):
@@ -76,29 +53,56 @@ def _imports(path):
       names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module:
       names = ([f"{node.module}.{a.name}" for a in node.names]
-               if node.module == "lmssl" else [node.module])
+               if node.module.split(".")[0] == "lmssl" else [node.module])
     else:
       continue
     yield from ((name, id(node) in lazy) for name in names)
 
 
-def test_imports_point_one_way_and_tensorflow_stays_in_data():
-  seen = set()
+def _units():
+  """{unit: [(file relative to lmssl/, imports)]} for every lmssl file but lmssl/__init__."""
+  out = {}
   for path in sorted(PACKAGE.rglob("*.py")):
     rel = path.relative_to(PACKAGE)
-    module = rel.parts[0] if len(rel.parts) > 1 else rel.stem
-    if module == "__init__":
+    if rel.parts == ("__init__.py",):
       continue
-    seen.add(module)
-    for name, lazy in _imports(path):
-      top = name.split(".")[0]
-      if top == "lmssl":
-        target = name.split(".")[1]
-        assert target in FILE_ALLOWED.get(str(rel), ALLOWED[module]), f"lmssl/{rel} imports {name}"
-        assert lazy or target not in EXTRA_MODULES, f"lmssl/{rel} imports {name} (hf extra)"
-      if top == "tensorflow" or top == "tensorflow_datasets":
-        assert module == "data", f"lmssl/{rel} imports {name} outside lmssl/data"
-      if top in OPTIONAL:
-        assert (str(rel) in OPTIONAL[top] and lazy) or module in EXTRA_MODULES, (
-            f"lmssl/{rel} imports {name} (hf extra)")
-  assert seen == set(ALLOWED), sorted(seen ^ set(ALLOWED))
+    out.setdefault(_unit(rel.with_suffix("").parts), []).append((rel, list(_imports(path))))
+  return out
+
+
+def test_every_unit_has_one_layer():
+  listed = [u for layer in LAYERS for u in layer]
+  assert len(listed) == len(set(listed)), "a unit is in two layers"
+  units = set(_units()) - {f"{p}/__init__" for p in PACKAGES}
+  assert units == set(listed), sorted(units ^ set(listed))
+
+
+def test_imports_point_down_the_layers():
+  layer = {u: i for i, members in enumerate(LAYERS) for u in members}
+  for unit, unit_files in _units().items():
+    for rel, imports in unit_files:
+      for name, _ in imports:
+        if name.split(".")[0] != "lmssl":
+          continue
+        if unit.endswith("/__init__"):
+          raise AssertionError(f"lmssl/{rel} imports {name}: a package's __init__ stays empty")
+        target = _unit(name.split(".")[1:])
+        assert target not in PACKAGES, f"lmssl/{rel} imports {name}: import its files"
+        if target == unit == "data":
+          continue
+        assert layer[target] < layer[unit], (
+            f"lmssl/{rel} imports {name}, which is not in a lower layer (test_layout.LAYERS)")
+
+
+def test_tensorflow_stays_in_data_and_the_hf_extra_in_hf():
+  for unit, unit_files in _units().items():
+    for rel, imports in unit_files:
+      for name, lazy in imports:
+        top = name.split(".")[0]
+        if top in ("tensorflow", "tensorflow_datasets"):
+          assert unit == "data", f"lmssl/{rel} imports {name} outside lmssl/data"
+        if top in EXTRA:
+          assert (unit.startswith("hf/") and lazy) or unit in EXTRA_FILES, (
+              f"lmssl/{rel} imports {name} (the hf extra) outside lmssl/hf/ or at the top")
+        if top == "lmssl" and _unit(name.split(".")[1:]) in EXTRA_FILES:
+          assert lazy, f"lmssl/{rel} imports {name} (it needs the hf extra) at the top"

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmssl import attention
-from lmssl import bench
-from lmssl import bench_parts
+from lmssl.bench import parts
+from lmssl.bench import step
 
 # name: (task, size, global batch, seq_len, vocab) at full scale; tiny keeps the task only.
 # In order of what matters most, should a run be cut short.
@@ -77,7 +77,7 @@ def _attention_shape_rows(shape, causal: bool, platform: str, rounds: int) -> li
   rng = np.random.default_rng(0)
   dtype = jnp.bfloat16 if platform != "cpu" else jnp.float32
   q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
-  segments = bench.packed_segments(batch, length, rng)
+  segments = step.packed_segments(batch, length, rng)
   segments[-1, -length // 8:] = 0  # a padding tail
   real_BxLx1x1 = jnp.asarray(segments > 0)[..., None, None]
   weight_K = jnp.asarray(rng.normal(size=(head_dim,)), jnp.float32)
@@ -91,14 +91,14 @@ def _attention_shape_rows(shape, causal: bool, platform: str, rounds: int) -> li
       out = attention.attend(q, k, v, mask, impl, max_segments=max_segments)
       return jnp.sum(jnp.where(real_BxLx1x1, out.astype(jnp.float32), 0) * weight_K), out
 
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-    text = step.lower(q, k, v).compile().as_text()
-    (_, out), grads = jax.block_until_ready(step(q, k, v))
+    fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    text = fwd_bwd.lower(q, k, v).compile().as_text()
+    (_, out), grads = jax.block_until_ready(fwd_bwd(q, k, v))
     seconds = []
     for _ in range(rounds):
       start = time.perf_counter()
       for _ in range(5):
-        result = step(q, k, v)
+        result = fwd_bwd(q, k, v)
       jax.block_until_ready(result)
       seconds.append((time.perf_counter() - start) / 5)
     reference = reference or (out, grads)
@@ -120,31 +120,31 @@ def model_configs(scale: str):
   """(name, config) of each train-step measurement, bfloat16, packed batches."""
   for name, (task, size, batch, seq, vocab) in MODELS.items():
     if scale == "tiny":
-      yield name, bench.bench_config(task, size=TINY["size"], layers=TINY["layers"],
-                                     vocab=TINY["vocab"], batch=TINY["batch"],
-                                     seq=TINY["seq"], dtype="bfloat16")
+      yield name, step.bench_config(task, size=TINY["size"], layers=TINY["layers"],
+                                    vocab=TINY["vocab"], batch=TINY["batch"],
+                                    seq=TINY["seq"], dtype="bfloat16")
     else:
-      yield name, bench.bench_config(task, size=size, vocab=vocab, batch=batch, seq=seq,
-                                     dtype="bfloat16")
+      yield name, step.bench_config(task, size=size, vocab=vocab, batch=batch, seq=seq,
+                                    dtype="bfloat16")
 
 
 def train_rows(cfg, args, peak: float, peak_source: str, with_xla: bool) -> list[dict]:
   """lmssl beside the peer; `with_xla` adds lmssl with XLA attention too, where the
   platform's own differs."""
-  rows = bench.step_rows(cfg.copy_and_resolve_references(), args, peak, peak_source,
-                         packed=True)
+  rows = step.step_rows(cfg.copy_and_resolve_references(), args, peak, peak_source,
+                        packed=True)
   own = attention.resolve(cfg.model.attention, dtype=cfg.model.dtype)
   if with_xla and own != "xla":
     cfg = cfg.copy_and_resolve_references()
     cfg.model.attention = "xla"
     no_peer = argparse.Namespace(**{**vars(args), "peer": ""})
-    rows += bench.step_rows(cfg, no_peer, peak, peak_source, packed=True)
+    rows += step.step_rows(cfg, no_peer, peak, peak_source, packed=True)
   return rows
 
 
 def remat_rows(scale: str) -> list[dict]:
   cfg = dict(model_configs(scale))[REMAT["model"]].copy_and_resolve_references()
-  rows = bench_parts.remat_rows(cfg, REMAT["budget_gib"][scale], list(REMAT["policies"]))
+  rows = parts.remat_rows(cfg, REMAT["budget_gib"][scale], list(REMAT["policies"]))
   for row in rows:
     row["model"] = REMAT["model"]
   return rows
@@ -187,8 +187,8 @@ def run(args, report) -> list[dict]:
       print(f"lmssl.bench: {what} failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
       return False
 
-  matmul = bench.matmul_rate()
-  peak, source = bench.device_peak(matmul)
+  matmul = step.matmul_rate()
+  peak, source = step.device_peak(matmul)
   keep([dict(measurement="peak", impl="jax", matmul_flops_per_s=matmul, peak_flops_per_s=peak,
              peak_source=source)])
   attempt("attention", lambda: keep(attention_rows(scale, platform)))

@@ -1,6 +1,7 @@
 """The benchmark's pieces beside the timed step: the step compiled from abstract values and its
 memory, the input pipeline alone, compile time against depth, and the largest batch that fits
-a memory budget under each remat policy (`python -m lmssl.bench` runs them)."""
+a memory budget under each remat policy (`python -m lmssl.bench` runs them).
+"""
 
 import functools
 import os

@@ -1,0 +1,172 @@
+"""Throughput of lmssl's train step, side by side with the HuggingFace PyTorch peer.
+
+  python -m lmssl.bench --task mlm|clm [--peer hf] [--json] [--pipeline]
+      [--compile_layers 2,24] [--remat_budget_gib 4]
+
+The step is timed whole (forward, backward, clipped AdamW update) on batches already on the
+device, after warm-up; with `--peer hf`, BertForMaskedLM (15% of positions labelled) or
+GPT2LMHeadModel of the same shape, dtype and optimizer runs in a child process, and the two
+take turns, round by round, so the machine's drift touches both alike. The defaults are the
+reference CPU shapes: 4 layers, d_model 256, 4 heads, MLP 1024, vocabulary 32000; MLM 32 x 128,
+CLM 16 x 256; float32.
+
+Also, on request: the input pipeline alone (`--pipeline`: real tf.data batches from prepared,
+tokenized data, put on the device), compile time against depth (`--compile_layers`), and the
+largest batch whose step fits a memory budget under each remat policy (`--remat_budget_gib`,
+from XLA's compiled memory figures, so nothing is allocated).
+
+MFU is analytic model FLOPs per second over the peak (`lmssl/bench/step.py` says which); on
+CPUs the peak is a large float32 matmul's measured rate, printed too. The pieces live beside
+this file: step.py (the timed step and the peer), parts.py (pipeline, compile, remat), suite.py
+(`--suite accelerator`), hf_peer.py (the peer's PyTorch side, in its own process).
+"""
+
+import argparse
+import functools
+import json
+import sys
+
+from lmssl import attention
+from lmssl import config as config_lib
+from lmssl import errors
+from lmssl import model as model_lib
+from lmssl.bench import parts
+from lmssl.bench import step
+
+COLUMNS = {
+    "peak": [("peak_source", "{}"), ("peak_flops_per_s", "{:.3g}"),
+             ("matmul_flops_per_s", "{:.3g}")],
+    "train_step": [("model", "{}"), ("impl", "{}"), ("attention", "{}"),
+                   ("fused_attention", "{}"), ("device", "{}"), ("batch", "{}"), ("seq", "{}"),
+                   ("tokens_per_s", "{:,.0f}"), ("step_time_s", "{:.3f}"),
+                   ("flops_per_s", "{:.3g}"), ("mfu", "{:.1%}"), ("compile_s", "{:.1f}"),
+                   ("peak_memory_bytes", "MiB")],
+    "ratio": [("model", "{}"), ("impl", "{}"), ("task", "{}"), ("seq", "{}"),
+              ("tokens_per_s_ratio", "{:.2f}x")],
+    "attention": [("impl", "{}"), ("causal", "{}"), ("batch", "{}"), ("seq", "{}"),
+                  ("heads", "{}"), ("dtype", "{}"), ("segments", "{}"),
+                  ("max_segments", "{}"), ("fused", "{}"),
+                  ("fwd_bwd_s", "{:.5f}"), ("max_abs_diff_out", "{:.2e}"),
+                  ("max_abs_diff_grad", "{:.2e}")],
+    "pipeline": [("task", "{}"), ("batch", "{}"), ("seq", "{}"), ("batches", "{}"),
+                 ("tokens_per_s", "{:,.0f}"), ("step_ratio", "{:.1f}x")],
+    "compile": [("layers", "{}"), ("remat", "{}"), ("compile_s", "{:.1f}"),
+                ("vs_first", "{:.2f}x")],
+    "max_batch": [("model", "{}"), ("remat", "{}"), ("layers", "{}"), ("seq", "{}"),
+                  ("budget_bytes", "MiB"), ("batch", "{}"), ("memory_bytes", "MiB"),
+                  ("vs_first", "{:.2f}x")],
+}
+
+
+def _cell(value, fmt: str) -> str:
+  if value is None:
+    return "-"
+  if fmt == "MiB":
+    return f"{value / 2 ** 20:,.0f} MiB"
+  return fmt.format(value)
+
+
+def table(rows: list[dict]) -> str:
+  """The rows of one measurement kind as an aligned text table."""
+  columns = COLUMNS[rows[0]["measurement"]]
+  cells = [[name for name, _ in columns]] + [[_cell(r.get(n), f) for n, f in columns]
+                                             for r in rows]
+  widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+  return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m lmssl.bench", description=__doc__.split("\n")[0])
+  p.add_argument("--task", choices=config_lib.OBJECTIVES, help="required unless --suite")
+  p.add_argument("--suite", default="", choices=("", "accelerator"),
+                 help="the accelerator suite (lmssl/bench/suite.py): attention kernels, "
+                 "BERT-base and GPT-2 small/medium steps beside the peer, remat batches")
+  p.add_argument("--scale", default="full", choices=("full", "tiny"),
+                 help="--suite shapes: full (the real models) or tiny (a CPU check)")
+  p.add_argument("--out", default="bench_accelerator.json", help="--suite's JSON file")
+  p.add_argument("--peer", default="", choices=("", "hf"), help="also time this peer")
+  p.add_argument("--json", action="store_true", help="one JSON object per line per measurement")
+  p.add_argument("--size", default="mini", choices=list(config_lib.SIZES),
+                 help="model shape (mini: 4 layers, d_model 256, 4 heads, MLP 1024)")
+  p.add_argument("--layers", type=int, default=0, help="layers (0: the size's)")
+  p.add_argument("--vocab", type=int, default=32000)
+  p.add_argument("--batch", type=int, default=0, help="0: MLM 32, CLM 16")
+  p.add_argument("--seq", type=int, default=0, help="0: MLM 128, CLM 256")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--remat", default="none", choices=list(model_lib.REMAT_POLICIES))
+  p.add_argument("--dropout", type=float, default=0.0)
+  p.add_argument("--attention", default="auto", choices=list(attention.IMPLEMENTATIONS))
+  p.add_argument("--loss_chunks", type=int, default=0, help="train.loss_chunks (CLM)")
+  p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+  p.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+  p.add_argument("--no_step", action="store_true", help="skip the train-step timing")
+  p.add_argument("--pipeline", action="store_true", help="also time the input pipeline alone")
+  p.add_argument("--data_source", default="builtin", help="--pipeline's corpus (data.source)")
+  p.add_argument("--tokenizer", default="", help="--pipeline's tokenizer (default: trained)")
+  p.add_argument("--workdir", default="", help="--pipeline's tokenizer and prepared data "
+                 "(default ~/.cache/lmssl/bench)")
+  p.add_argument("--compile_layers", default="", help="e.g. 2,24: compile time per depth")
+  p.add_argument("--remat_budget_gib", type=float, default=0.0,
+                 help="largest batch within this memory under each --remat_policies")
+  p.add_argument("--remat_policies", default="none,full")
+  args = p.parse_args(argv)
+  if not args.task and not args.suite:
+    p.error("--task is required (or --suite accelerator)")
+  for name in ("steps", "rounds", "batch", "seq", "layers", "vocab", "warmup"):
+    if getattr(args, name) < (1 if name in ("steps", "rounds") else 0):
+      p.error(f"--{name}={getattr(args, name)} must be positive")
+  return args
+
+
+def run(args) -> list[dict]:
+  """Every measurement asked for, as rows; printed as they come."""
+  if args.suite:
+    from lmssl.bench import suite  # only --suite needs it
+    return suite.run(args, functools.partial(_report, args, []))
+  rows = []
+  report = functools.partial(_report, args, rows)
+  cfg = step.bench_config(args.task, size=args.size, layers=args.layers, vocab=args.vocab,
+                          batch=args.batch, seq=args.seq, dtype=args.dtype, remat=args.remat,
+                          dropout=args.dropout, attention=args.attention,
+                          loss_chunks=args.loss_chunks)
+  matmul = step.matmul_rate()
+  peak, source = step.device_peak(matmul)
+  report([dict(measurement="peak", impl="jax", matmul_flops_per_s=matmul,
+               peak_flops_per_s=peak, peak_source=source)])
+  step_tokens = None
+  if not args.no_step:
+    report(step.step_rows(cfg.copy_and_resolve_references(), args, peak, source))
+    step_tokens = next(r["tokens_per_s"] for r in rows
+                       if r["measurement"] == "train_step" and r["impl"] == "lmssl")
+  if args.pipeline:
+    report([parts.pipeline_row(cfg.copy_and_resolve_references(), args, step_tokens)])
+  if args.compile_layers:
+    report(parts.compile_rows(cfg.copy_and_resolve_references(),
+                              [int(n) for n in args.compile_layers.split(",")]))
+  if args.remat_budget_gib:
+    report(parts.remat_rows(cfg.copy_and_resolve_references(), args.remat_budget_gib,
+                            args.remat_policies.split(",")))
+  return rows
+
+
+def _report(args, rows: list, new: list[dict]) -> None:
+  """Prints rows as they come, as tables or JSON lines, and keeps them in `rows`."""
+  rows.extend(new)
+  if args.json:
+    print("\n".join(json.dumps(r) for r in new), flush=True)
+    return
+  for kind in dict.fromkeys(r["measurement"] for r in new):
+    print(table([r for r in new if r["measurement"] == kind]) + "\n", flush=True)
+
+
+def main(argv=None) -> None:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    run(args)
+  except errors.UserError as e:
+    sys.exit(f"lmssl.bench: error: {e}")
+
+
+if __name__ == "__main__":
+  main()

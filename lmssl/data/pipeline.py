@@ -120,8 +120,8 @@ def mask_row(ids_L, g, *, seed, cfg, special, normal_ids, mask_id, word_start):
   chosen_L = tf.gather(chosen_sorted_L, tf.math.invert_permutation(order_L))
 
   action_L = tf.random.stateless_uniform([length], action_seed)
-  # An index into normal_ids: for sentencepiece's arange(5, V) exactly the ids the older
-  # `minval=5, maxval=V` draw gave, so runs from before HF tokenizers keep their batches.
+  # Drawn as an index into normal_ids, so a random replacement is never a special id, wherever
+  # a tokenizer puts its special ids.
   random_ids_L = tf.gather(normal_ids, tf.random.stateless_uniform(
       [length], random_seed, minval=0, maxval=normal_ids.shape[0], dtype=tf.int32))
   to_mask_L = chosen_L & (action_L < cfg.mask_token_frac)

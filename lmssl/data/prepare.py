@@ -36,7 +36,7 @@ from lmssl.data import tokenizer as tok
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 ARRAYS = ("tokens", "segment_ids")
-FORMATS = ("packed", "pairs")  # meta.json "format"; files of format 1 without one are packed
+FORMATS = ("packed", "pairs")  # meta.json "format"
 _ENCODE_BATCH = 2048  # documents per tokenizer call
 
 
@@ -77,7 +77,7 @@ def _cache_key(fingerprint: bytes, seq_len: int, splits: dict[str, list[str]],
                layout: str = "") -> str:
   h = hashlib.sha256()
   h.update(f"lmssl-prepared-v{FORMAT_VERSION}:seq_len={seq_len}:".encode())
-  h.update(layout.encode())  # Empty for packed rows, so their keys predate pairs unchanged.
+  h.update(layout.encode())  # empty for packed rows
   h.update(hashlib.sha256(fingerprint).digest())
   for name, docs in splits.items():
     h.update(f"{name}:{len(docs)}:".encode())
@@ -220,7 +220,7 @@ def read_meta(prepared_dir: str) -> dict:
     raise _corrupt(path, f"is not valid JSON ({e})", prepared_dir) from None
   try:
     ok = (meta["format_version"] == FORMAT_VERSION and meta["seq_len"] > 0
-          and meta.get("format", "packed") in FORMATS
+          and meta.get("format") in FORMATS
           and all(meta["splits"][s]["num_examples"] >= 0 for s in SPLITS))
   except (KeyError, TypeError):
     ok = False
@@ -231,7 +231,7 @@ def read_meta(prepared_dir: str) -> dict:
 
 def _shapes(meta: dict, split: str) -> dict[str, tuple]:
   n, seq_len = meta["splits"][split]["num_examples"], meta["seq_len"]
-  if meta.get("format", "packed") == "packed":
+  if meta["format"] == "packed":
     return {name: (n, seq_len) for name in ARRAYS}
   return {name: (n, seq_len - pairs.NUM_SPECIAL) if name.endswith("_ids") else (n,)
           for name in pairs.ARRAYS}

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from lmssl import heads
-from lmssl import model as model_lib
+from lmssl import losses
 from lmssl import optimizer as optimizer_lib
 from lmssl import sharding
 
@@ -21,16 +21,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-def module_config(cfg):
-  return model_lib.module_config(cfg.model, cfg.lora)
-
-
-def build_model(cfg, deterministic: bool = True) -> heads.LanguageModel:
-  labels = [n for n in cfg.task.labels.split(",") if n]
-  return heads.LanguageModel(module_config(cfg), cfg.objective, heads.heads_for(cfg),
-                             len(labels), cfg.task.dropout, deterministic, cfg.train.loss_chunks)
 
 
 def example_batch(cfg, batch_size: int) -> dict:
@@ -59,7 +49,7 @@ def make_optimizer(cfg):
 
 def state_init(cfg):
   """rng -> the initial TrainState, its leaves boxed with their logical axis names."""
-  model, tx, batch = build_model(cfg), make_optimizer(cfg), example_batch(cfg, 1)
+  model, tx, batch = heads.build_model(cfg), make_optimizer(cfg), example_batch(cfg, 1)
 
   def init(rng):
     params = model.init({"params": rng}, batch)["params"]
@@ -80,25 +70,19 @@ def create_state(cfg, mesh):
 
 def abstract_params(cfg, mesh):
   """Parameter shapes and dtypes with their shardings on `mesh`, without computing them."""
-  model = build_model(cfg)
+  model = heads.build_model(cfg)
   boxed = jax.eval_shape(lambda r: model.init({"params": r}, example_batch(cfg, 1))["params"],
                          jax.random.key(0))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh))
 
 
-def _normalizers(batch, head_names):
-  """Each head's total weight over the whole batch: its loss is a weighted mean over it."""
-  return {h: jnp.maximum(jnp.sum(heads.targets_and_weights(batch, h)[1]), 1.0)
-          for h in head_names}
-
-
 def _loss_and_grads(model, params, batch, normalizers, rng, trainable):
   def loss_fn(p):
     if trainable is not None:  # No gradient flows into frozen parameters at all.
       p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable)
-    sums = heads.term_sums(model.apply({"params": p}, batch, rngs={"dropout": rng}), batch)
-    return sum(sums[h]["loss_sum"] / normalizers[h] for h in sums), sums
+    sums = losses.term_sums(model.apply({"params": p}, batch, rngs={"dropout": rng}), batch)
+    return losses.total(sums, normalizers), sums
   (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return grads, sums
 
@@ -113,7 +97,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, microbatches: int, 
   """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   trainable = optimizer_lib.lora_trainable(state.params) if lora else None
-  normalizers = _normalizers(batch, model.heads)
+  normalizers = losses.normalizers(batch, model.heads)
   if microbatches == 1:
     grads, sums = _loss_and_grads(model, state.params, batch, normalizers, rng, trainable)
   else:
@@ -168,14 +152,14 @@ def eval_step(params, batch, token_bytes_V, *, model):
   """Summed terms per head; for clm also the UTF-8 bytes of the predicted tokens (bits per
   byte); for fine-tuning heads the predictions, labels and weights themselves."""
   outputs = model.apply({"params": params}, batch)
-  sums = heads.term_sums(outputs, batch)
+  sums = losses.term_sums(outputs, batch)
   if "clm" in sums:
-    targets, weights = heads.targets_and_weights(batch, "clm")
+    targets, weights = losses.targets_and_weights(batch, "clm")
     sums["clm"]["byte_sum"] = jnp.sum(token_bytes_V[targets] * weights)
   rows = {}
   for head in outputs:
     if head not in heads.PRETRAINING_HEADS:
-      labels, weights = heads.targets_and_weights(batch, head)
+      labels, weights = losses.targets_and_weights(batch, head)
       rows = {"predictions": heads.predictions(outputs, head), "labels": labels,
               "weights": weights}
   return sums, rows
@@ -189,7 +173,7 @@ def compile_steps(cfg, state_shardings, mesh):
   tx = make_optimizer(cfg)
   batch_sh = sharding.batch_sharding(mesh)
   step = jax.jit(
-      functools.partial(train_step, model=build_model(cfg, deterministic=False), tx=tx,
+      functools.partial(train_step, model=heads.build_model(cfg, deterministic=False), tx=tx,
                         microbatches=cfg.train.microbatches, seed=cfg.seed, lora=cfg.lora.rank > 0),
       in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, None),
       donate_argnums=0)
@@ -197,6 +181,6 @@ def compile_steps(cfg, state_shardings, mesh):
 
 
 def compile_eval(cfg, params_shardings, mesh):
-  return jax.jit(functools.partial(eval_step, model=build_model(cfg)),
+  return jax.jit(functools.partial(eval_step, model=heads.build_model(cfg)),
                  in_shardings=(params_shardings, sharding.batch_sharding(mesh), None),
                  out_shardings=sharding.replicated(mesh))

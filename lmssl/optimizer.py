@@ -1,5 +1,6 @@
 """AdamW with warmup then linear or cosine decay, global-norm clipping, and no weight decay on
-biases and LayerNorm parameters (as BERT)."""
+biases and LayerNorm parameters (as BERT). It sees only the parameters that train: with LoRA
+the step hands it the trainable part alone (`lora.split`)."""
 
 import jax
 import optax
@@ -33,24 +34,11 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def lora_trainable(params):
-  """With adapters, only they and the heads outside the backbone train."""
-  def trains(path, _):
-    names = path_names(path)
-    return names[0] != "transformer" or names[-1] in ("lora_a", "lora_b")
-  return jax.tree_util.tree_map_with_path(trains, params)
-
-
-def make(train_cfg, lora: bool = False) -> optax.GradientTransformation:
-  """Clipped AdamW; with `lora` only `lora_trainable` parameters get updates and state."""
+def make(train_cfg) -> optax.GradientTransformation:
+  """Clipped AdamW."""
   t = train_cfg
-  tx = optax.chain(
+  return optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
       optax.adamw(learning_rate(t), b1=t.b1, b2=t.b2, eps=t.eps,
                   weight_decay=t.weight_decay, mask=decay_mask),
   )
-  if not lora:
-    return tx
-  return optax.multi_transform(
-      {"train": tx, "frozen": optax.set_to_zero()},
-      lambda params: jax.tree.map(lambda t: "train" if t else "frozen", lora_trainable(params)))

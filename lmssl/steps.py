@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from lmssl import heads
+from lmssl import lora as lora_lib
 from lmssl import losses
 from lmssl import optimizer as optimizer_lib
 from lmssl import sharding
@@ -44,7 +45,8 @@ def example_batch(cfg, batch_size: int) -> dict:
 
 
 def make_optimizer(cfg):
-  return optimizer_lib.make(cfg.train, lora=cfg.lora.rank > 0)
+  """The optimizer of the trainable parameters (`lora.split`): all of them without LoRA."""
+  return optimizer_lib.make(cfg.train)
 
 
 def state_init(cfg):
@@ -53,7 +55,8 @@ def state_init(cfg):
 
   def init(rng):
     params = model.init({"params": rng}, batch)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    trainable, _ = lora_lib.split(params, cfg.lora.rank > 0)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable))
 
   return init
 
@@ -77,13 +80,13 @@ def abstract_params(cfg, mesh):
                       nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh))
 
 
-def _loss_and_grads(model, params, batch, normalizers, rng, trainable):
-  def loss_fn(p):
-    if trainable is not None:  # No gradient flows into frozen parameters at all.
-      p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable)
-    sums = losses.term_sums(model.apply({"params": p}, batch, rngs={"dropout": rng}), batch)
+def _loss_and_grads(model, trainable, frozen, batch, normalizers, rng):
+  """Gradients of the trainable parameters only: the frozen ones enter as constants."""
+  def loss_fn(t):
+    outputs = model.apply({"params": lora_lib.join(t, frozen)}, batch, rngs={"dropout": rng})
+    sums = losses.term_sums(outputs, batch)
     return losses.total(sums, normalizers), sums
-  (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
   return grads, sums
 
 
@@ -93,13 +96,13 @@ def train_step(state: TrainState, batch: dict, *, model, tx, microbatches: int, 
 
   Each head's loss is its summed loss over the whole batch's weight (computed up front), so
   k microbatches add up to exactly the full batch's gradient. With `lora` the backbone is
-  frozen: no gradient, no optimizer state, bit-identical values.
+  frozen (`lora.split`): no gradient, no optimizer state, bit-identical values.
   """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
-  trainable = optimizer_lib.lora_trainable(state.params) if lora else None
+  trainable, frozen = lora_lib.split(state.params, lora)
   normalizers = losses.normalizers(batch, model.heads)
   if microbatches == 1:
-    grads, sums = _loss_and_grads(model, state.params, batch, normalizers, rng, trainable)
+    grads, sums = _loss_and_grads(model, trainable, frozen, batch, normalizers, rng)
   else:
     # Row j of microbatch i is row j*k + i: every device keeps contributing to every microbatch.
     micro = jax.tree.map(
@@ -108,18 +111,16 @@ def train_step(state: TrainState, batch: dict, *, model, tx, microbatches: int, 
 
     def accumulate(carry, xs):
       i, mb = xs
-      out = _loss_and_grads(model, state.params, mb, normalizers, jax.random.fold_in(rng, i),
-                            trainable)
+      out = _loss_and_grads(model, trainable, frozen, mb, normalizers,
+                            jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, out), None
 
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: _loss_and_grads(model, state.params, jax.tree.map(lambda x: x[0], micro),
-                                normalizers, rng, trainable)))
+        lambda: _loss_and_grads(model, trainable, frozen, jax.tree.map(lambda x: x[0], micro),
+                                normalizers, rng)))
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), micro))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  if trainable is not None:
-    params = jax.tree.map(lambda new, old, t: new if t else old, params, state.params, trainable)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  new_trainable = optax.apply_updates(trainable, updates)
   # A NaN/Inf loss, gradient or update leaves parameters and optimizer state as they were (the
   # loop then stops or skips, per train.nonfinite); the step still counts, so data moves on.
   # The update is checked too: finite gradients can still give a non-finite update (a NaN
@@ -128,7 +129,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, microbatches: int, 
   finite = (jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
             & jnp.all(jnp.stack([jnp.isfinite(s["loss_sum"]) for s in sums.values()])))
   keep = functools.partial(jnp.where, finite)
-  new_state = TrainState(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
+  params = lora_lib.join(jax.tree.map(keep, new_trainable, trainable), frozen)
+  new_state = TrainState(step=state.step + 1, params=params,
                          opt_state=jax.tree.map(keep, opt_state, state.opt_state))
   return new_state, {**summarize(sums, model.heads), "grad_norm": grad_norm,
                      "nonfinite": 1 - finite.astype(jnp.int32)}

@@ -5,17 +5,16 @@ the step hands it the trainable part alone (`lora.split`)."""
 import jax
 import optax
 
-SCHEDULES = ("linear", "cosine")
+# train.schedule -> the decay after warmup, from lr to end_lr_frac * lr over `steps`.
+SCHEDULES = {
+    "linear": lambda t, steps: optax.linear_schedule(t.lr, t.lr * t.end_lr_frac, steps),
+    "cosine": lambda t, steps: optax.cosine_decay_schedule(t.lr, steps, alpha=t.end_lr_frac),
+}
 
 
 def learning_rate(train_cfg) -> optax.Schedule:
   t = train_cfg
-  decay_steps = max(t.steps - t.warmup_steps, 1)
-  end = t.lr * t.end_lr_frac
-  if t.schedule == "linear":
-    decay = optax.linear_schedule(t.lr, end, decay_steps)
-  else:
-    decay = optax.cosine_decay_schedule(t.lr, decay_steps, alpha=t.end_lr_frac)
+  decay = SCHEDULES[t.schedule](t, max(t.steps - t.warmup_steps, 1))
   warmup = optax.linear_schedule(0.0, t.lr, max(t.warmup_steps, 1))
   return optax.join_schedules([warmup, decay], [t.warmup_steps])
 

@@ -44,6 +44,13 @@ class OutputProjection(nn.Module):
     return out if chunks else out.logits()
 
 
+# The [D, D] kernels of the MLM transform and the pooler are named as Mlp.wo's [F, D]: a logical
+# name may occur only once per array, and ("mlp", "embed") shards the input dim over tensor and
+# the output dim over fsdp (sharding.py), so the output comes back with D whole (one all-reduce
+# over tensor) for the LayerNorm or tanh that follows.
+_SQUARE_AXES = ("mlp", "embed")
+
+
 class MLMHead(nn.Module):
   """BERT's head: gather masked positions, dense + GELU + LayerNorm, then project to the vocab."""
   cfg: Any
@@ -52,7 +59,7 @@ class MLMHead(nn.Module):
   def __call__(self, x_BxLxD, table_VxD, masked_positions_BxP):
     cfg = self.cfg
     h_BxPxD = jnp.take_along_axis(x_BxLxD, masked_positions_BxP[..., None], axis=1)
-    h_BxPxD = _dense(cfg, cfg.d_model, ("mlp", "embed"), "transform")(h_BxPxD)
+    h_BxPxD = _dense(cfg, cfg.d_model, _SQUARE_AXES, "transform")(h_BxPxD)
     h_BxPxD = model_lib.layer_norm(cfg, "transform_norm")(model_lib.gelu(cfg, h_BxPxD))
     return OutputProjection(cfg, name="output")(h_BxPxD, table_VxD)
 
@@ -70,7 +77,7 @@ class Pooler(nn.Module):
       last_B = jnp.maximum(length_B - 1, 0)
       return jnp.take_along_axis(x_BxLxD, last_B[:, None, None], axis=1)[:, 0]
     cfg = self.cfg
-    return jnp.tanh(_dense(cfg, cfg.d_model, ("mlp", "embed"), "dense")(x_BxLxD[:, 0]))
+    return jnp.tanh(_dense(cfg, cfg.d_model, _SQUARE_AXES, "dense")(x_BxLxD[:, 0]))
 
 
 def _dense(cfg, features: int, kernel_axes: tuple, name: str):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lmssl import attention as attention_lib
+from lmssl import lora
 
 init_normal = nn.initializers.normal(stddev=0.02)
 
@@ -93,9 +94,8 @@ class Projection(nn.Module):
   """`einsum(eq, x, kernel) + bias` with logically named kernel and bias axes.
 
   The kernel's leading dims contract with x, the trailing ones (the bias's) are outputs. When
-  the config names this projection among `lora_targets`, a low-rank adapter runs beside the
-  kernel: x -> A [in, R] -> B [R, out], scaled by lora_alpha / R; B starts at zero so the
-  adapted model starts as the pretrained one.
+  the config names this projection among `lora_targets`, a low-rank adapter (`lora.py`) runs
+  beside the kernel.
   """
   cfg: Any
   eq: str
@@ -116,23 +116,13 @@ class Projection(nn.Module):
     # Broadcast, then cast: the bias gradient sums over the leading dims in float32.
     y += jnp.broadcast_to(bias, y.shape).astype(cfg.dtype)
     if cfg.lora_rank and self.name in cfg.lora_targets:
-      y += self._adapter(x, len(self.kernel_shape) - n_out)
+      (a_shape, a_axes), (b_shape, b_axes) = lora.adapter_shapes(
+          self.kernel_shape, self.kernel_axes, len(self.kernel_shape) - n_out, cfg.lora_rank)
+      a = self.param("lora_a", logical_init(a_axes), a_shape, cfg.param_dtype)
+      b = self.param("lora_b", logical_init(b_axes, nn.initializers.zeros), b_shape,
+                     cfg.param_dtype)
+      y += lora.delta(self.eq, x, a.astype(cfg.dtype), b.astype(cfg.dtype), cfg.lora_alpha)
     return y
-
-  def _adapter(self, x, n_in):
-    cfg = self.cfg
-    inputs, _, out = self.eq.partition("->")
-    x_dims, kernel_dims = inputs.split(",")
-    batch_dims = "".join(c for c in x_dims if c not in kernel_dims)
-    a = self.param("lora_a", logical_init(self.kernel_axes[:n_in] + ("lora",)),
-                   self.kernel_shape[:n_in] + (cfg.lora_rank,), cfg.param_dtype)
-    b = self.param("lora_b", logical_init(("lora",) + self.kernel_axes[n_in:],
-                                          nn.initializers.zeros),
-                   (cfg.lora_rank,) + self.kernel_shape[n_in:], cfg.param_dtype)
-    # "z" is the rank dim; projections never use it.
-    xa = jnp.einsum(f"{x_dims},{kernel_dims[:n_in]}z->{batch_dims}z", x, a.astype(cfg.dtype))
-    delta = jnp.einsum(f"{batch_dims}z,z{kernel_dims[n_in:]}->{out}", xa, b.astype(cfg.dtype))
-    return delta * (cfg.lora_alpha / cfg.lora_rank)
 
 
 class Attention(nn.Module):
@@ -271,7 +261,5 @@ def module_config(model_cfg, lora_cfg=None):
   d = model_cfg.to_dict()
   d["dtype"], d["param_dtype"] = jnp.dtype(d["dtype"]), jnp.dtype(d["param_dtype"])
   d["attention"] = attention_lib.resolve(d["attention"], dtype=d["dtype"].name)
-  rank = lora_cfg.rank if lora_cfg is not None else 0
-  d["lora_rank"], d["lora_alpha"] = rank, lora_cfg.alpha if rank else 0.0
-  d["lora_targets"] = tuple(t.strip() for t in lora_cfg.targets.split(",")) if rank else ()
+  d.update(lora.settings(lora_cfg))
   return ml_collections.FrozenConfigDict(d)

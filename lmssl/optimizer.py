@@ -1,20 +1,20 @@
 """AdamW with warmup then linear or cosine decay, global-norm clipping, and no weight decay on
-biases and LayerNorm parameters (as BERT)."""
+biases and LayerNorm parameters (as BERT). It sees only the parameters that train: with LoRA
+the step hands it the trainable part alone (`lora.split`)."""
 
 import jax
 import optax
 
-SCHEDULES = ("linear", "cosine")
+# train.schedule -> the decay after warmup, from lr to end_lr_frac * lr over `steps`.
+SCHEDULES = {
+    "linear": lambda t, steps: optax.linear_schedule(t.lr, t.lr * t.end_lr_frac, steps),
+    "cosine": lambda t, steps: optax.cosine_decay_schedule(t.lr, steps, alpha=t.end_lr_frac),
+}
 
 
 def learning_rate(train_cfg) -> optax.Schedule:
   t = train_cfg
-  decay_steps = max(t.steps - t.warmup_steps, 1)
-  end = t.lr * t.end_lr_frac
-  if t.schedule == "linear":
-    decay = optax.linear_schedule(t.lr, end, decay_steps)
-  else:
-    decay = optax.cosine_decay_schedule(t.lr, decay_steps, alpha=t.end_lr_frac)
+  decay = SCHEDULES[t.schedule](t, max(t.steps - t.warmup_steps, 1))
   warmup = optax.linear_schedule(0.0, t.lr, max(t.warmup_steps, 1))
   return optax.join_schedules([warmup, decay], [t.warmup_steps])
 
@@ -33,24 +33,11 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def lora_trainable(params):
-  """With adapters, only they and the heads outside the backbone train."""
-  def trains(path, _):
-    names = path_names(path)
-    return names[0] != "transformer" or names[-1] in ("lora_a", "lora_b")
-  return jax.tree_util.tree_map_with_path(trains, params)
-
-
-def make(train_cfg, lora: bool = False) -> optax.GradientTransformation:
-  """Clipped AdamW; with `lora` only `lora_trainable` parameters get updates and state."""
+def make(train_cfg) -> optax.GradientTransformation:
+  """Clipped AdamW."""
   t = train_cfg
-  tx = optax.chain(
+  return optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
       optax.adamw(learning_rate(t), b1=t.b1, b2=t.b2, eps=t.eps,
                   weight_decay=t.weight_decay, mask=decay_mask),
   )
-  if not lora:
-    return tx
-  return optax.multi_transform(
-      {"train": tx, "frozen": optax.set_to_zero()},
-      lambda params: jax.tree.map(lambda t: "train" if t else "frozen", lora_trainable(params)))

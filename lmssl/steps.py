@@ -11,7 +11,8 @@ import numpy as np
 import optax
 
 from lmssl import heads
-from lmssl import model as model_lib
+from lmssl import lora as lora_lib
+from lmssl import losses
 from lmssl import optimizer as optimizer_lib
 from lmssl import sharding
 
@@ -21,16 +22,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-def module_config(cfg):
-  return model_lib.module_config(cfg.model, cfg.lora)
-
-
-def build_model(cfg, deterministic: bool = True) -> heads.LanguageModel:
-  labels = [n for n in cfg.task.labels.split(",") if n]
-  return heads.LanguageModel(module_config(cfg), cfg.objective, heads.heads_for(cfg),
-                             len(labels), cfg.task.dropout, deterministic, cfg.train.loss_chunks)
 
 
 def example_batch(cfg, batch_size: int) -> dict:
@@ -54,16 +45,18 @@ def example_batch(cfg, batch_size: int) -> dict:
 
 
 def make_optimizer(cfg):
-  return optimizer_lib.make(cfg.train, lora=cfg.lora.rank > 0)
+  """The optimizer of the trainable parameters (`lora.split`): all of them without LoRA."""
+  return optimizer_lib.make(cfg.train)
 
 
 def state_init(cfg):
   """rng -> the initial TrainState, its leaves boxed with their logical axis names."""
-  model, tx, batch = build_model(cfg), make_optimizer(cfg), example_batch(cfg, 1)
+  model, tx, batch = heads.build_model(cfg), make_optimizer(cfg), example_batch(cfg, 1)
 
   def init(rng):
     params = model.init({"params": rng}, batch)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    trainable, _ = lora_lib.split(params, cfg.lora.rank > 0)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable))
 
   return init
 
@@ -80,26 +73,20 @@ def create_state(cfg, mesh):
 
 def abstract_params(cfg, mesh):
   """Parameter shapes and dtypes with their shardings on `mesh`, without computing them."""
-  model = build_model(cfg)
+  model = heads.build_model(cfg)
   boxed = jax.eval_shape(lambda r: model.init({"params": r}, example_batch(cfg, 1))["params"],
                          jax.random.key(0))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh))
 
 
-def _normalizers(batch, head_names):
-  """Each head's total weight over the whole batch: its loss is a weighted mean over it."""
-  return {h: jnp.maximum(jnp.sum(heads.targets_and_weights(batch, h)[1]), 1.0)
-          for h in head_names}
-
-
-def _loss_and_grads(model, params, batch, normalizers, rng, trainable):
-  def loss_fn(p):
-    if trainable is not None:  # No gradient flows into frozen parameters at all.
-      p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable)
-    sums = heads.term_sums(model.apply({"params": p}, batch, rngs={"dropout": rng}), batch)
-    return sum(sums[h]["loss_sum"] / normalizers[h] for h in sums), sums
-  (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+def _loss_and_grads(model, trainable, frozen, batch, normalizers, rng):
+  """Gradients of the trainable parameters only: the frozen ones enter as constants."""
+  def loss_fn(t):
+    outputs = model.apply({"params": lora_lib.join(t, frozen)}, batch, rngs={"dropout": rng})
+    sums = losses.term_sums(outputs, batch)
+    return losses.total(sums, normalizers), sums
+  (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
   return grads, sums
 
 
@@ -109,13 +96,13 @@ def train_step(state: TrainState, batch: dict, *, model, tx, microbatches: int, 
 
   Each head's loss is its summed loss over the whole batch's weight (computed up front), so
   k microbatches add up to exactly the full batch's gradient. With `lora` the backbone is
-  frozen: no gradient, no optimizer state, bit-identical values.
+  frozen (`lora.split`): no gradient, no optimizer state, bit-identical values.
   """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
-  trainable = optimizer_lib.lora_trainable(state.params) if lora else None
-  normalizers = _normalizers(batch, model.heads)
+  trainable, frozen = lora_lib.split(state.params, lora)
+  normalizers = losses.normalizers(batch, model.heads)
   if microbatches == 1:
-    grads, sums = _loss_and_grads(model, state.params, batch, normalizers, rng, trainable)
+    grads, sums = _loss_and_grads(model, trainable, frozen, batch, normalizers, rng)
   else:
     # Row j of microbatch i is row j*k + i: every device keeps contributing to every microbatch.
     micro = jax.tree.map(
@@ -124,18 +111,16 @@ def train_step(state: TrainState, batch: dict, *, model, tx, microbatches: int, 
 
     def accumulate(carry, xs):
       i, mb = xs
-      out = _loss_and_grads(model, state.params, mb, normalizers, jax.random.fold_in(rng, i),
-                            trainable)
+      out = _loss_and_grads(model, trainable, frozen, mb, normalizers,
+                            jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, out), None
 
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: _loss_and_grads(model, state.params, jax.tree.map(lambda x: x[0], micro),
-                                normalizers, rng, trainable)))
+        lambda: _loss_and_grads(model, trainable, frozen, jax.tree.map(lambda x: x[0], micro),
+                                normalizers, rng)))
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), micro))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  if trainable is not None:
-    params = jax.tree.map(lambda new, old, t: new if t else old, params, state.params, trainable)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  new_trainable = optax.apply_updates(trainable, updates)
   # A NaN/Inf loss, gradient or update leaves parameters and optimizer state as they were (the
   # loop then stops or skips, per train.nonfinite); the step still counts, so data moves on.
   # The update is checked too: finite gradients can still give a non-finite update (a NaN
@@ -144,7 +129,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, microbatches: int, 
   finite = (jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
             & jnp.all(jnp.stack([jnp.isfinite(s["loss_sum"]) for s in sums.values()])))
   keep = functools.partial(jnp.where, finite)
-  new_state = TrainState(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
+  params = lora_lib.join(jax.tree.map(keep, new_trainable, trainable), frozen)
+  new_state = TrainState(step=state.step + 1, params=params,
                          opt_state=jax.tree.map(keep, opt_state, state.opt_state))
   return new_state, {**summarize(sums, model.heads), "grad_norm": grad_norm,
                      "nonfinite": 1 - finite.astype(jnp.int32)}
@@ -168,14 +154,14 @@ def eval_step(params, batch, token_bytes_V, *, model):
   """Summed terms per head; for clm also the UTF-8 bytes of the predicted tokens (bits per
   byte); for fine-tuning heads the predictions, labels and weights themselves."""
   outputs = model.apply({"params": params}, batch)
-  sums = heads.term_sums(outputs, batch)
+  sums = losses.term_sums(outputs, batch)
   if "clm" in sums:
-    targets, weights = heads.targets_and_weights(batch, "clm")
+    targets, weights = losses.targets_and_weights(batch, "clm")
     sums["clm"]["byte_sum"] = jnp.sum(token_bytes_V[targets] * weights)
   rows = {}
   for head in outputs:
     if head not in heads.PRETRAINING_HEADS:
-      labels, weights = heads.targets_and_weights(batch, head)
+      labels, weights = losses.targets_and_weights(batch, head)
       rows = {"predictions": heads.predictions(outputs, head), "labels": labels,
               "weights": weights}
   return sums, rows
@@ -189,7 +175,7 @@ def compile_steps(cfg, state_shardings, mesh):
   tx = make_optimizer(cfg)
   batch_sh = sharding.batch_sharding(mesh)
   step = jax.jit(
-      functools.partial(train_step, model=build_model(cfg, deterministic=False), tx=tx,
+      functools.partial(train_step, model=heads.build_model(cfg, deterministic=False), tx=tx,
                         microbatches=cfg.train.microbatches, seed=cfg.seed, lora=cfg.lora.rank > 0),
       in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, None),
       donate_argnums=0)
@@ -197,6 +183,6 @@ def compile_steps(cfg, state_shardings, mesh):
 
 
 def compile_eval(cfg, params_shardings, mesh):
-  return jax.jit(functools.partial(eval_step, model=build_model(cfg)),
+  return jax.jit(functools.partial(eval_step, model=heads.build_model(cfg)),
                  in_shardings=(params_shardings, sharding.batch_sharding(mesh), None),
                  out_shardings=sharding.replicated(mesh))

@@ -72,7 +72,7 @@ def _warm_start(state, path: str, in_memory=None):
   fit exactly; heads and adapters the source lacks (or shapes differently) keep their fresh
   init."""
   def may_be_new(key):
-    return not key.startswith("['transformer']") or "lora_" in key
+    return not key.startswith("['transformer']") or lora_lib.is_adapter(key)
   if in_memory is not None:
     values, fresh = checkpoint.place_params(in_memory, state.params, may_be_new, path)
   else:

@@ -17,6 +17,7 @@ from lmssl import checkpoint
 from lmssl import config as config_lib
 from lmssl import errors
 from lmssl import evaluate
+from lmssl import heads
 from lmssl import inference
 from lmssl import sample
 from lmssl import sharding
@@ -130,8 +131,8 @@ def test_lora_freezes_backbone_bitwise_and_merged_adapters_match(pretrained, ord
   batch["input_ids"] = rng.integers(5, run_cfg.model.vocab_size, batch["input_ids"].shape)
   batch["segment_ids"][:] = 1
   batch["positions"][:] = np.arange(batch["positions"].shape[1])
-  unmerged_out = steps.build_model(run_cfg).apply({"params": tuned}, batch)
-  merged_out = steps.build_model(merged_cfg).apply({"params": merged}, batch)
+  unmerged_out = heads.build_model(run_cfg).apply({"params": tuned}, batch)
+  merged_out = heads.build_model(merged_cfg).apply({"params": merged}, batch)
   np.testing.assert_allclose(merged_out["classification"], unmerged_out["classification"],
                              atol=1e-5)
   assert np.abs(np.asarray(unmerged_out["classification"])).max() > 1e-3

@@ -10,10 +10,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lmssl"
 # each other.
 LAYERS = [
     # Leaves: no lmssl imports.
-    {"errors", "files", "optimizer", "scores", "bench/hf_peer"},
+    {"errors", "files", "losses", "lora", "optimizer", "scores", "bench/hf_peer"},
     # Services a run uses, and the data package (TensorFlow lives here).
-    {"sharding", "distributed", "preemption", "checkpoint", "metrics", "workdir_lock", "lora",
-     "data"},
+    {"sharding", "distributed", "preemption", "checkpoint", "metrics", "workdir_lock", "data"},
     # Attention kernels; tokenizer loading by path (lmssl's own or a HuggingFace folder).
     {"attention", "hf/tokenizer"},
     {"model", "config"},

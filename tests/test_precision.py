@@ -23,6 +23,7 @@ from jax.extend import core as jex_core
 
 from conftest import load_config
 from lmssl import heads
+from lmssl import losses as losses_lib
 from lmssl import model as model_lib
 from lmssl import sharding
 from lmssl import steps
@@ -101,7 +102,7 @@ def _config(objective="mlm", loss_chunks=0, remat="none", dtype="bfloat16",
 
 def _trace(cfg):
   """(ops of the train step's jaxpr, the state it takes, the state it returns), all abstract."""
-  model, tx = steps.build_model(cfg, deterministic=False), steps.make_optimizer(cfg)
+  model, tx = heads.build_model(cfg, deterministic=False), steps.make_optimizer(cfg)
   step = functools.partial(steps.train_step, model=model, tx=tx, microbatches=1, seed=0)
   batch = steps.example_batch(cfg, 8)
   with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -290,7 +291,7 @@ def test_checks_catch_violations(breakage, monkeypatch):
   if breakage == "bf16_layer_norm_stats":
     monkeypatch.setattr(model_lib, "layer_norm", _layer_norm_bf16_stats)
   if breakage == "bf16_logits_into_loss":
-    monkeypatch.setattr(heads.Unprojected, "logits", _bf16_logits)
+    monkeypatch.setattr(losses_lib.Unprojected, "logits", _bf16_logits)
   if breakage == "bf16_updates":
     apply = optax.apply_updates
     monkeypatch.setattr(optax, "apply_updates", lambda p, u: apply(

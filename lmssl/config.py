@@ -13,6 +13,8 @@ import ml_collections
 from lmssl import attention
 from lmssl import errors
 from lmssl import files
+from lmssl import model as model_lib
+from lmssl import optimizer
 
 # name: (num_layers, d_model, num_heads, mlp_dim). base/large are BERT-base/large shaped,
 # which is also GPT-2 small/medium (12x768x12, 24x1024x16).
@@ -336,17 +338,17 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
   m, d, t = c.model, c.data, c.train
   _one_of(c.objective, "objective", OBJECTIVES)
   _one_of(t.nonfinite, "train.nonfinite", ("stop", "skip"))
-  _one_of(m.norm, "model.norm", ("post", "pre"))
-  _one_of(m.gelu, "model.gelu", ("erf", "tanh"))
-  _one_of(m.position, "model.position", ("learned", "rope"))
-  _one_of(m.remat, "model.remat", ("none", "full", "dots", "dots_no_batch"))
+  _one_of(m.norm, "model.norm", model_lib.NORMS)
+  _one_of(m.gelu, "model.gelu", tuple(model_lib.GELU_APPROXIMATE))
+  _one_of(m.position, "model.position", model_lib.POSITIONS)
+  _one_of(m.remat, "model.remat", tuple(model_lib.REMAT_POLICIES))
   _one_of(m.attention, "model.attention", attention.IMPLEMENTATIONS)
   _one_of(m.dtype, "model.dtype", DTYPES)
   _one_of(m.param_dtype, "model.param_dtype", DTYPES)
   attention.resolve(m.attention, dtype=m.dtype)  # a kernel these devices or dtype cannot run
   _check(m.max_segments >= 1, f"model.max_segments={m.max_segments} must be at least 1; it "
          "bounds the documents per packed row for cuDNN attention (default 64)")
-  _one_of(t.schedule, "train.schedule", ("linear", "cosine"))
+  _one_of(t.schedule, "train.schedule", tuple(optimizer.SCHEDULES))
   # Both schedules warm up to train.lr and decay from it: lr 0 never moves a parameter,
   # a negative one climbs the loss, and NaN/Inf poison the first update.
   _check(isinstance(t.lr, (int, float)) and math.isfinite(t.lr) and t.lr > 0,
@@ -362,10 +364,9 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
   _check(d.seq_len >= min_len,
          f"data.seq_len={d.seq_len} is too short: {row} needs at least "
          f"{min_len} positions; use a longer seq_len (128 is typical)")
-  _check(t.loss_chunks == 0 or (t.loss_chunks > 0 and (
-      d.seq_len % t.loss_chunks == 0 or c.objective != "clm" or c.task.kind)),
-         f"train.loss_chunks={t.loss_chunks} must be 0 (all logits at once) or divide "
-         f"data.seq_len={d.seq_len}: the pieces are equal parts of the sequence")
+  _check(0 <= t.loss_chunks <= d.seq_len,
+         f"train.loss_chunks={t.loss_chunks} must be 0 (all logits at once) or a number of "
+         f"pieces of the sequence, at most data.seq_len={d.seq_len}")
   _check(not c.task.kind or (c.task.train_source and c.task.eval_source),
          "fine-tuning needs --config.task.train_source and --config.task.eval_source "
          "(tsv:PATH, csv:PATH, jsonl:PATH, tfds:NAME:SPLIT or conll:PATH)")
@@ -373,9 +374,9 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
   _check(c.lora.rank >= 0, f"lora.rank={c.lora.rank} must be 0 (off) or positive")
   if c.lora.rank:
     targets = [x.strip() for x in c.lora.targets.split(",")]
-    known = ("query", "key", "value", "out", "wi", "wo")
-    _check(bool(targets) and all(x in known for x in targets),
-           f"lora.targets={c.lora.targets!r} must name projections among {list(known)}")
+    _check(bool(targets) and all(x in model_lib.PROJECTIONS for x in targets),
+           f"lora.targets={c.lora.targets!r} must name projections among "
+           f"{list(model_lib.PROJECTIONS)}")
     _check(bool(c.task.kind), "LoRA is for fine-tuning: set task.kind, or lora.rank=0 to "
            "pretrain every parameter")
   _check(m.d_model % m.num_heads == 0,

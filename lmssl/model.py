@@ -48,8 +48,16 @@ def layer_norm(cfg, name):
       bias_init=logical_init(("norm",), nn.initializers.zeros))
 
 
+# The choices of model.norm, model.position and model.gelu (config.validate reads these).
+NORMS = ("post", "pre")  # LayerNorm after each residual add (BERT) or before each sublayer
+POSITIONS = ("learned", "rope")
+GELU_APPROXIMATE = {"erf": False, "tanh": True}
+# The projections a LoRA adapter can sit on (lora.targets), by module name.
+PROJECTIONS = ("query", "key", "value", "out", "wi", "wo")
+
+
 def gelu(cfg, x):
-  return nn.gelu(x, approximate=cfg.gelu == "tanh")
+  return nn.gelu(x, approximate=GELU_APPROXIMATE[cfg.gelu])
 
 
 def rope(x_BxLxHxK, positions_BxL, theta: float):

@@ -6,6 +6,8 @@ import pytest
 
 from conftest import load_config
 from lmssl import config as config_lib
+from lmssl import model as model_lib
+from lmssl import optimizer
 from lmssl import sharding
 
 
@@ -70,8 +72,13 @@ def test_variant_values_of_the_wrong_type_are_refused(arg, message):
     (lambda c: setattr(c.data, "seq_len", 1024), "raise --config.model.max_len to at least 1024"),
     (lambda c: setattr(c.model, "num_heads", 3), "not divisible by model.num_heads=3"),
     (lambda c: setattr(c.train, "microbatches", 3), "split into train.microbatches=3"),
-    (lambda c: (setattr(c, "objective", "clm"), setattr(c.train, "loss_chunks", 3)),
-     r"train.loss_chunks=3 must be 0 \(all logits at once\) or divide data.seq_len=128"),
+    (lambda c: (setattr(c, "objective", "clm"), setattr(c.train, "loss_chunks", 129)),
+     r"train.loss_chunks=129 must be 0 \(all logits at once\) or a number of pieces of the "
+     r"sequence, at most data.seq_len=128"),
+    (lambda c: setattr(c.model, "remat", "some"),
+     r"model.remat='some' is not known; use one of \['none', 'full', 'dots', 'dots_no_batch'\]"),
+    (lambda c: setattr(c.train, "schedule", "constant"),
+     r"train.schedule='constant' is not known; use one of \['linear', 'cosine'\]"),
     (lambda c: setattr(c.data, "mask_rate", 1.5), r"mask_rate=1.5, .* need 0 < mask_rate <= 1"),
     (lambda c: setattr(c.data, "random_token_frac", -0.1), "fractions non-negative"),
 ])
@@ -141,6 +148,18 @@ def test_sentence_pairs_need_five_positions_and_the_shortest_rows_are_accepted()
   for dtype in config_lib.DTYPES:
     clm.model.dtype = clm.model.param_dtype = dtype
     config_lib.validate(clm, batch_shards=8)
+
+
+def test_allowed_values_are_the_tables_the_code_dispatches_on(monkeypatch):
+  cfg = load_config("clm_base", "size=tiny")
+  cfg.train.schedule, cfg.model.remat = "constant", "offload"
+  with pytest.raises(ValueError, match="model.remat='offload' is not known"):
+    config_lib.validate(cfg, batch_shards=8)
+  monkeypatch.setitem(model_lib.REMAT_POLICIES, "offload", None)
+  with pytest.raises(ValueError, match="train.schedule='constant' is not known"):
+    config_lib.validate(cfg, batch_shards=8)
+  monkeypatch.setitem(optimizer.SCHEDULES, "constant", lambda t, steps: lambda step: t.lr)
+  config_lib.validate(cfg, batch_shards=8)  # known once the code can run them
 
 
 def test_mask_rate_one_is_valid_as_the_pipeline_takes_it():

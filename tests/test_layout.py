@@ -15,10 +15,12 @@ LAYERS = [
     {"sharding", "distributed", "preemption", "checkpoint", "metrics", "workdir_lock", "data"},
     # Attention kernels; tokenizer loading by path (lmssl's own or a HuggingFace folder).
     {"attention", "hf/tokenizer"},
-    {"model", "config"},
-    {"heads", "configs", "hf/families"},
-    # Steps over the model; HuggingFace weights in and out.
-    {"steps", "sample", "hf/weights"},
+    {"model"},
+    # The config, validated against the model's and optimizer's own tables; the heads.
+    {"config", "heads"},
+    {"configs", "hf/families", "steps", "sample"},
+    # HuggingFace weights in and out.
+    {"hf/weights"},
     # A run's pieces: its data on a mesh, its trained parameters read back.
     {"datasets", "inference"},
     {"evaluate", "hf/convert", "bench/parts"},

@@ -25,7 +25,7 @@ def inference_mesh():
 def load_run(workdir: str, best: bool = False, mesh=None):
   """(config, parameters) of the run in `workdir`: its latest checkpoint, or with `best` the
   best evaluation of a fine-tuning run. LoRA adapters stay separate (see `merged`)."""
-  cfg = config_lib.load_run_config(workdir)
+  cfg = config_lib.resolved(config_lib.load_run_config(workdir))  # read, never changed
   path = os.path.join(workdir, "best") if best else workdir
   if best and not os.path.isdir(path):
     raise errors.UserError(f"{workdir} has no best/ checkpoint (only fine-tuning runs keep "
@@ -55,10 +55,8 @@ def merged(cfg, params):
   """An adapter-free (config, parameters): LoRA folded into the kernels."""
   if not cfg.lora.rank:
     return cfg, params
-  params = lora.merge(params, cfg.lora.alpha, cfg.lora.rank)
-  cfg = ml_collections.ConfigDict(cfg.to_dict())
-  cfg.lora.rank = 0
-  return cfg, params
+  return config_lib.resolved(cfg, {"lora.rank": 0}), lora.merge(params, cfg.lora.alpha,
+                                                                 cfg.lora.rank)
 
 
 def tokenizer(cfg, workdir: str) -> tokenizer_lib.AnyTokenizer:

@@ -32,22 +32,15 @@ from lmssl.hf import weights as hf
 
 
 def _resolve_start(cfg):
-  """Phase 1a: (the config with the architecture and tokenizer of init.params_from adopted,
-  (where, parameters already in memory or None) or None when there is no source)."""
+  """Phase 1a: the config with the architecture and tokenizer of init.params_from adopted
+  (read from the source's config alone: its weights are read at phase 4, once the run is
+  known to be valid), and that source's path or None."""
   path, given = cfg.init.params_from, cfg.data.tokenizer
   if not path:
     return config_lib.resolved(cfg), None
-  params = None
   if path.startswith("hf:"):
     hf_dir = path[len("hf:"):]
-    try:
-      source, params = hf.load(hf_dir)
-    except hf.MissingExtra as e:
-      raise errors.UserError(
-          f"init.params_from={path} reads HuggingFace weights, which needs the `hf` extra: "
-          f"{e.missing}; install it with {hf.INSTALL_EXTRA}, or convert the folder where it is "
-          f"installed (python -m lmssl.convert from-hf --hf_dir {hf_dir} --workdir RUN) and set "
-          "init.params_from=RUN") from e
+    source = _from_hf(path, hf.source_config)
     if not source.data.tokenizer:
       raise errors.UserError(f"init.params_from={path}: the folder has no tokenizer files "
                              "(tokenizer.json, vocab.txt, or vocab.json + merges.txt); add the "
@@ -64,17 +57,31 @@ def _resolve_start(cfg):
         f"data.tokenizer={given} is not the tokenizer the parameters in "
         f"init.params_from={path} were trained with ({theirs}); leave data.tokenizer empty "
         "to use that one")
-  return cfg, (path, params)
+  return cfg, path
 
 
-def _warm_start(state, path: str, in_memory=None):
-  """The state with another run's (or a converted HF model's) parameters: the backbone must
-  fit exactly; heads and adapters the source lacks (or shapes differently) keep their fresh
-  init."""
+def _from_hf(path: str, read):
+  """read(the folder of init.params_from=hf:DIR), or one line on installing the hf extra."""
+  hf_dir = path[len("hf:"):]
+  try:
+    return read(hf_dir)
+  except hf.MissingExtra as e:
+    raise errors.UserError(
+        f"init.params_from={path} reads HuggingFace weights, which needs the `hf` extra: "
+        f"{e.missing}; install it with {hf.INSTALL_EXTRA}, or convert the folder where it is "
+        f"installed (python -m lmssl.convert from-hf --hf_dir {hf_dir} --workdir RUN) and set "
+        "init.params_from=RUN") from e
+
+
+def _warm_start(state, path: str):
+  """The state with another run's (or a HF model's, converted now) parameters: the backbone
+  must fit exactly; heads and adapters the source lacks (or shapes differently) keep their
+  fresh init."""
   def may_be_new(key):
     return not key.startswith("['transformer']") or lora_lib.is_adapter(key)
-  if in_memory is not None:
-    values, fresh = checkpoint.place_params(in_memory, state.params, may_be_new, path)
+  if path.startswith("hf:"):
+    values, fresh = checkpoint.place_params(_from_hf(path, hf.load)[1], state.params,
+                                            may_be_new, path)
   else:
     values, fresh = checkpoint.load_params(path, state.params, may_be_new)
   params = jax.tree_util.tree_map_with_path(
@@ -140,8 +147,8 @@ def _restore(ckpt, state, init, workdir: str, meta: dict, tok):
     state, _ = restored
     metrics_lib.log(f"resumed from step {int(state.step)} in {ckpt.directory}")
   elif init is not None:
-    state = _warm_start(state, *init)
-    metrics_lib.log(f"parameters from {init[0]}")
+    state = _warm_start(state, init)
+    metrics_lib.log(f"parameters from {init}")
   return state
 
 

@@ -83,7 +83,7 @@ def test_warm_start_on_another_mesh_restores_backbone_and_inits_heads(pretrained
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     fresh, _ = steps.create_state(cfg, mesh)
     fresh_heads = _leaves(fresh.params, "task_head")
-    state = train._warm_start(fresh, *init)
+    state = train._warm_start(fresh, init)
   want, got = _leaves(source), _leaves(state.params)
   assert got.keys() == want.keys() and len(got) > 10
   for key in want:

@@ -4,6 +4,7 @@ converted to lmssl give the same hidden states and logits, and come back tensor 
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -188,6 +189,31 @@ def test_fine_tune_from_hf_then_export_classifier(hf_dirs, tmp_path):
   tuned = back.bert.state_dict()
   assert not torch.equal(start["encoder.layer.0.attention.self.query.weight"],
                          tuned["encoder.layer.0.attention.self.query.weight"])
+
+
+@pytest.mark.parametrize("name,objective", [("bert", "mlm"), ("gpt2", "clm"),
+                                            ("bert.bin", "mlm")])
+def test_hf_warm_start_resolves_the_config_reading_no_tensor(hf_dirs, tmp_path, monkeypatch,
+                                                             name, objective):
+  """A warm start adopts the folder's architecture from config.json and the tensor names; the
+  weights are read only once the run is valid (phase 4)."""
+  if name == "bert.bin":  # the same model as a pickled pytorch_model.bin
+    folder = shutil.copytree(hf_dirs["bert"], tmp_path / "bert")
+    tensors = {n: torch.from_numpy(t) for n, t in weights.read_dir(folder)[1].items()}
+    torch.save(tensors, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    hf_dirs = {name: str(folder)}
+  def refuse(path):
+    raise AssertionError(f"{path} was read while resolving the config")
+  monkeypatch.setattr(weights, "_read_shard", refuse)
+  cfg = load_config("cls_finetune", "smoke")
+  cfg.init.params_from = f"hf:{hf_dirs[name]}"
+  resolved, source = train._resolve_start(cfg)
+  assert source == cfg.init.params_from and cfg.model.d_model != 64
+  assert (resolved.objective, resolved.model.d_model, resolved.data.tokenizer) == (
+      objective, 64, hf_dirs[name])
+  monkeypatch.undo()  # the config from names alone is the one the full conversion gives
+  assert weights.source_config(hf_dirs[name]).to_dict() == weights.load(hf_dirs[name])[0].to_dict()
 
 
 def test_unknown_tensors_and_models_are_named_and_nothing_is_written(hf_dirs, tmp_path):

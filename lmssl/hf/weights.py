@@ -40,6 +40,15 @@ def _check(ok: bool, message: str) -> None:
 
 def read_dir(hf_dir: str) -> tuple[dict, dict]:
   """(config.json as a dict, {tensor name: float32 numpy array}) of a local HF model folder."""
+  hf_config = read_config(hf_dir)
+  out = {}
+  for shard in _weight_files(hf_dir):
+    out.update(_read_shard(shard))
+  return hf_config, out
+
+
+def read_config(hf_dir: str) -> dict:
+  """config.json of a local HF model folder, as a dict."""
   path = os.path.join(hf_dir, "config.json")
   _check(os.path.isfile(path), f"{hf_dir} has no config.json: --hf_dir must be a local "
          "HuggingFace model folder (config.json plus model.safetensors or pytorch_model.bin)")
@@ -54,26 +63,34 @@ def read_dir(hf_dir: str) -> tuple[dict, dict]:
   _check(isinstance(hf_config, dict) and "model_type" in hf_config,
          f"{path} has no model_type (it holds {holds}); it must be the model's HuggingFace "
          f"config.json, with model_type one of {sorted(families.FAMILIES)}")
-  return hf_config, _read_tensors(hf_dir)
+  return hf_config
 
 
-def _read_tensors(hf_dir: str) -> dict:
+def _weight_files(hf_dir: str) -> list[str]:
+  """The paths of a folder's weight files: its shards (by index), or its one file."""
   files = sorted(os.listdir(hf_dir))
   for index, single in (("model.safetensors.index.json", "model.safetensors"),
                         ("pytorch_model.bin.index.json", "pytorch_model.bin")):
     if index in files:
       with open(os.path.join(hf_dir, index), encoding="utf-8") as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    elif single in files:
-      shards = [single]
-    else:
-      continue
-    out = {}
-    for shard in shards:
-      out.update(_read_shard(os.path.join(hf_dir, shard)))
-    return out
+        return [os.path.join(hf_dir, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    if single in files:
+      return [os.path.join(hf_dir, single)]
   raise errors.UserError(f"{hf_dir} holds no weights: expected model.safetensors, "
                          "pytorch_model.bin or a sharded index of either")
+
+
+def _tensor_names(path: str) -> list[str]:
+  """The tensor names in weight file `path`, without reading the tensors."""
+  if not path.endswith(".safetensors"):  # a pickle: mapped, not read
+    return list(_extra("torch").load(path, map_location="cpu", weights_only=True, mmap=True))
+  try:  # the header: its length (8 bytes, little-endian), then JSON naming every tensor
+    with open(path, "rb") as f:
+      header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return [name for name in header if name != "__metadata__"]
+  except (ValueError, OverflowError, MemoryError) as e:
+    raise errors.UserError(f"{path} is not a safetensors file ({type(e).__name__}: {e}); "
+                           "replace it with the model's own") from None
 
 
 INSTALL_EXTRA = "pip install 'lmssl[hf]' (after `pip install torch` for your platform)"
@@ -322,20 +339,36 @@ class Converted:
   notes: list
 
 
+def source_config(hf_dir: str) -> ml_collections.ConfigDict:
+  """The lmssl config of a HF folder, from its config.json and the names of its tensors (no
+  tensor is read): what a warm start from it adopts before it validates."""
+  hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
+  hf_config = read_config(hf_dir)
+  names = [n for shard in _weight_files(hf_dir) for n in _tensor_names(shard)]
+  return _lmssl_config(hf_dir, hf_config, names)[0]
+
+
+def _lmssl_config(hf_dir: str, hf_config: dict, names) -> tuple[ml_collections.ConfigDict,
+                                                                 tuple]:
+  """(the lmssl config, the heads) of a HF folder whose checkpoint holds tensors `names`."""
+  heads = present_heads(families.family_of(hf_config), hf_config, names)
+  c = families.lmssl_config(hf_config, heads)
+  if tokenizer_files(hf_dir):
+    c.data.tokenizer = hf_dir
+  return c, heads
+
+
 def convert(hf_dir: str) -> Converted:
   """A HF folder as an lmssl config and parameters, with notes on what was checked but not
   copied (tied tensors, buffers)."""
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
   hf_config, tensors = read_dir(hf_dir)
   family = families.family_of(hf_config)
-  heads = present_heads(family, hf_config, tensors)
-  c = families.lmssl_config(hf_config, heads)
+  c, heads = _lmssl_config(hf_dir, hf_config, tensors)
   pooler = any(n.startswith(("pooler.", "bert.pooler.")) for n in tensors)
   shapes = lmssl_shapes(c, heads, pooler)
   params, notes = to_lmssl(family, tensors, shapes, c.model.num_layers,
                            tied=c.model.tie_embeddings)
-  if tokenizer_files(hf_dir):
-    c.data.tokenizer = hf_dir
   return Converted(c, params, family, hf_config, notes)
 
 

@@ -214,7 +214,8 @@ def _quiet_refused_writes() -> None:
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None,
             check=None):
-  """Restores onto the shardings in `abstract_state` (any mesh), or as saved when it is None.
+  """Restores onto `abstract_state` (ShapeDtypeStructs with their shardings, on any mesh:
+  steps.abstract_state), or as saved when it is None.
 
   Without `step`, the newest intact checkpoint: a damaged one after it (see `_newest_intact`)
   is moved aside to `N.damaged`, so the run resumes from the intact one and later saves its
@@ -238,10 +239,8 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
           f"{os.path.dirname(directory)}")
     if abstract_state is not None:
       _check_same_model(directory, step, abstract_state.params)
-    target = None if abstract_state is None else jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)
     restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
   _, moved, result = _newest_intact(directory, steps, attempt, move_aside=step is None)

@@ -61,23 +61,38 @@ def state_init(cfg):
   return init
 
 
+def abstract_state(cfg, mesh):
+  """The train state's shapes and dtypes, with their shardings from the logical rules
+  (ShapeDtypeStructs): what a restore reads into and the steps compile for, computing nothing."""
+  return _with_shardings(jax.eval_shape(state_init(cfg), jax.random.key(cfg.seed)), mesh)
+
+
 def create_state(cfg, mesh):
-  """The train state, born sharded: shapes from eval_shape, shardings from the logical rules."""
+  """(the initial train state, born sharded; its shardings)."""
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_state(cfg, mesh))
   init = state_init(cfg)
-  rng = jax.random.key(cfg.seed)
-  abstract = jax.eval_shape(init, rng)
-  shardings = sharding.logical_shardings(abstract, mesh)
-  state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+  state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(
+      jax.random.key(cfg.seed))
   return state, shardings
 
 
 def abstract_params(cfg, mesh):
   """Parameter shapes and dtypes with their shardings on `mesh`, without computing them."""
   model = heads.build_model(cfg)
-  boxed = jax.eval_shape(lambda r: model.init({"params": r}, example_batch(cfg, 1))["params"],
-                         jax.random.key(0))
+  return _with_shardings(jax.eval_shape(
+      lambda r: model.init({"params": r}, example_batch(cfg, 1))["params"], jax.random.key(0)),
+                         mesh)
+
+
+def _with_shardings(boxed, mesh):
+  """ShapeDtypeStructs of a tree of logically named abstract values, sharded on `mesh`."""
+  def is_box(x):
+    return isinstance(x, nn.meta.AxisMetadata)
+  # The boxes' own values: unboxing would also constrain them to a sharding, which abstract
+  # values under a mesh context cannot take.
+  values = jax.tree.map(lambda x: x.value if is_box(x) else x, boxed, is_leaf=is_box)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh))
+                      values, sharding.logical_shardings(boxed, mesh))
 
 
 def _loss_and_grads(model, trainable, frozen, batch, normalizers, rng):

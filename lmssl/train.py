@@ -124,13 +124,15 @@ class _Settings:
     return result
 
 
-def _restore(ckpt, state, init, workdir: str, meta: dict, tok):
-  """The state to start from, in this order of precedence:
+def _restore(ckpt, abstract, init, cfg, mesh, workdir: str, meta: dict, tok):
+  """The state to start from, laid out as `abstract` (shapes and shardings), in this order of
+  precedence:
     1) the workdir's latest checkpoint: resume this run exactly (state, step, data order);
     2) init.params_from: another run's parameters (backbone + matching heads), new
        optimizer, step 0 (fine-tuning);
-    3) neither: `state` as created, to train from scratch.
-  `meta` is what this run stores beside each checkpoint; a resumed one must agree."""
+    3) neither: a fresh init, to train from scratch.
+  Only one state is ever in memory: a resumed run reads into `abstract`, not over a fresh
+  init. `meta` is what this run stores beside each checkpoint; a resumed one must agree."""
   def check(saved):  # checked before the state, whose shapes follow the tokenizer's
     if saved.get("seed", meta["seed"]) != meta["seed"]:
       raise errors.UserError(f"workdir {workdir} was trained with seed {saved['seed']}, not "
@@ -142,11 +144,13 @@ def _restore(ckpt, state, init, workdir: str, meta: dict, tok):
           "one in a new --workdir")
 
   # The newest intact checkpoint; a damaged one after it is moved aside (checkpoint.restore).
-  restored = checkpoint.restore(ckpt, state, check=check)
+  restored = checkpoint.restore(ckpt, abstract, check=check)
   if restored is not None:
     state, _ = restored
     metrics_lib.log(f"resumed from step {int(state.step)} in {ckpt.directory}")
-  elif init is not None:
+    return state
+  state, _ = steps.create_state(cfg, mesh)
+  if init is not None:
     state = _warm_start(state, init)
     metrics_lib.log(f"parameters from {init}")
   return state
@@ -202,10 +206,11 @@ def _train(cfg, workdir: str, until_step, init, mesh, best_key) -> dict:
     train_batches, eval_batches = datasets.batches(cfg, data, mesh)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    # 3. Model and optimizer, state born sharded.
-    state, state_shardings = steps.create_state(cfg, mesh)
-    step_fn, eval_fn = steps.compile_steps(cfg, state_shardings, mesh)
-    trainable, total = lora_lib.count(state.params, cfg.lora.rank > 0)
+    # 3. Model and optimizer: the state's shapes and shardings, and the steps compiled for them.
+    abstract = steps.abstract_state(cfg, mesh)
+    step_fn, eval_fn = steps.compile_steps(
+        cfg, jax.tree.map(lambda x: x.sharding, abstract), mesh)
+    trainable, total = lora_lib.count(abstract.params, cfg.lora.rank > 0)
     metrics_lib.log(f"model: {cfg.model.size} {cfg.objective} backbone, heads "
                     f"{'+'.join(heads.heads_for(cfg))}; {total:,} parameters, {trainable:,} "
                     "trainable")
@@ -213,7 +218,7 @@ def _train(cfg, workdir: str, until_step, init, mesh, best_key) -> dict:
     # 4. Restore (see _restore for the order of precedence).
     ckpt = checkpoint.manager(workdir, cfg.checkpoint)
     meta = {"seed": cfg.seed, "tokenizer": hashlib.sha256(data.tokenizer.fingerprint).hexdigest()}
-    state = _restore(ckpt, state, init, workdir, meta, data.tokenizer)
+    state = _restore(ckpt, abstract, init, cfg, mesh, workdir, meta, data.tokenizer)
 
     # 5. Loop.
     best = evaluate_lib.Best(workdir, *best_key) if best_key else None

@@ -11,6 +11,7 @@ import pytest
 from conftest import load_config
 from lmssl import checkpoint
 from lmssl import config as config_lib
+from lmssl import steps
 from lmssl import train
 
 
@@ -63,15 +64,20 @@ def _final_params(workdir, cfg):
 
 
 @pytest.mark.parametrize("name", ["mlm_base", "clm_base"])
-def test_two_plus_two_steps_equal_four(name, cache_dir, tmp_path):
+def test_two_plus_two_steps_equal_four(name, cache_dir, tmp_path, monkeypatch):
   kw = dict(train__log_every=1, checkpoint__every_steps=2, eval__every_steps=100)
+  inits = []  # a resumed run reads its checkpoint into the abstract state: no fresh init first
+  real_create = steps.create_state
+  monkeypatch.setattr(steps, "create_state", lambda *a: inits.append(1) or real_create(*a))
   train.train_and_evaluate(_smoke(name, cache_dir, **kw), str(tmp_path / "whole"))
   # The split run gets to step 3 but "dies" before its step-3 checkpoint commits: it must
   # resume from step 2, and its log must not keep the lost step 3 twice.
   train.train_and_evaluate(_smoke(name, cache_dir, **kw), str(tmp_path / "split"), until_step=3)
   shutil.rmtree(tmp_path / "split" / "checkpoints" / "3")
   assert _final_params(tmp_path / "split", _smoke(name, cache_dir))[0] == 2
+  assert len(inits) == 2
   train.train_and_evaluate(_smoke(name, cache_dir, **kw), str(tmp_path / "split"))
+  assert len(inits) == 2
   whole = [(r["step"], r["loss"]) for r in _metrics(tmp_path / "whole") if "loss" in r]
   split = [(r["step"], r["loss"]) for r in _metrics(tmp_path / "split") if "loss" in r]
   assert [s for s, _ in whole] == [1, 2, 3, 4]

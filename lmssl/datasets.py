@@ -59,7 +59,8 @@ def batches(cfg, data: RunData, mesh, full_eval: bool = False):
   if full_eval or data.objective == "task":  # pad to whole batches with rows that weigh nothing
     eval_arrays = tasks.pad_rows(dict(eval_arrays), cfg.eval.batch_size)
     eval_steps = len(next(iter(eval_arrays.values()))) // cfg.eval.batch_size
-  common = dict(objective=data.objective, seed=cfg.seed, cfg=cfg.data, tokenizer=data.tokenizer)
+  common = dict(objective=data.objective, seed=cfg.seed, data_cfg=cfg.data,
+                tokenizer=data.tokenizer)
 
   def train_batches(start_step, end_step):
     ds = pipeline.make_dataset(

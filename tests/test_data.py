@@ -44,7 +44,7 @@ def data_cfg(**overrides):
 
 
 def batches(arrays, tokenizer, *, steps, cfg=None, **kwargs):
-  args = dict(objective="mlm", global_batch=8, seed=0, start_step=0, cfg=cfg or data_cfg(),
+  args = dict(objective="mlm", global_batch=8, seed=0, start_step=0, data_cfg=cfg or data_cfg(),
               tokenizer=tokenizer, num_steps=steps)
   args.update(kwargs)
   return list(pipeline.make_dataset(arrays, **args).as_numpy_iterator())

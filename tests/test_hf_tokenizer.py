@@ -282,7 +282,7 @@ def test_mlm_batches_use_its_special_ids(bert, lines):
   cfg.update(max_predictions=16, mask_token_frac=0.4, random_token_frac=0.5,
              whole_word_mask=True)
   got = list(pipeline.make_dataset(
-      packed, objective="mlm", global_batch=16, seed=0, start_step=0, cfg=cfg, tokenizer=bert,
+      packed, objective="mlm", global_batch=16, seed=0, start_step=0, data_cfg=cfg, tokenizer=bert,
       shuffle=False, num_steps=8).as_numpy_iterator())
   inputs = np.concatenate([b["input_ids"] for b in got])
   pos = np.concatenate([b["masked_positions"] for b in got])
@@ -318,7 +318,7 @@ def test_mlm_needs_a_mask_token_and_clm_does_not(gpt2, lines):
   packed = prepare.pack(gpt2.encode_batch(lines), 64, gpt2)
   eot = gpt2.eos_id
   assert packed["tokens"][0, 0] == eot and packed["tokens"][-1, -1] == eot  # framing, padding
-  args = {"global_batch": 8, "seed": 0, "start_step": 0, "cfg": config.base_config().data,
+  args = {"global_batch": 8, "seed": 0, "start_step": 0, "data_cfg": config.base_config().data,
           "tokenizer": gpt2, "num_steps": 1}
   with pytest.raises(errors.UserError, match=f"tokenizer {gpt2.path} has no mask token, but "
                      "masked-LM"):

@@ -66,7 +66,7 @@ def with_kind(cfg, kind):
 
 
 def batches(arrays, tokenizer, cfg, *, steps, **kwargs):
-  args = dict(objective="mlm", global_batch=8, seed=0, start_step=0, cfg=cfg,
+  args = dict(objective="mlm", global_batch=8, seed=0, start_step=0, data_cfg=cfg,
               tokenizer=tokenizer, num_steps=steps)
   args.update(kwargs)
   got = list(pipeline.make_dataset(arrays, **args).as_numpy_iterator())

@@ -63,7 +63,7 @@ def pipeline_row(cfg, args, step_tokens_per_s: float | None) -> dict:
   batch = cfg.train.batch_size
   ds = pipeline.make_dataset(
       prepare.load_prepared(prepared_dir, "train"), objective=cfg.objective,
-      global_batch=batch, seed=cfg.seed, start_step=0, cfg=cfg.data, tokenizer=tok,
+      global_batch=batch, seed=cfg.seed, start_step=0, data_cfg=cfg.data, tokenizer=tok,
       host_rows=sharding.host_rows(mesh, batch))
   batches = ds.as_numpy_iterator()
   for _ in range(args.warmup + 2):

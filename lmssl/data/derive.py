@@ -80,8 +80,8 @@ def write(task: str, source: str, out_dir: str, seed: int = 0, max_chars: int = 
   if task not in TASKS:
     raise errors.UserError(f"unknown derived task {task!r}; known: {list(TASKS)}")
   _check_out_dir(out_dir)
-  cfg = ml_collections.ConfigDict(dict(builtin_max_chars=max_chars))
-  train_docs, dev_docs = sources.split_documents(sources.read_documents(source, cfg),
+  data_cfg = ml_collections.ConfigDict(dict(builtin_max_chars=max_chars))
+  train_docs, dev_docs = sources.split_documents(sources.read_documents(source, data_cfg),
                                                  val_fraction)
   os.makedirs(out_dir, exist_ok=True)
   written = {}

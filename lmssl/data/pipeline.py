@@ -82,7 +82,7 @@ def positions_from_segments(segment_ids_BxL):
   return tf.where(segment_ids_BxL > 0, cols_BxL - start_BxL, 0)
 
 
-def mask_row(ids_L, g, *, seed, cfg, special, normal_ids, mask_id, word_start):
+def mask_row(ids_L, g, *, seed, data_cfg, special, normal_ids, mask_id, word_start):
   """BERT-style dynamic masking of one row, seeded by (seed, global row g).
 
   `special`, `word_start`: bool [vocab] tables (the tokenizer's); `normal_ids`: int32 [M], the
@@ -92,19 +92,19 @@ def mask_row(ids_L, g, *, seed, cfg, special, normal_ids, mask_id, word_start):
   chosen: mask_token_frac become mask_id, random_token_frac a uniformly drawn normal id, the
   rest stay.
   """
-  length, num_predictions = ids_L.shape[0], cfg.max_predictions
+  length, num_predictions = ids_L.shape[0], data_cfg.max_predictions
   # Independent of the shuffle's randomness: that op keys a different cipher with 3 words.
   row_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(g, tf.int64)])
   order_seed, action_seed, random_seed = tf.unstack(
       tf.random.experimental.stateless_split(row_seed, 3))
   cand_L = ~tf.gather(special, ids_L)
   num_cand = tf.reduce_sum(tf.cast(cand_L, tf.int32))
-  k = tf.cast(tf.floor(cfg.mask_rate * tf.cast(num_cand, tf.float32) + 0.5), tf.int32)
+  k = tf.cast(tf.floor(data_cfg.mask_rate * tf.cast(num_cand, tf.float32) + 0.5), tf.int32)
   k = tf.where(num_cand > 0, tf.clip_by_value(k, 1, num_predictions), 0)
 
   # Words are runs of candidates; without whole-word masking every candidate is its own word.
   begins_L = cand_L
-  if cfg.whole_word_mask:
+  if data_cfg.whole_word_mask:
     prev_cand_L = tf.concat([[False], cand_L[:-1]], axis=0)
     begins_L = cand_L & (tf.gather(word_start, ids_L) | ~prev_cand_L)
   word_L = tf.cumsum(tf.cast(begins_L, tf.int32)) * tf.cast(cand_L, tf.int32)  # 0: no word
@@ -124,8 +124,9 @@ def mask_row(ids_L, g, *, seed, cfg, special, normal_ids, mask_id, word_start):
   # a tokenizer puts its special ids.
   random_ids_L = tf.gather(normal_ids, tf.random.stateless_uniform(
       [length], random_seed, minval=0, maxval=normal_ids.shape[0], dtype=tf.int32))
-  to_mask_L = chosen_L & (action_L < cfg.mask_token_frac)
-  to_random_L = chosen_L & ~to_mask_L & (action_L < cfg.mask_token_frac + cfg.random_token_frac)
+  to_mask_L = chosen_L & (action_L < data_cfg.mask_token_frac)
+  to_random_L = chosen_L & ~to_mask_L & (
+      action_L < data_cfg.mask_token_frac + data_cfg.random_token_frac)
   input_ids_L = tf.where(to_mask_L, mask_id, tf.where(to_random_L, random_ids_L, ids_L))
 
   positions_N = tf.cast(tf.where(chosen_L)[:, 0], tf.int32)  # ascending, N <= k <= P
@@ -138,7 +139,7 @@ def mask_row(ids_L, g, *, seed, cfg, special, normal_ids, mask_id, word_start):
 
 
 def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_step: int,
-                 cfg: ml_collections.ConfigDict, tokenizer: tok.AnyTokenizer,
+                 data_cfg: ml_collections.ConfigDict, tokenizer: tok.AnyTokenizer,
                  host_rows: Sequence[int] | None = None, shuffle: bool = True,
                  num_steps=None) -> tf.data.Dataset:
   """Per-host batches {input_ids, segment_ids, positions [B, L] (+ MLM targets [B, P])}.
@@ -150,7 +151,7 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   `prepare.load_prepared`, plus any other per-row arrays [N, ...] (token types, labels), which
   are read alongside under their own names; all are copied into memory. Positions are derived
   from the segments unless given. Sentence-pair arrays of `prepare.load_prepared` (they need
-  cfg.sentence_pair "nsp" or "sop") give rows `[CLS] A [SEP] B [SEP]` with token_types [B, L]
+  data_cfg.sentence_pair "nsp" or "sop") give rows `[CLS] A [SEP] B [SEP]` with token_types [B, L]
   and pair_labels [B] (1: negative) instead. Steps run from `start_step`, forever or for
   `num_steps`. For evaluation use shuffle=False, start_step=0 and a fixed num_steps: the same
   rows, masks and negatives every time.
@@ -160,7 +161,7 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   # Prepared pretraining data names its ids "tokens"; every other array keeps its name.
   arrays = {("input_ids" if k == "tokens" else k): v for k, v in arrays.items()}
   # Fine-tuning rows are never pairs, whatever the data config they came with says.
-  pair_rows = objective != "task" and pairs.check_arrays(arrays, cfg.sentence_pair)
+  pair_rows = objective != "task" and pairs.check_arrays(arrays, data_cfg.sentence_pair)
   num_rows = arrays["a_ids" if pair_rows else "input_ids"].shape[0]
   rows = np.arange(global_batch) if host_rows is None else np.asarray(host_rows, np.int64)
   _check_args(objective, global_batch, rows, num_rows, tokenizer)
@@ -186,10 +187,10 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   ds = steps.map(read_step, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   row_fns = []
   if pair_rows:
-    row_fns.append(pairs.row_builder(tables, kind=cfg.sentence_pair, seed=seed,
+    row_fns.append(pairs.row_builder(tables, kind=data_cfg.sentence_pair, seed=seed,
                                      tokenizer=tokenizer))
   if objective == "mlm":
-    row_fns.append(_masker(seed=seed, cfg=cfg, tokenizer=tokenizer))
+    row_fns.append(_masker(seed=seed, data_cfg=data_cfg, tokenizer=tokenizer))
   if not row_fns:
     return ds.map(lambda features, g_B: features).prefetch(tf.data.AUTOTUNE)
 
@@ -202,7 +203,7 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def _masker(*, seed, cfg, tokenizer):
+def _masker(*, seed, data_cfg, tokenizer):
   """(features of one row, g) -> the features with mask_row's inputs and targets."""
   special = np.asarray(tokenizer.special, dtype=bool)
   tables = {"special": tf.constant(special),
@@ -211,7 +212,7 @@ def _masker(*, seed, cfg, tokenizer):
 
   def mask(features, g):
     input_ids, positions, ids, weights = mask_row(
-        features["input_ids"], g, seed=seed, cfg=cfg, mask_id=tokenizer.mask_id, **tables)
+        features["input_ids"], g, seed=seed, data_cfg=data_cfg, mask_id=tokenizer.mask_id, **tables)
     return dict(features, input_ids=input_ids, masked_positions=positions, masked_ids=ids,
                 masked_weights=weights)
 

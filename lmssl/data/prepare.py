@@ -88,11 +88,11 @@ def _cache_key(fingerprint: bytes, seq_len: int, splits: dict[str, list[str]],
   return h.hexdigest()
 
 
-def _own_tokenizer(cfg, workdir: str, train_docs: list[str]) -> tok.Tokenizer:
+def _own_tokenizer(data_cfg, workdir: str, train_docs: list[str]) -> tok.Tokenizer:
   """The sentencepiece tokenizer prepare finds or makes when the caller passes none."""
   # 1. config.data.tokenizer, 2. one trained earlier into the workdir (resume), 3. train one
   # there now.
-  path = cfg.tokenizer
+  path = data_cfg.tokenizer
   if path:
     if files.at(path).is_dir() or os.path.basename(path) == "tokenizer.json":
       raise errors.UserError(
@@ -105,31 +105,32 @@ def _own_tokenizer(cfg, workdir: str, train_docs: list[str]) -> tok.Tokenizer:
     logging.info("Reusing tokenizer %s", path)
     return tok.Tokenizer.load(path)
   logging.info("Training a %s tokenizer (vocab %d) on %d documents into %s",
-               cfg.tokenizer_type, cfg.vocab_size, len(train_docs), path)
-  tok.train(train_docs, path, cfg.vocab_size, cfg.tokenizer_type, cfg.tokenizer_max_sentences)
+               data_cfg.tokenizer_type, data_cfg.vocab_size, len(train_docs), path)
+  tok.train(train_docs, path, data_cfg.vocab_size, data_cfg.tokenizer_type,
+            data_cfg.tokenizer_max_sentences)
   return tok.Tokenizer.load(path)
 
 
-def prepare(cfg: ml_collections.ConfigDict, tokenizer: Optional[tok.AnyTokenizer],
+def prepare(data_cfg: ml_collections.ConfigDict, tokenizer: Optional[tok.AnyTokenizer],
             workdir: str) -> tuple[str, str]:
   """Reads and tokenizes config.data's corpus into rows; returns (tokenizer path, prepared_dir).
 
   The tokenizer is `tokenizer` if given (the caller loaded it, perhaps a HuggingFace one),
-  else the sentencepiece model cfg.tokenizer, else `{workdir}/tokenizer.model` (trained from
-  the training documents when it does not exist yet). With cfg.sentence_pair set the rows are
+  else the sentencepiece model data_cfg.tokenizer, else `{workdir}/tokenizer.model` (trained from
+  the training documents when it does not exist yet). With data_cfg.sentence_pair set the rows are
   sentence pairs, the same for "nsp" and "sop".
   """
-  pairs.check_settings(cfg.sentence_pair, cfg.short_seq_prob, cfg.seq_len)
-  train_docs, val_docs = sources.train_and_val_documents(cfg)
+  pairs.check_settings(data_cfg.sentence_pair, data_cfg.short_seq_prob, data_cfg.seq_len)
+  train_docs, val_docs = sources.train_and_val_documents(data_cfg)
   if tokenizer is None:
-    tokenizer = _own_tokenizer(cfg, workdir, train_docs)
+    tokenizer = _own_tokenizer(data_cfg, workdir, train_docs)
   tokenizer_path = tokenizer.path
   splits = dict(train=train_docs, validation=val_docs)
   layout = ""
-  if cfg.sentence_pair:
-    layout = f"pairs-v{pairs.VERSION}:short_seq_prob={float(cfg.short_seq_prob)!r}:"
-  key = _cache_key(tokenizer.fingerprint, cfg.seq_len, splits, layout)
-  cache_dir = os.path.expanduser(cfg.cache_dir or "~/.cache/lmssl")
+  if data_cfg.sentence_pair:
+    layout = f"pairs-v{pairs.VERSION}:short_seq_prob={float(data_cfg.short_seq_prob)!r}:"
+  key = _cache_key(tokenizer.fingerprint, data_cfg.seq_len, splits, layout)
+  cache_dir = os.path.expanduser(data_cfg.cache_dir or "~/.cache/lmssl")
   prepared_dir = os.path.join(cache_dir, "prepared", key[:16])
   if os.path.isdir(prepared_dir):
     try:
@@ -142,15 +143,16 @@ def prepare(cfg: ml_collections.ConfigDict, tokenizer: Optional[tok.AnyTokenizer
                       e.problem)
       shutil.rmtree(prepared_dir)
   meta = dict(format_version=FORMAT_VERSION, format="pairs" if layout else "packed",
-              seq_len=cfg.seq_len, vocab_size=tokenizer.vocab_size, source=cfg.source,
-              val_source=cfg.val_source,
+              seq_len=data_cfg.seq_len, vocab_size=tokenizer.vocab_size, source=data_cfg.source,
+              val_source=data_cfg.val_source,
               tokenizer_sha256=hashlib.sha256(tokenizer.fingerprint).hexdigest(), splits={})
   if layout:
-    meta["short_seq_prob"] = cfg.short_seq_prob
+    meta["short_seq_prob"] = data_cfg.short_seq_prob
   arrays = {}
   for index, (name, docs) in enumerate(splits.items()):
     # Pair building draws from a generator fixed by the content hash: prepare is deterministic.
-    arrays[name], num_tokens = _build_split(docs, tokenizer, cfg, seed=(int(key[:16], 16), index))
+    arrays[name], num_tokens = _build_split(docs, tokenizer, data_cfg,
+                                            seed=(int(key[:16], 16), index))
     num_examples = len(arrays[name]["doc" if layout else "tokens"])
     meta["splits"][name] = dict(num_documents=len(docs), num_examples=num_examples,
                                 num_tokens=num_tokens)
@@ -164,14 +166,14 @@ def _encode(tokenizer: tok.AnyTokenizer, texts: Sequence[str]) -> list[list[int]
           for i in tokenizer.encode_batch(texts[b:b + _ENCODE_BATCH])]
 
 
-def _build_split(docs: list[str], tokenizer: tok.AnyTokenizer, cfg: ml_collections.ConfigDict,
+def _build_split(docs: list[str], tokenizer: tok.AnyTokenizer, data_cfg: ml_collections.ConfigDict,
                  seed: tuple[int, int]) -> tuple[dict[str, np.ndarray], int]:
-  """One split's arrays in cfg's format, and its number of document tokens."""
-  if not cfg.sentence_pair:
+  """One split's arrays in data_cfg's format, and its number of document tokens."""
+  if not data_cfg.sentence_pair:
     ids = _encode(tokenizer, docs)
-    return pack(ids, cfg.seq_len, tokenizer), int(sum(map(len, ids)))
-  return pairs.prepare_split(docs, functools.partial(_encode, tokenizer), cfg.seq_len,
-                             cfg.short_seq_prob, np.random.default_rng(seed))
+    return pack(ids, data_cfg.seq_len, tokenizer), int(sum(map(len, ids)))
+  return pairs.prepare_split(docs, functools.partial(_encode, tokenizer), data_cfg.seq_len,
+                             data_cfg.short_seq_prob, np.random.default_rng(seed))
 
 
 def _write_atomically(prepared_dir: str, arrays: dict, meta: dict) -> None:

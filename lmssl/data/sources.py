@@ -44,11 +44,11 @@ class DataError(errors.UserError):
   """A data source or prepared file that cannot be used as given."""
 
 
-def read_documents(source: str, cfg: ml_collections.ConfigDict) -> list[str]:
+def read_documents(source: str, data_cfg: ml_collections.ConfigDict) -> list[str]:
   """Returns the non-empty documents of `source`, in a deterministic order."""
   scheme, _, rest = source.partition(":")
   if source == "builtin":
-    docs = builtin_documents(cfg.builtin_max_chars)
+    docs = builtin_documents(data_cfg.builtin_max_chars)
   elif scheme == "text" and rest:
     docs = [d for path in _glob(rest, source) for d in _text_documents(path)]
   elif scheme == "jsonl" and ":" in rest:
@@ -176,11 +176,11 @@ def _hash_fraction(text: str) -> float:
   return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def train_and_val_documents(cfg: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+def train_and_val_documents(data_cfg: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
   """(train, val) documents: `val_source` when set, else a hash hold-out of `source`."""
-  if cfg.val_source:
-    return read_documents(cfg.source, cfg), read_documents(cfg.val_source, cfg)
-  return split_documents(read_documents(cfg.source, cfg), cfg.val_fraction)
+  if data_cfg.val_source:
+    return read_documents(data_cfg.source, data_cfg), read_documents(data_cfg.val_source, data_cfg)
+  return split_documents(read_documents(data_cfg.source, data_cfg), data_cfg.val_fraction)
 
 
 def builtin_documents(max_chars: int) -> list[str]:

@@ -272,6 +272,16 @@ def _update(c: ml_collections.ConfigDict, values: dict, path: str) -> None:
       c[key] = value
 
 
+def to_json(c: ml_collections.ConfigDict) -> str:
+  """A run's config.json: every setting, in the order `base_config` declares them (a frozen
+  config keeps its keys sorted)."""
+  def ordered(values: dict, template: dict) -> dict:
+    return {k: ordered(values[k], template[k]) if isinstance(template[k], dict) else values[k]
+            for k in template}
+  # to_json writes a ConfigDict's keys in the order they were set; to_dict sorts them.
+  return json.dumps(ordered(c.to_dict(), json.loads(base_config().to_json())), indent=2)
+
+
 def source_changes(source: ml_collections.ConfigDict, source_workdir: str) -> dict:
   """The architecture, objective and tokenizer of the run whose parameters a run starts from,
   as changes for `resolved`; the run keeps its own runtime fields (dtypes, remat, dropout),

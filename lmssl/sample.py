@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmssl import attention
+from lmssl import config as config_lib
 from lmssl import heads
 from lmssl import model as model_lib
 
@@ -56,10 +57,8 @@ class _Encoder(nn.Module):
 
 def _inference_config(model_cfg):
   """The frozen module config, minus training-only choices that do not touch the parameters."""
-  m = model_cfg.copy_and_resolve_references()
   # Rematerialization only saves memory for a backward pass.
-  m.remat = "none"
-  return model_lib.module_config(m)
+  return model_lib.module_config(config_lib.resolved(model_cfg, {"remat": "none"}))
 
 
 def _check(ok: bool, message: str) -> None:

@@ -119,7 +119,7 @@ class _Settings:
   def saved(self, result=None):
     """Call after each checkpoint is saved (passes `result` through)."""
     if self.pending and jax.process_index() == 0:
-      files.write_atomically(self.path, self.cfg.to_json(indent=2))
+      files.write_atomically(self.path, config_lib.to_json(self.cfg))
     self.pending = False
     return result
 

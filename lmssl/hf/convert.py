@@ -85,7 +85,7 @@ def from_hf(hf_dir: str, workdir: str) -> dict:
     checkpoint.wait(mngr)
     mngr.close()
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-      f.write(cfg.to_json(indent=2))
+      f.write(config_lib.to_json(cfg))
     _publish(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

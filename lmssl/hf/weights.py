@@ -343,6 +343,7 @@ def source_config(hf_dir: str) -> ml_collections.ConfigDict:
   """The lmssl config of a HF folder, from its config.json and the names of its tensors (no
   tensor is read): what a warm start from it adopts before it validates."""
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
+  _extra("torch")  # which reads the weights later: without it the run stops here, at its start
   hf_config = read_config(hf_dir)
   names = [n for shard in _weight_files(hf_dir) for n in _tensor_names(shard)]
   return _lmssl_config(hf_dir, hf_config, names)[0]

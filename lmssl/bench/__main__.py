@@ -136,16 +136,16 @@ def run(args) -> list[dict]:
                peak_flops_per_s=peak, peak_source=source)])
   step_tokens = None
   if not args.no_step:
-    report(step.step_rows(cfg.copy_and_resolve_references(), args, peak, source))
+    report(step.step_rows(cfg, args, peak, source))
     step_tokens = next(r["tokens_per_s"] for r in rows
                        if r["measurement"] == "train_step" and r["impl"] == "lmssl")
   if args.pipeline:
-    report([parts.pipeline_row(cfg.copy_and_resolve_references(), args, step_tokens)])
+    report([parts.pipeline_row(cfg, args, step_tokens)])
   if args.compile_layers:
-    report(parts.compile_rows(cfg.copy_and_resolve_references(),
+    report(parts.compile_rows(cfg,
                               [int(n) for n in args.compile_layers.split(",")]))
   if args.remat_budget_gib:
-    report(parts.remat_rows(cfg.copy_and_resolve_references(), args.remat_budget_gib,
+    report(parts.remat_rows(cfg, args.remat_budget_gib,
                             args.remat_policies.split(",")))
   return rows
 

@@ -10,6 +10,7 @@ import time
 import flax.linen as nn
 import jax
 
+from lmssl import config as config_lib
 from lmssl import sharding
 from lmssl import steps
 
@@ -52,10 +53,9 @@ def pipeline_row(cfg, args, step_tokens_per_s: float | None) -> dict:
   from lmssl.data import pipeline
   from lmssl.data import prepare
   from lmssl.hf import tokenizer as tokenizer_lib
-  cfg.data.source = args.data_source
-  cfg.data.tokenizer = args.tokenizer
   workdir = args.workdir or os.path.join(os.path.expanduser("~/.cache/lmssl"), "bench")
-  cfg.data.cache_dir = workdir
+  cfg = config_lib.resolved(cfg, {"data.source": args.data_source,
+                                  "data.tokenizer": args.tokenizer, "data.cache_dir": workdir})
   given = tokenizer_lib.load(args.tokenizer) if args.tokenizer else None
   tokenizer_path, prepared_dir = prepare.prepare(cfg.data, given, workdir)
   tok = tokenizer_lib.load(tokenizer_path)
@@ -82,12 +82,10 @@ def pipeline_row(cfg, args, step_tokens_per_s: float | None) -> dict:
 def compile_rows(cfg, layers: list[int]) -> list[dict]:
   """Trace + lower + compile seconds of the train step at each depth, and each against the
   first; after one untimed compile, so that none pays the process's first-compile costs."""
-  cfg.model.num_layers = layers[0]
-  compile_step(cfg, mesh_for(cfg))
+  compile_step(config_lib.resolved(cfg, {"model.num_layers": layers[0]}), mesh_for(cfg))
   rows = []
   for n in layers:
-    cfg.model.num_layers = n
-    _, seconds = compile_step(cfg, mesh_for(cfg))
+    _, seconds = compile_step(config_lib.resolved(cfg, {"model.num_layers": n}), mesh_for(cfg))
     rows.append(dict(measurement="compile", impl="lmssl", task=cfg.objective,
                      batch=cfg.train.batch_size, seq=cfg.data.seq_len, layers=n,
                      remat=cfg.model.remat, compile_s=seconds,
@@ -127,9 +125,9 @@ def remat_rows(cfg, budget_gib: float, policies: list[str]) -> list[dict]:
   shards = sharding.batch_shards(mesh)
   rows = []
   for policy in policies:
-    cfg.model.remat = policy
-    memory = functools.cache(lambda k: step_memory(compile_step(_batch_of(cfg, k * shards),
-                                                                mesh)[0]))
+    memory = functools.cache(lambda k, policy=policy: step_memory(compile_step(
+        config_lib.resolved(cfg, {"model.remat": policy, "train.batch_size": k * shards,
+                                  "eval.batch_size": k * shards}), mesh)[0]))
     batch = largest_batch(memory, budget, max(cfg.train.batch_size // shards, 1)) * shards
     rows.append(dict(measurement="max_batch", impl="lmssl", task=cfg.objective, batch=batch,
                      seq=cfg.data.seq_len, layers=cfg.model.num_layers, remat=policy,
@@ -137,9 +135,3 @@ def remat_rows(cfg, budget_gib: float, policies: list[str]) -> list[dict]:
                      vs_first=(batch / rows[0]["batch"] if rows[0]["batch"] else None)
                      if rows else 1.0))
   return rows
-
-
-def _batch_of(cfg, rows: int):
-  cfg = cfg.copy_and_resolve_references()
-  cfg.train.batch_size = cfg.eval.batch_size = rows
-  return cfg

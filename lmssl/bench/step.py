@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmssl import attention
+from lmssl import config as config_lib
 from lmssl import errors
 from lmssl import metrics
 from lmssl import sharding
@@ -43,7 +44,7 @@ def bench_config(task: str, *, size="mini", layers=0, vocab=32000, batch=0, seq=
   m.max_len = max(m.max_len, c.data.seq_len)
   c.data.max_predictions = math.ceil(c.data.mask_rate * c.data.seq_len)
   c.eval.batch_size = c.train.batch_size
-  return c
+  return config_lib.resolved(c)  # read from here on, as a run reads its own
 
 
 def synthetic_batches(cfg, count: int, seed: int = 0, packed: bool = False) -> list[dict]:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmssl import attention
+from lmssl import config as config_lib
 from lmssl.bench import parts
 from lmssl.bench import step
 
@@ -131,20 +132,18 @@ def model_configs(scale: str):
 def train_rows(cfg, args, peak: float, peak_source: str, with_xla: bool) -> list[dict]:
   """lmssl beside the peer; `with_xla` adds lmssl with XLA attention too, where the
   platform's own differs."""
-  rows = step.step_rows(cfg.copy_and_resolve_references(), args, peak, peak_source,
-                        packed=True)
+  rows = step.step_rows(cfg, args, peak, peak_source, packed=True)
   own = attention.resolve(cfg.model.attention, dtype=cfg.model.dtype)
   if with_xla and own != "xla":
-    cfg = cfg.copy_and_resolve_references()
-    cfg.model.attention = "xla"
     no_peer = argparse.Namespace(**{**vars(args), "peer": ""})
-    rows += step.step_rows(cfg, no_peer, peak, peak_source, packed=True)
+    rows += step.step_rows(config_lib.resolved(cfg, {"model.attention": "xla"}), no_peer, peak,
+                           peak_source, packed=True)
   return rows
 
 
 def remat_rows(scale: str) -> list[dict]:
-  cfg = dict(model_configs(scale))[REMAT["model"]].copy_and_resolve_references()
-  rows = parts.remat_rows(cfg, REMAT["budget_gib"][scale], list(REMAT["policies"]))
+  rows = parts.remat_rows(dict(model_configs(scale))[REMAT["model"]],
+                          REMAT["budget_gib"][scale], list(REMAT["policies"]))
   for row in rows:
     row["model"] = REMAT["model"]
   return rows
@@ -199,8 +198,9 @@ def run(args, report) -> list[dict]:
       keep([dict(row, model=name) for row in rows])
     if not attempt(f"train_step {name}", measure) and attention.resolve(
         "auto", dtype=cfg.model.dtype) != "xla":
-      cfg.model.attention = "xla"
-      attempt(f"train_step {name} with xla attention", measure)
+      attempt(f"train_step {name} with xla attention",
+              lambda name=name, cfg=cfg: measure(name, config_lib.resolved(
+                  cfg, {"model.attention": "xla"})))
   attempt("max_batch", lambda: keep(remat_rows(scale)))
   print(f"lmssl.bench: wrote {args.out}", flush=True)
   return document["rows"]

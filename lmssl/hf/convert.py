@@ -75,7 +75,7 @@ def from_hf(hf_dir: str, workdir: str) -> dict:
     cfg, params, notes = converted.config, converted.params, converted.notes
     if cfg.data.tokenizer:
       _copy_tokenizer(cfg.data.tokenizer, os.path.join(tmp, "tokenizer"))
-      cfg.data.tokenizer = os.path.join(final, "tokenizer")
+      cfg = config_lib.resolved(cfg, {"data.tokenizer": os.path.join(final, "tokenizer")})
     else:
       notes.append(f"{hf_dir} has no tokenizer files: set --config.data.tokenizer when using "
                    "this run")

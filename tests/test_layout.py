@@ -12,9 +12,10 @@ LAYERS = [
     # Leaves: no lmssl imports.
     {"errors", "files", "losses", "lora", "optimizer", "scores", "bench/hf_peer"},
     # Services a run uses, and the data package (TensorFlow lives here).
-    {"sharding", "distributed", "preemption", "checkpoint", "metrics", "workdir_lock", "data"},
+    {"sharding", "distributed", "preemption", "checkpoint_faults", "metrics", "workdir_lock",
+     "data"},
     # Attention kernels; tokenizer loading by path (lmssl's own or a HuggingFace folder).
-    {"attention", "hf/tokenizer"},
+    {"attention", "checkpoint", "hf/tokenizer"},
     {"model"},
     # The config, validated against the model's and optimizer's own tables; the heads.
     {"config", "heads"},

@@ -262,12 +262,12 @@ def test_checkpoints_being_a_file_ends_the_run_at_once_saying_so(runs):
     (KeyError("state"), None),
 ])
 def test_refused_writes_are_recognised_by_type_and_by_message_and_nothing_else(error, expected):
-  from lmssl import checkpoint
-  assert checkpoint._refused(error) == expected
+  from lmssl import checkpoint_faults
+  assert checkpoint_faults.refused(error) == expected
   try:  # also as the cause of what Orbax raises in turn
     try:
       raise error
     except Exception as cause:
       raise RuntimeError("Checkpointer failed") from cause
   except RuntimeError as wrapped:
-    assert checkpoint._refused(wrapped) == expected
+    assert checkpoint_faults.refused(wrapped) == expected

@@ -27,6 +27,7 @@ from lmssl import preemption
 from lmssl import sharding
 from lmssl import steps
 from lmssl import workdir_lock
+from lmssl.hf import folder as hf_folder
 from lmssl.hf import tokenizer as tokenizer_lib
 from lmssl.hf import weights as hf
 
@@ -65,10 +66,10 @@ def _from_hf(path: str, read):
   hf_dir = path[len("hf:"):]
   try:
     return read(hf_dir)
-  except hf.MissingExtra as e:
+  except hf_folder.MissingExtra as e:
     raise errors.UserError(
         f"init.params_from={path} reads HuggingFace weights, which needs the `hf` extra: "
-        f"{e.missing}; install it with {hf.INSTALL_EXTRA}, or convert the folder where it is "
+        f"{e.missing}; install it with {hf_folder.INSTALL_EXTRA}, or convert the folder where it is "
         f"installed (python -m lmssl.convert from-hf --hf_dir {hf_dir} --workdir RUN) and set "
         "init.params_from=RUN") from e
 

@@ -22,6 +22,7 @@ from lmssl import inference
 from lmssl import sample
 from lmssl import train
 from lmssl.hf import convert
+from lmssl.hf import folder
 from lmssl.hf import tokenizer as tokenizer_lib
 from lmssl.hf import weights
 
@@ -140,7 +141,7 @@ def test_round_trip_reproduces_every_tensor(hf_dirs, tmp_path, name):
     if original_config.get(key) is not None:
       assert exported_config[key] == original_config[key], key
   if name in ("bert", "gpt2"):
-    assert sorted(out["tokenizer"]) == sorted(weights.tokenizer_files(hf_dirs[name]))
+    assert sorted(out["tokenizer"]) == sorted(folder.tokenizer_files(hf_dirs[name]))
 
 
 def test_greedy_generation_matches_transformers(hf_dirs, tmp_path):
@@ -198,14 +199,14 @@ def test_hf_warm_start_resolves_the_config_reading_no_tensor(hf_dirs, tmp_path, 
   """A warm start adopts the folder's architecture from config.json and the tensor names; the
   weights are read only once the run is valid (phase 4)."""
   if name == "bert.bin":  # the same model as a pickled pytorch_model.bin
-    folder = shutil.copytree(hf_dirs["bert"], tmp_path / "bert")
-    tensors = {n: torch.from_numpy(t) for n, t in weights.read_dir(folder)[1].items()}
-    torch.save(tensors, folder / "pytorch_model.bin")
-    (folder / "model.safetensors").unlink()
-    hf_dirs = {name: str(folder)}
+    pickled = shutil.copytree(hf_dirs["bert"], tmp_path / "bert")
+    tensors = {n: torch.from_numpy(t) for n, t in folder.read_dir(pickled)[1].items()}
+    torch.save(tensors, pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    hf_dirs = {name: str(pickled)}
   def refuse(path):
     raise AssertionError(f"{path} was read while resolving the config")
-  monkeypatch.setattr(weights, "_read_shard", refuse)
+  monkeypatch.setattr(folder, "_read_shard", refuse)
   cfg = load_config("cls_finetune", "smoke")
   cfg.init.params_from = f"hf:{hf_dirs[name]}"
   resolved, source = train._resolve_start(cfg)

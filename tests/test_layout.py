@@ -20,7 +20,8 @@ LAYERS = [
     # The config, validated against the model's and optimizer's own tables; the heads.
     {"config", "heads"},
     {"configs", "hf/families", "steps", "sample"},
-    # HuggingFace weights in and out.
+    # HuggingFace folders read and written; their weights mapped in and out.
+    {"hf/folder"},
     {"hf/weights"},
     # A run's pieces: its data on a mesh, its trained parameters read back.
     {"datasets", "inference"},

@@ -30,6 +30,7 @@ from lmssl import inference
 from lmssl import metrics
 from lmssl import model as model_lib
 from lmssl.hf import families
+from lmssl.hf import folder
 from lmssl.hf import tokenizer as tokenizer_lib
 from lmssl.hf import weights
 
@@ -59,7 +60,7 @@ def _publish(tmp: str, path: str) -> None:
 
 
 def _copy_tokenizer(source_dir: str, target_dir: str) -> list[str]:
-  names = weights.tokenizer_files(source_dir)
+  names = folder.tokenizer_files(source_dir)
   os.makedirs(target_dir, exist_ok=True)
   for name in names:
     shutil.copyfile(os.path.join(source_dir, name), os.path.join(target_dir, name))
@@ -134,7 +135,7 @@ def to_hf(workdir: str, hf_dir: str, best: bool = False) -> dict:
   hf_config = families.hf_config_for(cfg, architecture, _special_ids(family, tok))
   tmp = _fresh_output(hf_dir, "--hf_dir")
   try:
-    weights.write_dir(tmp, hf_config, tensors)
+    folder.write_dir(tmp, hf_config, tensors)
     tokenizer = _export_tokenizer(tok, tokenizer_path, tmp, family)
     _publish(tmp, hf_dir)
   except BaseException:
@@ -156,7 +157,7 @@ def _export_tokenizer(tok, path: str, hf_dir: str, family: families.Family) -> l
   except errors.UserError as e:  # a sentencepiece BPE model: hand over the model itself
     shutil.copyfile(path, os.path.join(hf_dir, "tokenizer.model"))
     return [f"tokenizer.model (sentencepiece, not converted: {e})"]
-  return weights.tokenizer_files(hf_dir)
+  return folder.tokenizer_files(hf_dir)
 
 
 def _inputs(cfg, tok, texts, family):

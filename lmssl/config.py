@@ -1,20 +1,17 @@
-"""Every knob of an lmssl run, declared once, plus the size table and validation.
+"""Every knob of an lmssl run, declared once, the size table and variants, and a run's config
+resolved (frozen), written and read back. Its checks are `validation.py`'s.
 
 Config files in `configs/` start from `base_config()` and set objective-specific defaults;
 `--config.x.y=v` overrides any of these on the command line.
 """
 
 import json
-import math
 import os
 
 import ml_collections
 
-from lmssl import attention
 from lmssl import errors
 from lmssl import files
-from lmssl import model as model_lib
-from lmssl import optimizer
 
 # name: (num_layers, d_model, num_heads, mlp_dim). base/large are BERT-base/large shaped,
 # which is also GPT-2 small/medium (12x768x12, 24x1024x16).
@@ -321,111 +318,6 @@ def run_changes(saved: ml_collections.ConfigDict, c: ml_collections.ConfigDict,
 def tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
   """The tokenizer a run in `workdir` used: the configured one, else the one it trained there."""
   return c.data.tokenizer or os.path.join(workdir, "tokenizer.model")
-
-
-def _check(ok: bool, message: str) -> None:
-  if not ok:
-    raise errors.UserError(message)
-
-
-def _one_of(value, name: str, known) -> None:
-  _check(value in known, f"{name}={value!r} is not known; use one of {list(known)}")
-
-
-def _shortest_row(c: ml_collections.ConfigDict) -> tuple[int, str]:
-  """The fewest positions a row needs to hold one target, and what that row is."""
-  if c.data.sentence_pair:
-    return 5, "a sentence pair ([CLS] A [SEP] B [SEP])"
-  if c.task.kind:
-    return 3, "a fine-tuning row ([CLS] text [SEP])"
-  if c.objective == "mlm":
-    return 3, "a masked-LM row ([CLS] token [SEP])"
-  return 2, "a causal-LM row (a token and its next)"
-
-
-def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int = 1) -> None:
-  """Fails at start, naming the fix, on values that would otherwise fail deep inside a run."""
-  m, d, t = c.model, c.data, c.train
-  _one_of(c.objective, "objective", OBJECTIVES)
-  _one_of(t.nonfinite, "train.nonfinite", ("stop", "skip"))
-  _one_of(m.norm, "model.norm", model_lib.NORMS)
-  _one_of(m.gelu, "model.gelu", tuple(model_lib.GELU_APPROXIMATE))
-  _one_of(m.position, "model.position", model_lib.POSITIONS)
-  _one_of(m.remat, "model.remat", tuple(model_lib.REMAT_POLICIES))
-  _one_of(m.attention, "model.attention", attention.IMPLEMENTATIONS)
-  _one_of(m.dtype, "model.dtype", DTYPES)
-  _one_of(m.param_dtype, "model.param_dtype", DTYPES)
-  attention.resolve(m.attention, dtype=m.dtype)  # a kernel these devices or dtype cannot run
-  _check(m.max_segments >= 1, f"model.max_segments={m.max_segments} must be at least 1; it "
-         "bounds the documents per packed row for cuDNN attention (default 64)")
-  _one_of(t.schedule, "train.schedule", tuple(optimizer.SCHEDULES))
-  # Both schedules warm up to train.lr and decay from it: lr 0 never moves a parameter,
-  # a negative one climbs the loss, and NaN/Inf poison the first update.
-  _check(isinstance(t.lr, (int, float)) and math.isfinite(t.lr) and t.lr > 0,
-         f"train.lr={t.lr} must be a finite number above 0 (the peak learning rate that "
-         "warmup reaches); use e.g. 1e-4")
-  _one_of(d.sentence_pair, "data.sentence_pair", ("", "nsp", "sop"))
-  _one_of(c.task.kind, "task.kind", ("", "classification", "regression", "tokens"))
-  _check(not (c.task.kind and d.sentence_pair),
-         "data.sentence_pair is a pretraining objective; leave it empty when fine-tuning")
-  _check(not d.sentence_pair or c.objective == "mlm",
-         f"data.sentence_pair={d.sentence_pair!r} needs objective 'mlm' (it adds to the MLM loss)")
-  min_len, row = _shortest_row(c)
-  _check(d.seq_len >= min_len,
-         f"data.seq_len={d.seq_len} is too short: {row} needs at least "
-         f"{min_len} positions; use a longer seq_len (128 is typical)")
-  _check(0 <= t.loss_chunks <= d.seq_len,
-         f"train.loss_chunks={t.loss_chunks} must be 0 (all logits at once) or a number of "
-         f"pieces of the sequence, at most data.seq_len={d.seq_len}")
-  _check(not c.task.kind or (c.task.train_source and c.task.eval_source),
-         "fine-tuning needs --config.task.train_source and --config.task.eval_source "
-         "(tsv:PATH, csv:PATH, jsonl:PATH, tfds:NAME:SPLIT or conll:PATH)")
-  _check(0 <= d.short_seq_prob <= 1, f"data.short_seq_prob={d.short_seq_prob} must be in [0, 1]")
-  _check(c.lora.rank >= 0, f"lora.rank={c.lora.rank} must be 0 (off) or positive")
-  if c.lora.rank:
-    targets = [x.strip() for x in c.lora.targets.split(",")]
-    _check(bool(targets) and all(x in model_lib.PROJECTIONS for x in targets),
-           f"lora.targets={c.lora.targets!r} must name projections among "
-           f"{list(model_lib.PROJECTIONS)}")
-    _check(bool(c.task.kind), "LoRA is for fine-tuning: set task.kind, or lora.rank=0 to "
-           "pretrain every parameter")
-  _check(m.d_model % m.num_heads == 0,
-         f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
-         "choose heads that divide d_model")
-  _check(m.position != "rope" or (m.d_model // m.num_heads) % 2 == 0,
-         "rope needs an even head dimension (d_model / num_heads)")
-  _check(m.position != "learned" or d.seq_len <= m.max_len,
-         f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len} learned positions; "
-         f"raise --config.model.max_len to at least {d.seq_len}")
-  _check(d.vocab_size >= 100 or d.tokenizer,
-         f"data.vocab_size={d.vocab_size} is too small: 5 ids are reserved "
-         "(pad, unk, cls/bos, sep/eos, mask); use at least 100")
-  # mask_rate 1 is allowed: every candidate piece, up to max_predictions, is predicted.
-  _check(0 < d.mask_rate <= 1 and min(d.mask_token_frac, d.random_token_frac) >= 0 and
-         d.mask_token_frac + d.random_token_frac <= 1,
-         f"masking rates mask_rate={d.mask_rate}, mask_token_frac={d.mask_token_frac}, "
-         f"random_token_frac={d.random_token_frac}: need 0 < mask_rate <= 1 and the two "
-         "fractions non-negative, summing to at most 1 (BERT: 0.15, 0.8, 0.1)")
-  _check(c.objective != "mlm" or c.task.kind or 0 < d.max_predictions <= d.seq_len,
-         f"data.max_predictions={d.max_predictions} must be in [1, seq_len={d.seq_len}]")
-  _check(t.steps > 0 and t.log_every > 0 and c.eval.every_steps > 0 and c.eval.steps > 0,
-         "train.steps, train.log_every, eval.every_steps and eval.steps must be positive")
-  _check(c.checkpoint.every_steps > 0 and c.checkpoint.keep > 0,
-         "checkpoint.every_steps and checkpoint.keep must be positive")
-  _check(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be at least 1 "
-         "(1: no gradient accumulation)")
-  shards = max(batch_shards, process_count)
-  for name, batch in (("train.batch_size", t.batch_size), ("eval.batch_size", c.eval.batch_size)):
-    _check(batch >= 1, f"{name}={batch} must be at least 1 (sequences per step, over all "
-           f"devices); use a multiple of {shards}")
-    _check(batch % shards == 0,
-           f"{name}={batch} is not divisible by {shards} data shards (mesh data x fsdp, "
-           f"and {process_count} processes); use a multiple of {shards}")
-  _check(t.microbatches > 0 and (t.batch_size // t.microbatches) % batch_shards == 0
-         and t.batch_size % t.microbatches == 0,
-         f"train.batch_size={t.batch_size} must split into train.microbatches="
-         f"{t.microbatches} microbatches each divisible by {batch_shards} data shards; use a "
-         f"batch size that is a multiple of {t.microbatches * batch_shards}")
 
 
 def apply_run(c: ml_collections.ConfigDict, steps: int, batch: int, seq_len: int,

@@ -48,7 +48,7 @@ def layer_norm(cfg, name):
       bias_init=logical_init(("norm",), nn.initializers.zeros))
 
 
-# The choices of model.norm, model.position and model.gelu (config.validate reads these).
+# The choices of model.norm, model.position and model.gelu (validation.py reads these).
 NORMS = ("post", "pre")  # LayerNorm after each residual add (BERT) or before each sublayer
 POSITIONS = ("learned", "rope")
 GELU_APPROXIMATE = {"erf": False, "tanh": True}

@@ -26,6 +26,7 @@ from lmssl import optimizer as optimizer_lib
 from lmssl import preemption
 from lmssl import sharding
 from lmssl import steps
+from lmssl import validation
 from lmssl import workdir_lock
 from lmssl.hf import folder as hf_folder
 from lmssl.hf import tokenizer as tokenizer_lib
@@ -169,7 +170,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   checkpoint.ignore_sigxfsz()  # a file over `ulimit -f` is a refused write, reported as one
   cfg, init = _resolve_start(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
-  config_lib.validate(cfg, batch_shards=sharding.batch_shards(mesh),
+  validation.validate(cfg, batch_shards=sharding.batch_shards(mesh),
                       process_count=jax.process_count())
   best_key = evaluate_lib.main_metric(cfg) if cfg.task.kind else None
   # One run per workdir: process 0 holds its lock (workdir_lock.py) from before the settings

@@ -11,11 +11,11 @@ import pytest
 
 from conftest import load_config
 from lmssl import attention
-from lmssl import config as config_lib
 from lmssl import errors
 from lmssl import model as model_lib
 from lmssl import sample
 from lmssl import sharding
+from lmssl import validation
 
 
 def _row(*lengths, pad=0):
@@ -204,10 +204,10 @@ def test_unknown_kernel_lists_the_known_ones():
 ])
 def test_config_refuses_bad_attention_settings(field, value, message):
   cfg = load_config("clm_base", "size=tiny")
-  config_lib.validate(cfg, batch_shards=8)  # valid as it comes
+  validation.validate(cfg, batch_shards=8)  # valid as it comes
   setattr(cfg.model, field, value)
   with pytest.raises(errors.UserError, match=message):
-    config_lib.validate(cfg, batch_shards=8)
+    validation.validate(cfg, batch_shards=8)
 
 
 def test_segment_layout_by_hand():

@@ -9,6 +9,7 @@ from lmssl import config as config_lib
 from lmssl import model as model_lib
 from lmssl import optimizer
 from lmssl import sharding
+from lmssl import validation
 
 
 @pytest.mark.parametrize("name", ["mlm_base", "clm_base"])
@@ -17,7 +18,7 @@ def test_every_size_variant_is_valid(name, size):
   cfg = load_config(name, f"size={size}")
   assert (cfg.model.num_layers, cfg.model.d_model, cfg.model.num_heads,
           cfg.model.mlp_dim) == config_lib.SIZES[size]
-  config_lib.validate(cfg, batch_shards=8)
+  validation.validate(cfg, batch_shards=8)
 
 
 def test_base_sizes_are_bert_and_gpt2_shaped():
@@ -87,7 +88,7 @@ def test_invalid_values_fail_with_the_fix(change, message):
   cfg = load_config("mlm_base", "size=tiny")
   change(cfg)
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(cfg, batch_shards=8)
+    validation.validate(cfg, batch_shards=8)
 
 
 _LR = ("must be a finite number above 0 (the peak learning rate that warmup reaches); use "
@@ -127,7 +128,7 @@ def test_settings_that_cannot_train_are_refused_with_the_rule(name, key, value, 
   section, field = key.split(".")
   cfg[section][field] = value
   with pytest.raises(ValueError) as e:
-    config_lib.validate(cfg, batch_shards=8)
+    validation.validate(cfg, batch_shards=8)
   assert str(e.value) == message
 
 
@@ -135,38 +136,38 @@ def test_sentence_pairs_need_five_positions_and_the_shortest_rows_are_accepted()
   pair = load_config("mlm_base", "size=tiny")
   pair.data.sentence_pair, pair.data.seq_len, pair.data.max_predictions = "nsp", 4, 1
   with pytest.raises(ValueError) as e:
-    config_lib.validate(pair, batch_shards=8)
+    validation.validate(pair, batch_shards=8)
   assert str(e.value) == "data.seq_len=4 " + _SHORT.format(
       "a sentence pair ([CLS] A [SEP] B [SEP])", 5)
   pair.data.seq_len = 5
-  config_lib.validate(pair, batch_shards=8)
+  validation.validate(pair, batch_shards=8)
   mlm = load_config("mlm_base", "size=tiny")
   mlm.data.seq_len, mlm.data.max_predictions = 3, 1
-  config_lib.validate(mlm, batch_shards=8)
+  validation.validate(mlm, batch_shards=8)
   clm = load_config("clm_base", "size=tiny")
   clm.data.seq_len = 2  # max_predictions (an MLM setting) does not bound a CLM row
-  config_lib.validate(clm, batch_shards=8)
+  validation.validate(clm, batch_shards=8)
   for dtype in config_lib.DTYPES:
     clm.model.dtype = clm.model.param_dtype = dtype
-    config_lib.validate(clm, batch_shards=8)
+    validation.validate(clm, batch_shards=8)
 
 
 def test_allowed_values_are_the_tables_the_code_dispatches_on(monkeypatch):
   cfg = load_config("clm_base", "size=tiny")
   cfg.train.schedule, cfg.model.remat = "constant", "offload"
   with pytest.raises(ValueError, match="model.remat='offload' is not known"):
-    config_lib.validate(cfg, batch_shards=8)
+    validation.validate(cfg, batch_shards=8)
   monkeypatch.setitem(model_lib.REMAT_POLICIES, "offload", None)
   with pytest.raises(ValueError, match="train.schedule='constant' is not known"):
-    config_lib.validate(cfg, batch_shards=8)
+    validation.validate(cfg, batch_shards=8)
   monkeypatch.setitem(optimizer.SCHEDULES, "constant", lambda t, steps: lambda step: t.lr)
-  config_lib.validate(cfg, batch_shards=8)  # known once the code can run them
+  validation.validate(cfg, batch_shards=8)  # known once the code can run them
 
 
 def test_mask_rate_one_is_valid_as_the_pipeline_takes_it():
   cfg = load_config("mlm_base", "size=tiny")
   cfg.data.mask_rate = 1.0
-  config_lib.validate(cfg, batch_shards=8)  # tests/test_data.py masks every candidate with it
+  validation.validate(cfg, batch_shards=8)  # tests/test_data.py masks every candidate with it
 
 
 def test_mesh_takes_the_rest_and_refuses_what_does_not_divide():

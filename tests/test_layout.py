@@ -17,9 +17,9 @@ LAYERS = [
     # Attention kernels; tokenizer loading by path (lmssl's own or a HuggingFace folder).
     {"attention", "checkpoint", "hf/tokenizer"},
     {"model"},
-    # The config, validated against the model's and optimizer's own tables; the heads.
     {"config", "heads"},
-    {"configs", "hf/families", "steps", "sample"},
+    # Validation, against the model's and optimizer's own tables.
+    {"validation", "configs", "hf/families", "steps", "sample"},
     # HuggingFace folders read and written; their weights mapped in and out.
     {"hf/folder"},
     {"hf/weights"},

@@ -41,7 +41,7 @@ def _check_args(objective, global_batch, rows, num_rows, tokenizer):
                            f"global batch of {global_batch}; take them from sharding.host_rows")
   if num_rows == 0:
     raise errors.UserError("the prepared split has no rows; use a larger corpus")
-  # The masking rates are the config's, checked by config.validate; the tokenizer is checked
+  # The masking rates are the config's, checked by validation.validate; the tokenizer is checked
   # here, the first place that has it.
   if objective == "mlm":
     if tokenizer.mask_id is None:

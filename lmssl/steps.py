@@ -67,9 +67,11 @@ def abstract_state(cfg, mesh):
   return _with_shardings(jax.eval_shape(state_init(cfg), jax.random.key(cfg.seed)), mesh)
 
 
-def create_state(cfg, mesh):
-  """(the initial train state, born sharded; its shardings)."""
-  shardings = jax.tree.map(lambda x: x.sharding, abstract_state(cfg, mesh))
+def create_state(cfg, mesh, abstract=None):
+  """(the initial train state, born sharded; its shardings). `abstract`: its `abstract_state`,
+  when the caller has it already (tracing the init for it again costs start-up time)."""
+  abstract = abstract_state(cfg, mesh) if abstract is None else abstract
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
   init = state_init(cfg)
   state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(
       jax.random.key(cfg.seed))

@@ -151,7 +151,7 @@ def _restore(ckpt, abstract, init, cfg, mesh, workdir: str, meta: dict, tok):
     state, _ = restored
     metrics_lib.log(f"resumed from step {int(state.step)} in {ckpt.directory}")
     return state
-  state, _ = steps.create_state(cfg, mesh)
+  state, _ = steps.create_state(cfg, mesh, abstract)
   if init is not None:
     state = _warm_start(state, init)
     metrics_lib.log(f"parameters from {init}")

@@ -67,10 +67,15 @@ def _model_section() -> ml_collections.ConfigDict:
 
 def _data_section() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
-  d.source = "builtin"  # builtin | text:GLOB | jsonl:GLOB:FIELD | tfds:NAME[/CONFIG]:SPLIT:FEATURE
+  # builtin | text:GLOB | jsonl:GLOB:FIELD | parquet:GLOB:COLUMN | tfds:NAME[/CONFIG]:SPLIT:FEATURE
+  # (text and JSONL files may be .gz or .zst): lmssl/data/sources.py
+  d.source = "builtin"
   d.val_source = ""  # same forms; empty: hold out val_fraction of `source` by document hash
   d.val_fraction = 0.05
   d.builtin_max_chars = 6_000_000  # cap on the built-in docstring corpus
+  # An uncompressed text or JSONL file larger than this is read as byte ranges of about this
+  # size (parquet: runs of row groups), so workers share a big file and memory stays bounded.
+  d.shard_bytes = 64 * 2**20
   d.tokenizer = ""  # a sentencepiece .model to use as is; empty: train one into the workdir
   d.vocab_size = 8000  # for a trained tokenizer
   d.tokenizer_type = "unigram"  # sentencepiece model type: unigram | bpe

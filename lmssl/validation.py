@@ -123,12 +123,15 @@ def _shapes(c: ml_collections.ConfigDict) -> None:
 
 def _run_lengths_and_batches(c: ml_collections.ConfigDict, batch_shards: int,
                              process_count: int) -> None:
-  """Positive run lengths and intervals; batches that split over the data shards."""
+  """Positive run lengths, intervals and input pieces; batches that split over the data
+  shards."""
   t = c.train
   _check(t.steps > 0 and t.log_every > 0 and c.eval.every_steps > 0 and c.eval.steps > 0,
          "train.steps, train.log_every, eval.every_steps and eval.steps must be positive")
   _check(c.checkpoint.every_steps > 0 and c.checkpoint.keep > 0,
          "checkpoint.every_steps and checkpoint.keep must be positive")
+  _check(c.data.shard_bytes >= 1, f"data.shard_bytes={c.data.shard_bytes} must be at least 1 "
+         "(the size of the pieces a big input file is read in; default 67108864, 64 MiB)")
   _check(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be at least 1 "
          "(1: no gradient accumulation)")
   shards = max(batch_shards, process_count)

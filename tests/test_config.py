@@ -110,6 +110,8 @@ _SHORT = "is too short: {} needs at least {} positions; use a longer seq_len (12
      "step, over all devices); use a multiple of 8"),
     ("mlm_base", "train.microbatches", 0, "train.microbatches=0 must be at least 1 (1: no "
      "gradient accumulation)"),
+    ("mlm_base", "data.shard_bytes", 0, "data.shard_bytes=0 must be at least 1 (the size of the "
+     "pieces a big input file is read in; default 67108864, 64 MiB)"),
     ("mlm_base", "data.seq_len", 0, "data.seq_len=0 " + _SHORT.format(
         "a masked-LM row ([CLS] token [SEP])", 3)),
     ("mlm_base", "data.seq_len", 2, "data.seq_len=2 " + _SHORT.format(

@@ -1,15 +1,23 @@
-"""Where documents come from: a source string names a corpus, `read_documents` returns its texts.
+"""Where documents come from: a source string names a corpus, made of input shards that each
+stream their documents one at a time.
 
 Source forms (config.data.source / val_source):
   builtin                          docstrings of the installed Python (no network needed)
   text:GLOB                        UTF-8 text files; each file splits into documents at blank lines
   jsonl:GLOB:FIELD                 one JSON object per line; FIELD holds the document text
+  parquet:GLOB:COLUMN              parquet files; COLUMN holds the document text
   tfds:NAME[/CONFIG]:SPLIT:FEATURE an already prepared TFDS dataset (never downloads)
+Text and JSONL files may be gzip (.gz) or zstd (.zst) compressed.
 
-Order is deterministic: files in sorted order, documents in file order.
+`list_shards` cuts a source into `InputShard`s from file sizes and footers alone: an
+uncompressed text or JSONL file larger than data.shard_bytes into byte ranges, a parquet file
+into runs of row groups, a TFDS split into its shards. Order is deterministic: files sorted,
+shards in file order, documents in shard order. `read_documents` is all of it as one list, for
+callers whose corpora are small.
 """
 
 import ast
+import dataclasses
 import glob
 import hashlib
 import inspect
@@ -22,11 +30,11 @@ from typing import Iterator, Sequence
 
 import ml_collections
 
-from lmssl import errors
+from lmssl.data import readers
 
-SOURCE_FORMS = ("builtin", "text:GLOB", "jsonl:GLOB:FIELD", "tfds:NAME[/CONFIG]:SPLIT:FEATURE")
+SOURCE_FORMS = ("builtin", "text:GLOB", "jsonl:GLOB:FIELD", "parquet:GLOB:COLUMN",
+                "tfds:NAME[/CONFIG]:SPLIT:FEATURE")
 MIN_DOCSTRING_CHARS = 40
-_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 _TEST_DIRS = frozenset({"test", "tests", "testing", "idle_test", "__pycache__"})
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages"})
 # Pieces of the docstring finder (see _docstrings): blank/comment lines, a string literal
@@ -40,28 +48,125 @@ _HEADER_END = re.compile(r":[ \t]*(?:\#[^\n]*)?\n")
 _FIRST_STRING = re.compile(_GAP + _LITERAL)
 
 
-class DataError(errors.UserError):
-  """A data source or prepared file that cannot be used as given."""
+# Named here too: the task readers, derive and the tests know them as sources.X.
+DataError = readers.DataError
+read_text = readers.read_text
+jsonl_records = readers.jsonl_records
+
+
+@dataclasses.dataclass(frozen=True)
+class InputShard:
+  """One piece of a source, read on its own: a byte range of a text or JSONL file, a run of
+  row groups of a parquet file, a TFDS shard, or the whole builtin corpus.
+
+  Plain data (`to_json`), so a worker process can be sent it and read it alone.
+  """
+  kind: str  # "builtin" | "text" | "jsonl" | "parquet" | "tfds"
+  path: str  # the file; tfds: "NAME[/CONFIG]:SPLIT"; builtin: ""
+  # text/jsonl: [start, stop) in uncompressed bytes ((0, -1) for a compressed file); parquet:
+  # row groups; tfds: shards ((0, -1): the whole split); builtin: (0, -1).
+  start: int
+  stop: int
+  field: str  # the JSONL field, parquet column or TFDS feature; "" for text and builtin
+  # JSON of what changes when the input does: a file's size and mtime; the TFDS version and
+  # shard file; the builtin corpus's Python, stdlib and cap. A cache keyed on it goes stale
+  # exactly when the input changes.
+  identity: str
+
+  def documents(self) -> Iterator[str]:
+    """The non-empty documents of this shard, in order, one at a time."""
+    if self.kind == "text":
+      return readers.text_documents(self.path, self.start, self.stop)
+    if self.kind == "jsonl":
+      return readers.jsonl_documents(self.path, self.field, self.start, self.stop)
+    if self.kind == "parquet":
+      return readers.parquet_documents(self.path, self.field, self.start, self.stop)
+    if self.kind == "tfds":
+      name, _, split = self.path.partition(":")
+      return readers.tfds_documents(name, split, self.field, self.start, self.stop)
+    if self.kind == "builtin":  # the cap is part of what the corpus is, so its identity holds it
+      return iter(builtin_documents(json.loads(self.identity)["builtin_max_chars"]))
+    raise DataError(f"input shard kind {self.kind!r} is not one of "
+                    f"['builtin', 'text', 'jsonl', 'parquet', 'tfds']")
+
+  def describe(self) -> str:
+    """The shard for messages: "corpus/a.txt bytes 0-67108864", "c4.parquet row groups 3-4"."""
+    if self.kind == "builtin":
+      return "the builtin corpus"
+    if self.stop < 0:
+      return f"{self.kind} {self.path}" if self.kind == "tfds" else self.path
+    if self.kind == "parquet":
+      last = self.stop - 1
+      return (f"{self.path} row group {last}" if last == self.start else
+              f"{self.path} row groups {self.start}-{last}")
+    if self.kind == "tfds":
+      return f"tfds {self.path} shard {self.start}"
+    return f"{self.path} bytes {self.start}-{self.stop}"
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: dict) -> "InputShard":
+    return cls(**d)
+
+
+def list_shards(source: str, data_cfg: ml_collections.ConfigDict) -> list[InputShard]:
+  """The shards of `source`, in order; data.shard_bytes sizes the byte ranges and row-group
+  runs. Cheap: globs, stats and footers, never the text."""
+  return _shards(source, data_cfg, data_cfg.shard_bytes)
 
 
 def read_documents(source: str, data_cfg: ml_collections.ConfigDict) -> list[str]:
   """Returns the non-empty documents of `source`, in a deterministic order."""
-  scheme, _, rest = source.partition(":")
-  if source == "builtin":
-    docs = builtin_documents(data_cfg.builtin_max_chars)
-  elif scheme == "text" and rest:
-    docs = [d for path in _glob(rest, source) for d in _text_documents(path)]
-  elif scheme == "jsonl" and ":" in rest:
-    pattern, _, field = rest.rpartition(":")
-    docs = [d for path in _glob(pattern, source) for d in _jsonl_documents(path, field)]
-  elif scheme == "tfds" and rest.count(":") == 2:
-    docs = _tfds_documents(*rest.split(":"))
-  else:
-    raise DataError(f"data source {source!r} is not one of the known forms {list(SOURCE_FORMS)}; "
-                    f"set --config.data.source to one of them")
+  # One shard per file: read in order the pieces are the whole, so cutting buys nothing here.
+  docs = [d for shard in _shards(source, data_cfg, None) for d in shard.documents()]
   if not docs:
     raise DataError(f"data source {source!r} yielded no documents; point it at non-empty text")
   return docs
+
+
+def _shards(source: str, data_cfg: ml_collections.ConfigDict,
+            shard_bytes: int | None) -> list[InputShard]:
+  scheme, _, rest = source.partition(":")
+  if source == "builtin":
+    return [_builtin_shard(data_cfg.builtin_max_chars)]
+  if scheme == "text" and rest:
+    return [s for path in _glob(rest, source) for s in _file_shards("text", path, "", shard_bytes)]
+  if scheme in ("jsonl", "parquet") and ":" in rest:
+    pattern, _, field = rest.rpartition(":")
+    return [s for path in _glob(pattern, source)
+            for s in _file_shards(scheme, path, field, shard_bytes)]
+  if scheme == "tfds" and rest.count(":") == 2:
+    name, split, feature = rest.split(":")
+    return [InputShard("tfds", f"{name}:{split}", start, stop, feature, _json(identity))
+            for start, stop, identity in readers.tfds_shards(name, split, feature)]
+  raise DataError(f"data source {source!r} is not one of the known forms {list(SOURCE_FORMS)}; "
+                  f"set --config.data.source to one of them")
+
+
+def _file_shards(kind: str, path: str, field: str, shard_bytes: int | None) -> list[InputShard]:
+  stat = os.stat(path)
+  identity = _json({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+  if kind == "parquet":
+    ranges = readers.parquet_row_groups(path, field, shard_bytes)
+  elif readers.is_compressed(path):
+    ranges = [(0, -1)]  # a compressed stream is read from its start
+  else:
+    parts = 1 if shard_bytes is None else max(1, -(-stat.st_size // shard_bytes))
+    bounds = [stat.st_size * i // parts for i in range(parts + 1)]
+    ranges = list(zip(bounds, bounds[1:]))
+  return [InputShard(kind, path, start, stop, field, identity) for start, stop in ranges]
+
+
+def _builtin_shard(max_chars: int) -> InputShard:
+  identity = {"python": sys.version, "builtin_max_chars": max_chars,
+              "stdlib": sysconfig.get_paths()["stdlib"]}
+  return InputShard("builtin", "", 0, -1, "", _json(identity))
+
+
+def _json(value: dict) -> str:
+  return json.dumps(value, sort_keys=True)
 
 
 def _glob(pattern: str, source: str) -> list[str]:
@@ -69,83 +174,13 @@ def _glob(pattern: str, source: str) -> list[str]:
                  if os.path.isfile(p))
   if not paths and os.path.isdir(os.path.expanduser(pattern)):
     scheme, _, rest = source.partition(":")
-    example = f"{pattern.rstrip('/')}/*.{'jsonl' if scheme == 'jsonl' else 'txt'}"
+    example = f"{pattern.rstrip('/')}/*.{scheme if scheme in ('jsonl', 'parquet') else 'txt'}"
     raise DataError(f"data source {source!r}: {pattern} is a directory; name its files with a "
                     f"glob, e.g. {scheme}:{example}{rest[len(pattern):]}")
   if not paths:
     raise DataError(f"data source {source!r}: no files match {pattern!r} (relative to "
                     f"{os.getcwd()}); check the path or quote the glob")
   return paths
-
-
-def read_text(path: str, if_empty: str = "remove it or narrow the glob") -> str:
-  """A file's text, which must be non-empty UTF-8; `if_empty` says what to do otherwise."""
-  with open(path, "rb") as f:
-    data = f.read()
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r}); "
-                    f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
-  if not text.strip():
-    raise DataError(f"{path} is empty; {if_empty}")
-  return text
-
-
-def _text_documents(path: str) -> list[str]:
-  docs = (d.strip() for d in _BLANK_LINES.split(read_text(path).replace("\r\n", "\n")))
-  return [d for d in docs if d]
-
-
-def jsonl_records(path: str, text: str):
-  """(line number, object) for each non-blank line of a JSONL file's `text`."""
-  for lineno, line in enumerate(text.split("\n"), start=1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or drop that "
-                      f"line") from None
-    if not isinstance(record, dict):
-      raise DataError(f"{path}:{lineno} is a JSON {type(record).__name__}, not an object; each "
-                      f"line must be one object holding the fields")
-    yield lineno, record
-
-
-def _jsonl_documents(path: str, field: str) -> list[str]:
-  docs = []
-  for lineno, record in jsonl_records(path, read_text(path)):
-    if field not in record:
-      keys = sorted(record)
-      raise DataError(f"{path}:{lineno} has no field {field!r} (found {keys}); "
-                      f"name the text field in the source, e.g. jsonl:GLOB:text")
-    if not isinstance(record[field], str):
-      raise DataError(f"{path}:{lineno} field {field!r} is a {type(record[field]).__name__}, "
-                      f"not a string; name a text field")
-    if record[field].strip():
-      docs.append(record[field])
-  return docs
-
-
-def _tfds_documents(name: str, split: str, feature: str) -> list[str]:
-  import tensorflow_datasets as tfds  # Lazy: slow to import and only this form needs it.
-  try:
-    ds = tfds.load(name, split=split, download=False)
-  except Exception as e:  # TFDS raises several types for "not prepared"; all mean the same here.
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]  # not all datasets
-    raise DataError(f"TFDS dataset {name!r} split {split!r} could not be loaded ({reason}); it "
-                    f"must be prepared first (`tfds build {name}` on a machine with internet, with "
-                    f"TFDS_DATA_DIR pointing at the same directory)") from e
-  if feature not in ds.element_spec:
-    raise DataError(f"TFDS dataset {name!r} has no feature {feature!r}; known: "
-                    f"{sorted(ds.element_spec)}")
-  docs = []
-  for value in tfds.as_numpy(ds.map(lambda x: x[feature])):
-    text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-    if text.strip():
-      docs.append(text)
-  return docs
 
 
 def split_documents(docs: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:

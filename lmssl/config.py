@@ -79,9 +79,14 @@ def _data_section() -> ml_collections.ConfigDict:
   d.tokenizer = ""  # a sentencepiece .model to use as is; empty: train one into the workdir
   d.vocab_size = 8000  # for a trained tokenizer
   d.tokenizer_type = "unigram"  # sentencepiece model type: unigram | bpe
-  d.tokenizer_max_sentences = 300_000
+  d.tokenizer_max_sentences = 300_000  # lines of the sample sentencepiece trains on, at most
+  # A trained tokenizer learns from a seeded sample of about this many characters, drawn
+  # evenly from every input shard (a window at a seeded offset of each), not the corpus' start.
+  d.tokenizer_sample_chars = 20_000_000
+  d.tokenizer_sample_seed = 0
   d.seq_len = 128
-  d.cache_dir = ""  # prepared data cache; empty: ~/.cache/lmssl
+  d.cache_dir = ""  # prepared data cache, a local path or gs://; empty: ~/.cache/lmssl
+  d.prepare_workers = 0  # processes that prepare shards at once; 0: one per CPU core
   d.mask_rate = 0.15
   d.mask_token_frac = 0.8  # of the chosen positions: [MASK]
   d.random_token_frac = 0.1  # of the chosen positions: a random token (the rest kept)

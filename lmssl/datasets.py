@@ -11,6 +11,7 @@ from lmssl import config as config_lib
 from lmssl import distributed
 from lmssl import errors
 from lmssl import sharding
+from lmssl.data import packed
 from lmssl.data import pipeline
 from lmssl.data import prepare
 from lmssl.data import tasks
@@ -39,15 +40,28 @@ def load(cfg, workdir: str) -> RunData:
     changes = {"task.labels": config_lib.joined_labels(names)}
     objective, where = "task", f"{cfg.task.train_source}, {cfg.task.eval_source}"
   else:
-    given = tokenizer_lib.load(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    tokenizer_path, where = distributed.process_0_first(
-        lambda: prepare.prepare(cfg.data, given, workdir), "prepare the data")
-    tok = tokenizer_lib.load(tokenizer_path)
+    tok, where = prepare_data(cfg.data, workdir)
     train = prepare.load_prepared(where, "train")
     evals = prepare.load_prepared(where, "validation")
     objective, changes = cfg.objective, {}
   changes.update(config_lib.vocab_change(cfg, tok.vocab_size))
   return RunData(tok, objective, train, evals, where, changes)
+
+
+def prepare_data(data_cfg, workdir: str):
+  """(tokenizer, prepared directory) of pretraining data, prepared where missing. Process 0
+  trains a tokenizer if there is none; then every process prepares its part of the shards,
+  and each completes what it cannot see (a cache on local disks) and writes the manifest."""
+  given = tokenizer_lib.load(data_cfg.tokenizer) if data_cfg.tokenizer else None
+  tok = distributed.process_0_first(lambda: prepare.tokenizer_for(data_cfg, given, workdir),
+                                    "make the tokenizer")
+  workers = data_cfg.prepare_workers
+  if distributed.process_count() > 1:
+    part = (distributed.process_index(), distributed.process_count())
+    distributed.every_process(
+        lambda: prepare.prepare(data_cfg, tok, workdir, part=part, workers=workers),
+        "prepare its shards")
+  return tok, prepare.prepare(data_cfg, tok, workdir, workers=workers)[1]
 
 
 def batches(cfg, data: RunData, mesh, full_eval: bool = False):
@@ -57,6 +71,8 @@ def batches(cfg, data: RunData, mesh, full_eval: bool = False):
   eval.steps batches."""
   eval_arrays, eval_steps = data.eval, cfg.eval.steps
   if full_eval or data.objective == "task":  # pad to whole batches with rows that weigh nothing
+    if isinstance(eval_arrays, packed.PackedRows):  # all of it, so read it once, here
+      eval_arrays = eval_arrays.to_arrays()
     eval_arrays = tasks.pad_rows(dict(eval_arrays), cfg.eval.batch_size)
     eval_steps = len(next(iter(eval_arrays.values()))) // cfg.eval.batch_size
   common = dict(objective=data.objective, seed=cfg.seed, data_cfg=cfg.data,
@@ -67,11 +83,11 @@ def batches(cfg, data: RunData, mesh, full_eval: bool = False):
         data.train, global_batch=cfg.train.batch_size, start_step=start_step,
         host_rows=sharding.host_rows(mesh, cfg.train.batch_size),
         num_steps=end_step - start_step, **common)
-    return ds.as_numpy_iterator()
+    return pipeline.iterate(ds)
 
   # The eval set is the same rows and masks every time: read it once, reuse it each evaluation.
-  eval_batches = list(pipeline.make_dataset(
+  eval_batches = list(pipeline.iterate(pipeline.make_dataset(
       eval_arrays, global_batch=cfg.eval.batch_size, start_step=0, shuffle=False,
       host_rows=sharding.host_rows(mesh, cfg.eval.batch_size), num_steps=eval_steps,
-      **common).as_numpy_iterator())
+      **common)))
   return train_batches, eval_batches

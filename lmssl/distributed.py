@@ -152,3 +152,31 @@ def process_0_first(fn, what: str):
   if not ok:
     raise errors.UserError(f"process 0 could not {what}; its own error says why")
   return fn() if jax.process_index() else result
+
+
+def process_index() -> int:
+  return jax.process_index()
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def every_process(fn, what: str):
+  """fn() on every process at once; then, if any failed, every process stops: a failed one with
+  its own error, the others naming the first that failed. For work split between processes."""
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+  result, error = None, None
+  try:
+    result = fn()
+  except Exception as e:  # the others must hear of it before this process exits
+    error = e
+  ok = np.asarray(multihost_utils.process_allgather(np.int32(error is None))).reshape(-1)
+  if error is not None:
+    raise error
+  if not ok.all():
+    raise errors.UserError(f"process {int(np.argmin(ok))} could not {what}; its own error says "
+                           "why")
+  return result

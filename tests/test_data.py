@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from lmssl import config
+from lmssl.data import packed as packed_lib
 from lmssl.data import pipeline
 from lmssl.data import prepare
 from lmssl.data import sources
@@ -34,7 +35,7 @@ def doc_ids(paragraphs, tokenizer):
 
 @pytest.fixture(scope="session")
 def packed(doc_ids, tokenizer):
-  return prepare.pack(doc_ids, SEQ_LEN, tokenizer)
+  return packed_lib.pack(doc_ids, SEQ_LEN, tokenizer)
 
 
 def data_cfg(**overrides):
@@ -87,13 +88,13 @@ def test_pack_segments_restart_per_row_and_step_at_documents(packed, tokenizer):
 def test_pack_long_document_spans_rows():
   docs = [list(range(10, 20)), list(range(30, 33))]  # 12 + 5 framed tokens, rows of 4
   ids = SimpleNamespace(cls_id=101, sep_id=102, pad_id=7)  # a tokenizer's ids, BERT-like
-  out = prepare.pack(docs, 4, ids)
+  out = packed_lib.pack(docs, 4, ids)
   np.testing.assert_array_equal(out["tokens"], [[101, 10, 11, 12], [13, 14, 15, 16],
                                                 [17, 18, 19, 102], [101, 30, 31, 32],
                                                 [102, 7, 7, 7]])
   np.testing.assert_array_equal(out["segment_ids"], [[1] * 4, [1] * 4, [1] * 4, [1] * 4,
                                                      [1, 0, 0, 0]])
-  out = prepare.pack([[7], [8, 9], [5]], 5, ids)  # [C 7 S C 8 | 9 S C 5 S]
+  out = packed_lib.pack([[7], [8, 9], [5]], 5, ids)  # [C 7 S C 8 | 9 S C 5 S]
   np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 2, 2], [1, 1, 2, 2, 2]])
   np.testing.assert_array_equal(_positions(out["segment_ids"]),
                                 [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
@@ -347,25 +348,29 @@ def test_prepare_caches_by_content(paragraphs, tmp_path):
   stamp = (meta_file.stat().st_mtime_ns, Path(tok_path).stat().st_mtime_ns)
   meta = json.loads(meta_file.read_text())
   train = prepare.load_prepared(out, "train")
-  assert isinstance(train["tokens"], np.memmap) and train["tokens"].shape[1] == 64
-  assert meta["splits"]["train"]["num_examples"] == len(train["tokens"])
+  assert isinstance(train, packed_lib.PackedRows) and train.shape[1] == 64
+  assert meta["splits"]["train"]["num_examples"] == train.num_rows
   assert meta["splits"]["validation"]["num_documents"] > 0 and meta["vocab_size"] == 400
 
   assert prepare.prepare(cfg, None, workdir) == (tok_path, out)  # reused, not rewritten
   assert (meta_file.stat().st_mtime_ns, Path(tok_path).stat().st_mtime_ns) == stamp
+  shard_files = sorted(p.name for p in (tmp_path / "cache" / "shards").rglob("*"))
   cfg.seq_len = 32
   _, out32 = prepare.prepare(cfg, None, workdir)
-  assert out32 != out and prepare.load_prepared(out32, "validation")["tokens"].shape[1] == 32
+  assert out32 != out and prepare.load_prepared(out32, "validation").shape[1] == 32
   assert sorted(os.listdir(tmp_path / "cache" / "prepared")) == sorted(
-      [os.path.basename(out), os.path.basename(out32)])  # no temp dirs left behind
+      [os.path.basename(out), os.path.basename(out32)])
+  # Another seq_len is another manifest over the same shards; no temporary files are left.
+  assert sorted(p.name for p in (tmp_path / "cache" / "shards").rglob("*")) == shard_files
+  assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
 
   cfg.seq_len = 64
   edited = paragraphs[0].replace("a", "o")  # same documents, same lengths, other text
   write(corpus, "\n\n".join([edited] + paragraphs[1:300]))
   assert prepare.prepare(cfg, None, workdir)[1] not in (out, out32)
 
-  os.remove(Path(out) / "validation" / "segment_ids.npy")
-  with pytest.raises(sources.DataError, match=r"segment_ids\.npy is missing; delete .* rebuild"):
+  meta_file.write_text(meta_file.read_text()[:50])
+  with pytest.raises(sources.DataError, match=r"meta\.json is not valid JSON .* rebuilds it"):
     prepare.load_prepared(out, "validation")
 
 

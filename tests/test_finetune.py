@@ -191,7 +191,7 @@ def test_eval_reports_perplexity_and_bits_per_byte(tokenizer_path, wikitext_dir,
   # document, and the bytes of the predicted pieces.
   _, prepared_dir = prepare.prepare(cfg.data, tok.Tokenizer.load(tokenizer_path),
                                    str(tmp_path / "run"))
-  rows = prepare.load_prepared(prepared_dir, "validation")
+  rows = prepare.load_prepared(prepared_dir, "validation").to_arrays()
   segments = np.asarray(rows["segment_ids"])
   targets = np.asarray(rows["tokens"])[:, 1:]
   counted = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)

@@ -17,6 +17,7 @@ import pytest
 
 from lmssl import config
 from lmssl import errors
+from lmssl.data import packed as packed_lib
 from lmssl.data import pipeline
 from lmssl.data import prepare
 from lmssl.data import task_files
@@ -275,7 +276,7 @@ def test_fill_mask_queries(bert, gpt2, bert_dir):
 
 
 def test_mlm_batches_use_its_special_ids(bert, lines):
-  packed = prepare.pack(bert.encode_batch(lines), 64, bert)
+  packed = packed_lib.pack(bert.encode_batch(lines), 64, bert)
   assert packed["tokens"][0, 0] == bert.cls_id and (packed["tokens"] == bert.sep_id).sum() == len(
       lines)
   cfg = config.base_config().data
@@ -307,7 +308,7 @@ def test_prepare_with_a_tokenizer_directory(bert, gpt2, train_lines, tmp_path):
   for t in (bert, gpt2):
     cfg.tokenizer = t.path
     path, out = prepare.prepare(cfg, t, str(tmp_path / "work"))
-    tokens = prepare.load_prepared(out, "train")["tokens"]
+    tokens = prepare.load_prepared(out, "train").to_arrays()["tokens"]
     assert path == t.path and tokens[0, 0] == t.cls_id and tokens.max() < t.vocab_size
     assert prepare.read_meta(out)["vocab_size"] == t.vocab_size
     found[t.path] = out
@@ -315,7 +316,7 @@ def test_prepare_with_a_tokenizer_directory(bert, gpt2, train_lines, tmp_path):
 
 
 def test_mlm_needs_a_mask_token_and_clm_does_not(gpt2, lines):
-  packed = prepare.pack(gpt2.encode_batch(lines), 64, gpt2)
+  packed = packed_lib.pack(gpt2.encode_batch(lines), 64, gpt2)
   eot = gpt2.eos_id
   assert packed["tokens"][0, 0] == eot and packed["tokens"][-1, -1] == eot  # framing, padding
   args = {"global_batch": 8, "seed": 0, "start_step": 0, "data_cfg": config.base_config().data,

@@ -14,6 +14,7 @@ import pytest
 from lmssl import config
 from lmssl import errors
 from lmssl.data import pairs
+from lmssl.data import packed as packed_lib
 from lmssl.data import pipeline
 from lmssl.data import prepare
 from lmssl.data import sources
@@ -207,7 +208,7 @@ def test_prepare_is_deterministic_and_cached(prepared, corpus, tokenizer_path, c
   _, sop_out = prepare_pairs(corpus, tokenizer_path, cache_dir, sentence_pair="sop")
   assert sop_out == out and meta_file.stat().st_mtime_ns == stamp  # one cache for nsp and sop
   _, packed_out = prepare_pairs(corpus, tokenizer_path, cache_dir, sentence_pair="")
-  assert packed_out != out and "tokens" in prepare.load_prepared(packed_out, "train")
+  assert packed_out != out and isinstance(prepare.load_prepared(packed_out, "train"), packed_lib.PackedRows)
   old = Path(out + ".old")
   shutil.move(out, old)
   assert prepare_pairs(corpus, tokenizer_path, cache_dir)[1] == out
@@ -215,10 +216,10 @@ def test_prepare_is_deterministic_and_cached(prepared, corpus, tokenizer_path, c
   for key in arrays:
     np.testing.assert_array_equal(again[key], arrays[key], err_msg=key)
   np.save(old / "validation" / "a_len.npy", np.zeros(3, np.int32))
-  with pytest.raises(sources.DataError, match=r"a_len\.npy has shape \(3,\) int32, .* delete"):
+  with pytest.raises(sources.DataError, match=r"a_len\.npy has shape \(3,\) int32, .* run the prepare"):
     prepare.load_prepared(str(old), "validation")
   os.remove(old / "train" / "doc.npy")
-  with pytest.raises(sources.DataError, match=r"doc\.npy is missing; delete .* run again"):
+  with pytest.raises(sources.DataError, match=r"doc\.npy is missing; run the prepare .* rebuilds it"):
     prepare.load_prepared(str(old), "train")
 
 
@@ -228,7 +229,7 @@ def test_mismatched_sentence_pair_setting(prepared, tokenizer, corpus, tokenizer
   flag = r"--config\.data\.sentence_pair"
   with pytest.raises(errors.UserError, match=f"holds sentence pairs, but {flag} is empty"):
     batches(arrays, tokenizer, with_kind(cfg, ""), steps=1)
-  packed = prepare.pack([[10, 11, 12], [13, 14]], 8, tokenizer)
+  packed = packed_lib.pack([[10, 11, 12], [13, 14]], 8, tokenizer)
   with pytest.raises(errors.UserError, match=f"{flag}='sop' needs data prepared as sentence"):
     batches(packed, tokenizer, with_kind(cfg, "sop"), steps=1)
   with pytest.raises(errors.UserError, match=f"{flag}='bert' is not known"):

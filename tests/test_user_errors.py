@@ -1,6 +1,7 @@
 """Simple mistakes end in one line naming the value, the rule and the fix (exit 1), never a
 traceback; messages say what happened, not something near it."""
 
+import glob
 import json
 import os
 import shutil
@@ -160,14 +161,21 @@ def test_rebuilding_invalid_prepared_data_says_it_rebuilds(tmp_path):
   first = _run("lmssl.data.prepare", *args)
   assert first.returncode == 0, first.stderr[-3000:]
   prepared = dict(line.split(": ", 1) for line in first.stdout.splitlines())["prepared"]
-  os.remove(os.path.join(prepared, "train", "segment_ids.npy"))
+  meta = os.path.join(prepared, "meta.json")
+  with open(meta, "r+", encoding="utf-8") as f:
+    f.truncate(20)
+  [tokens] = glob.glob(str(tmp_path / "c" / "shards" / "*" / "train.tokens"))
+  os.truncate(tokens, os.path.getsize(tokens) - 2)
   again = _run("lmssl.data.prepare", *args)
   assert again.returncode == 0, again.stderr[-3000:]
   [warning] = [line for line in again.stderr.splitlines() if "prepared data" in line]
-  assert warning.endswith(
-      f"] prepared data {prepared} is unusable ({prepared}/train/segment_ids.npy is missing); "
-      "rebuilding it now")
-  assert os.path.exists(os.path.join(prepared, "train", "segment_ids.npy"))
+  assert warning.split("] ", 1)[1].startswith(
+      f"prepared data {prepared} is unusable ({meta} is not valid JSON (")
+  assert warning.endswith("); rebuilding it now")
+  [redo] = [line for line in again.stderr.splitlines() if "damaged" in line]
+  assert redo.split("] ", 1)[1] == (f"shard {os.path.dirname(tokens)} is unfinished or damaged; "
+                                    "preparing it again")
+  assert json.loads(open(meta, encoding="utf-8").read())["format"] == "packed"
 
 
 @pytest.fixture(scope="module")

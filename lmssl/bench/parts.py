@@ -52,20 +52,18 @@ def pipeline_row(cfg, args, step_tokens_per_s: float | None) -> dict:
   each put on the device as a training step would take it."""
   from lmssl.data import pipeline
   from lmssl.data import prepare
-  from lmssl.hf import tokenizer as tokenizer_lib
+  from lmssl import datasets
   workdir = args.workdir or os.path.join(os.path.expanduser("~/.cache/lmssl"), "bench")
   cfg = config_lib.resolved(cfg, {"data.source": args.data_source,
                                   "data.tokenizer": args.tokenizer, "data.cache_dir": workdir})
-  given = tokenizer_lib.load(args.tokenizer) if args.tokenizer else None
-  tokenizer_path, prepared_dir = prepare.prepare(cfg.data, given, workdir)
-  tok = tokenizer_lib.load(tokenizer_path)
+  tok, prepared_dir = datasets.prepare_data(cfg.data, workdir)
   mesh = mesh_for(cfg)
   batch = cfg.train.batch_size
   ds = pipeline.make_dataset(
       prepare.load_prepared(prepared_dir, "train"), objective=cfg.objective,
       global_batch=batch, seed=cfg.seed, start_step=0, data_cfg=cfg.data, tokenizer=tok,
       host_rows=sharding.host_rows(mesh, batch))
-  batches = ds.as_numpy_iterator()
+  batches = pipeline.iterate(ds)
   for _ in range(args.warmup + 2):
     jax.block_until_ready(sharding.global_batch(next(batches), mesh))
   count = max(args.steps * args.rounds * 4, 8)

@@ -10,13 +10,17 @@ read it or how the mesh spreads it.
 Shapes: B = per-host batch, L = seq_len, P = max_predictions.
 """
 
+import atexit
+import gc
 from typing import Sequence
+import weakref
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from lmssl import errors
+from lmssl.data import packed
 from lmssl.data import pairs
 from lmssl.data import tokenizer as tok
 
@@ -147,9 +151,11 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   `host_rows`: the rows of each global batch this host reads, ascending (`sharding.host_rows`
   of the mesh); None reads them all. B = len(host_rows).
 
-  `arrays`: {"tokens" (or "input_ids"), "segment_ids"} int32 [N, L], e.g.
-  `prepare.load_prepared`, plus any other per-row arrays [N, ...] (token types, labels), which
-  are read alongside under their own names; all are copied into memory. Positions are derived
+  `arrays`: a `packed.PackedRows` (prepared pretraining data, `prepare.load_prepared`), whose
+  rows are read from its files as steps need them; or in-memory arrays {"tokens" (or
+  "input_ids"), "segment_ids"} int32 [N, L] plus any other per-row arrays [N, ...] (token
+  types, labels), read alongside under their own names and copied into memory (fine-tuning
+  tasks and sentence pairs, which are small). Positions are derived
   from the segments unless given. Sentence-pair arrays of `prepare.load_prepared` (they need
   data_cfg.sentence_pair "nsp" or "sop") give rows `[CLS] A [SEP] B [SEP]` with token_types [B, L]
   and pair_labels [B] (1: negative) instead. Steps run from `start_step`, forever or for
@@ -158,11 +164,12 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   `tokenizer` gives the special ids: pair rows' [CLS]/[SEP]/padding, and MLM's mask id,
   candidates (ids not `tokenizer.special`), random replacements and word starts.
   """
-  # Prepared pretraining data names its ids "tokens"; every other array keeps its name.
-  arrays = {("input_ids" if k == "tokens" else k): v for k, v in arrays.items()}
+  reader = arrays if isinstance(arrays, packed.PackedRows) else None
+  # In-memory packed rows name their ids "tokens"; every other array keeps its name.
+  arrays = {} if reader else {("input_ids" if k == "tokens" else k): v for k, v in arrays.items()}
   # Fine-tuning rows are never pairs, whatever the data config they came with says.
   pair_rows = objective != "task" and pairs.check_arrays(arrays, data_cfg.sentence_pair)
-  num_rows = arrays["a_ids" if pair_rows else "input_ids"].shape[0]
+  num_rows = reader.num_rows if reader else arrays["a_ids" if pair_rows else "input_ids"].shape[0]
   rows = np.arange(global_batch) if host_rows is None else np.asarray(host_rows, np.int64)
   _check_args(objective, global_batch, rows, num_rows, tokenizer)
   batch = len(rows)
@@ -170,16 +177,16 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
     steps = tf.data.Dataset.counter(start_step)
   else:
     steps = tf.data.Dataset.range(start_step, start_step + num_steps)
-  # Rows live in host memory as tensors (8 bytes per token). Reading the memmaps through
-  # tf.numpy_function instead would save that memory, but a live iterator then hangs
-  # interpreter exit (TF background threads wait on the GIL), seen with TF 2.21.
   tables = {k: tf.constant(np.asarray(v)) for k, v in arrays.items()}
   rows_B = tf.constant(rows)
 
   def read_step(step):
     g_B, index_B = _step_rows(step, global_batch=global_batch, rows_B=rows_B,
                               num_rows=num_rows, seed=seed, shuffle=shuffle)
-    features = {k: tf.gather(table, index_B) for k, table in tables.items()}
+    if reader:
+      features = _read_rows(reader, index_B, batch)
+    else:
+      features = {k: tf.gather(table, index_B) for k, table in tables.items()}
     if "positions" not in features and not pair_rows:
       features["positions"] = positions_from_segments(features["segment_ids"])
     return features, g_B
@@ -201,6 +208,49 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
 
   ds = ds.unbatch().map(per_row, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _read_rows(reader: packed.PackedRows, index_B, batch: int) -> dict:
+  shape = [batch, reader.seq_len]
+  tokens, segments = tf.numpy_function(reader.read, [index_B], [tf.int32, tf.int32],
+                                       stateful=False)
+  return dict(input_ids=tf.ensure_shape(tokens, shape),
+              segment_ids=tf.ensure_shape(segments, shape))
+
+
+# A tf.data iterator still alive when the interpreter shuts down hangs the exit if its
+# background threads are inside a Python function (the packed reader) then: they wait for
+# the GIL forever (TF 2.21). Iterators made by `iterate` are closed before shutdown begins.
+_live = weakref.WeakSet()
+
+
+class _Batches:
+  def __init__(self, ds: tf.data.Dataset):
+    self._it = ds.as_numpy_iterator()
+    _live.add(self)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._it is None:
+      raise StopIteration
+    return next(self._it)
+
+  def close(self) -> None:
+    self._it = None
+
+
+def iterate(ds: tf.data.Dataset) -> _Batches:
+  """`ds.as_numpy_iterator()`, closed at interpreter exit if it is still open."""
+  return _Batches(ds)
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  for batches in list(_live):
+    batches.close()
+  gc.collect()
 
 
 def _masker(*, seed, data_cfg, tokenizer):

@@ -1,27 +1,34 @@
-"""Offline preparation: documents -> tokenizer -> int32 rows in a content-addressed cache.
+"""Offline preparation: a corpus's shards -> tokenizer -> prepared shards -> one manifest.
 
-A prepared directory holds `meta.json` and, per split ("train", "validation"), the arrays of its
-format (meta.json "format"):
-  packed: `SPLIT/tokens.npy` and `SPLIT/segment_ids.npy` (int32 [N, seq_len]), documents
-      packed end to end;
-  pairs (config.data.sentence_pair set): `a_ids`, `b_ids` (int32 [N, seq_len - 3]) and
-      `a_len`, `b_len`, `doc` (int32 [N]), sentence pairs of one document (see pairs.py).
-Its name is a hash of everything that determines its content, so a second run with the same
-inputs reuses it and changing any input (text, tokenizer, seq_len, pair settings) builds a new
-one next to it.
+Packed data (the default) is prepared shard by shard (lmssl/data/shards.py): each input shard
+becomes a token stream with document boundaries in `{cache}/shards/KEY/`, and
+`{cache}/prepared/KEY/meta.json` lists the shards of a run's data in order, with seq_len and
+the tokenizer's special ids, from which rows are cut at read time (lmssl/data/packed.py).
+The manifest's key hashes the shard keys (input identities and the tokenizer) and seq_len, so
+any host finds it from the config and a listing of the input files, without reading them.
+Finished shards are kept across runs: a rerun, a resumed kill, a longer corpus or another
+seq_len prepares only what is missing. Sentence-pair data (data.sentence_pair) is built in
+memory and stored whole as `SPLIT/NAME.npy` arrays (pairs.ARRAYS), format "pairs".
 
-Usage:
-  python -m lmssl.data.prepare --config configs/mlm_base.py:size=tiny --workdir /tmp/run \
-      [--config.data.source=text:corpus/*.txt]
+Runners of the same per-shard function, with the same bytes as output:
+  python -m lmssl.data.prepare --config C --workdir W              all cores of this machine
+  ... --num_shards N --shard_index I                                one part (SLURM arrays, hosts)
+  ... --runner beam -- --runner=DataflowRunner --project=...        Apache Beam (the beam extra)
+A training run prepares what is missing itself, every process a part, before its first step.
 """
 
+import concurrent.futures
+import dataclasses
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
+import random
 import shutil
 import tempfile
-from typing import Iterable, Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence
 
 from absl import logging
 import ml_collections
@@ -29,69 +36,42 @@ import numpy as np
 
 from lmssl import errors
 from lmssl import files
+from lmssl.data import packed
 from lmssl.data import pairs
+from lmssl.data import shards
 from lmssl.data import sources
 from lmssl.data import tokenizer as tok
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "validation")
-ARRAYS = ("tokens", "segment_ids")
+FORMAT_VERSION = 2
+SPLITS = shards.SPLITS
 FORMATS = ("packed", "pairs")  # meta.json "format"
-_ENCODE_BATCH = 2048  # documents per tokenizer call
 
 
-def pack(docs_token_ids: Iterable[Sequence[int]], seq_len: int,
-         tokenizer: tok.AnyTokenizer) -> dict[str, np.ndarray]:
-  """Frames each document as `[CLS] ids [SEP]`, concatenates them and cuts rows of seq_len.
-
-  [CLS], [SEP] and padding are the tokenizer's cls_id, sep_id and pad_id. A document crossing
-  a row boundary continues in the next row as a new segment. Segment ids count 1, 2, 3...
-  within each row; padding (only at the end of the last row) has segment 0.
-  """
-  docs = [np.asarray(d, dtype=np.int32) for d in docs_token_ids]
-  if not docs:
-    raise sources.DataError("pack got no documents; the source must yield at least one")
-  framed = np.array([len(d) + 2 for d in docs], dtype=np.int64)
-  ends = np.cumsum(framed)
-  starts = ends - framed
-  total = int(ends[-1])
-  num_rows = -(-total // seq_len)
-  flat = np.full(num_rows * seq_len, tokenizer.pad_id, dtype=np.int32)
-  doc_of = np.full(num_rows * seq_len, -1, dtype=np.int64)
-  doc_of[:total] = np.repeat(np.arange(len(docs)), framed)
-  is_body = np.ones(total, dtype=bool)
-  is_body[starts] = False
-  is_body[ends - 1] = False
-  flat[:total][is_body] = np.concatenate(docs)
-  flat[starts] = tokenizer.cls_id
-  flat[ends - 1] = tokenizer.sep_id
-  doc_of = doc_of.reshape(num_rows, seq_len)
-  new_segment = np.ones_like(doc_of, dtype=bool)
-  new_segment[:, 1:] = doc_of[:, 1:] != doc_of[:, :-1]
-  segment_ids = np.cumsum(new_segment, axis=1, dtype=np.int32)
-  segment_ids[doc_of < 0] = 0
-  return dict(tokens=flat.reshape(num_rows, seq_len), segment_ids=segment_ids)
+def cache_root(data_cfg: ml_collections.ConfigDict) -> str:
+  return files.absolute(data_cfg.cache_dir or "~/.cache/lmssl")
 
 
-def _cache_key(fingerprint: bytes, seq_len: int, splits: dict[str, list[str]],
-               layout: str = "") -> str:
-  h = hashlib.sha256()
-  h.update(f"lmssl-prepared-v{FORMAT_VERSION}:seq_len={seq_len}:".encode())
-  h.update(layout.encode())  # empty for packed rows
-  h.update(hashlib.sha256(fingerprint).digest())
-  for name, docs in splits.items():
-    h.update(f"{name}:{len(docs)}:".encode())
-    for doc in docs:
-      data = doc.encode("utf-8")
-      h.update(len(data).to_bytes(8, "little"))  # Length prefixes keep boundaries unambiguous.
-      h.update(data)
-  return h.hexdigest()
+def plan(data_cfg: ml_collections.ConfigDict, tokenizer: tok.AnyTokenizer) -> list[shards.Job]:
+  """The shard jobs of config.data's corpus, in stream order: `source` (documents held out
+  for validation by hash), or `source` then `val_source`. Lists files; reads no text."""
+  cache, sha = cache_root(data_cfg), shards.fingerprint_sha256(tokenizer)
+  named = [(data_cfg.source, "train")] + ([(data_cfg.val_source, "validation")]
+                                          if data_cfg.val_source else [])
+  if not data_cfg.val_source and not 0.0 < data_cfg.val_fraction < 1.0:
+    raise sources.DataError(f"val_fraction {data_cfg.val_fraction} must be in (0, 1); use e.g. "
+                            f"0.05, or set --config.data.val_source")
+  return [shards.Job(shard, shards.rule_for(data_cfg.val_fraction, bool(data_cfg.val_source),
+                                            split), cache, sha)
+          for source, split in named for shard in sources.list_shards(source, data_cfg)]
 
 
-def _own_tokenizer(data_cfg, workdir: str, train_docs: list[str]) -> tok.Tokenizer:
-  """The sentencepiece tokenizer prepare finds or makes when the caller passes none."""
-  # 1. config.data.tokenizer, 2. one trained earlier into the workdir (resume), 3. train one
-  # there now.
+def tokenizer_for(data_cfg: ml_collections.ConfigDict, given: Optional[tok.AnyTokenizer],
+                  workdir: str) -> tok.AnyTokenizer:
+  """`given` (the caller loaded it, perhaps a HuggingFace one), else the sentencepiece model
+  data_cfg.tokenizer, else `{workdir}/tokenizer.model`, trained on a sample of the corpus when
+  it does not exist yet."""
+  if given is not None:
+    return given
   path = data_cfg.tokenizer
   if path:
     if files.at(path).is_dir() or os.path.basename(path) == "tokenizer.json":
@@ -104,79 +84,240 @@ def _own_tokenizer(data_cfg, workdir: str, train_docs: list[str]) -> tok.Tokeniz
   if files.at(path).exists():
     logging.info("Reusing tokenizer %s", path)
     return tok.Tokenizer.load(path)
-  logging.info("Training a %s tokenizer (vocab %d) on %d documents into %s",
-               data_cfg.tokenizer_type, data_cfg.vocab_size, len(train_docs), path)
-  tok.train(train_docs, path, data_cfg.vocab_size, data_cfg.tokenizer_type,
+  inputs = sources.list_shards(data_cfg.source, data_cfg)
+  logging.info("Training a %s tokenizer (vocab %d) on a %d-character sample of %d shards into %s",
+               data_cfg.tokenizer_type, data_cfg.vocab_size, data_cfg.tokenizer_sample_chars,
+               len(inputs), path)
+  # Read whole before training: sentencepiece would swallow a reader's error into its own.
+  sample = list(tokenizer_sample(inputs, data_cfg.tokenizer_sample_chars,
+                                 data_cfg.tokenizer_sample_seed))
+  tok.train(sample, path, data_cfg.vocab_size, data_cfg.tokenizer_type,
             data_cfg.tokenizer_max_sentences)
   return tok.Tokenizer.load(path)
 
 
-def prepare(data_cfg: ml_collections.ConfigDict, tokenizer: Optional[tok.AnyTokenizer],
-            workdir: str) -> tuple[str, str]:
-  """Reads and tokenizes config.data's corpus into rows; returns (tokenizer path, prepared_dir).
+def tokenizer_sample(inputs: Sequence[sources.InputShard], chars: int, seed: int):
+  """Documents of about `chars` characters from all of `inputs`, an equal share from each:
+  a window at a seeded offset where a shard is a byte range, else its first documents."""
+  share = -(-chars // max(len(inputs), 1))
+  rng = random.Random(seed)
+  for shard in inputs:
+    if shard.kind in ("text", "jsonl") and shard.stop > 0:
+      # Characters are at least a byte each, so a window of `share` bytes holds at most
+      # `share` characters; a little more keeps whole documents at its end.
+      start = shard.start + rng.randrange(max(shard.stop - shard.start - 2 * share, 0) + 1)
+      shard = dataclasses.replace(shard, start=start, stop=min(start + 2 * share, shard.stop))
+    taken = 0
+    for doc in shard.documents():
+      yield doc
+      taken += len(doc)
+      if taken >= share:
+        break
 
-  The tokenizer is `tokenizer` if given (the caller loaded it, perhaps a HuggingFace one),
-  else the sentencepiece model data_cfg.tokenizer, else `{workdir}/tokenizer.model` (trained from
-  the training documents when it does not exist yet). With data_cfg.sentence_pair set the rows are
-  sentence pairs, the same for "nsp" and "sop".
+
+def prepare(data_cfg: ml_collections.ConfigDict, tokenizer: Optional[tok.AnyTokenizer],
+            workdir: str, *, workers: int = 0, part: tuple[int, int] | None = None,
+            runner: Callable | None = None) -> tuple[str, str | None]:
+  """Prepares what config.data's corpus is missing; returns (tokenizer path, prepared dir).
+
+  The tokenizer is `tokenizer_for(data_cfg, tokenizer, workdir)`. `part=(i, n)` prepares only
+  jobs i, i + n, ... and writes no manifest (the directory returned is None): the other parts
+  run elsewhere, and a later call without `part` finds them. `runner(jobs, tokenizer)` runs
+  jobs and returns their shard.json contents (default: `run_local` on `workers` processes,
+  0 meaning one per core).
   """
+  tokenizer = tokenizer_for(data_cfg, tokenizer, workdir)
+  return tokenizer.path, _prepare(data_cfg, tokenizer, workers, part, runner)
+
+
+def _prepare(data_cfg, tokenizer, workers, part, runner) -> str | None:
   pairs.check_settings(data_cfg.sentence_pair, data_cfg.short_seq_prob, data_cfg.seq_len)
-  train_docs, val_docs = sources.train_and_val_documents(data_cfg)
-  if tokenizer is None:
-    tokenizer = _own_tokenizer(data_cfg, workdir, train_docs)
-  tokenizer_path = tokenizer.path
-  splits = dict(train=train_docs, validation=val_docs)
-  layout = ""
   if data_cfg.sentence_pair:
-    layout = f"pairs-v{pairs.VERSION}:short_seq_prob={float(data_cfg.short_seq_prob)!r}:"
-  key = _cache_key(tokenizer.fingerprint, data_cfg.seq_len, splits, layout)
-  cache_dir = os.path.expanduser(data_cfg.cache_dir or "~/.cache/lmssl")
-  prepared_dir = os.path.join(cache_dir, "prepared", key[:16])
+    return _prepare_pairs(data_cfg, tokenizer)
+  jobs = plan(data_cfg, tokenizer)
+  key = _manifest_key(jobs, data_cfg.seq_len)
+  prepared_dir = os.path.join(cache_root(data_cfg), "prepared", key)
+  if part is None and _manifest_ok(prepared_dir):
+    logging.info("Reusing prepared data %s", prepared_dir)
+    return prepared_dir
+  mine = jobs if part is None else jobs[part[0]::part[1]]
+  todo = [job for job in mine if shards.read_shard(job.directory) is None]
+  for job in todo:
+    if files.at(job.directory).exists():
+      logging.warning("shard %s is unfinished or damaged; preparing it again", job.directory)
+  logging.info("Preparing %d of %d shards (%d already prepared)", len(todo), len(mine),
+               len(mine) - len(todo))
+  if todo:
+    (runner or functools.partial(run_local, workers=workers))(todo, tokenizer)
+  if part is not None:
+    return None
+  metas = []
+  for job in jobs:
+    meta = shards.read_shard(job.directory)
+    if meta is None:
+      raise sources.DataError(f"shard {job.shard.describe()} was not prepared into "
+                              f"{job.directory}; run the prepare again")
+    metas.append(meta)
+  _write_manifest(prepared_dir, data_cfg, tokenizer, jobs, metas)
+  return prepared_dir
+
+
+def _manifest_key(jobs: Sequence[shards.Job], seq_len: int) -> str:
+  h = hashlib.sha256(f"lmssl-prepared-v{FORMAT_VERSION}:packed:seq_len={seq_len}:".encode())
+  for job in jobs:
+    h.update(job.key.encode())
+  return h.hexdigest()[:16]
+
+
+def _manifest_ok(prepared_dir: str) -> bool:
+  try:
+    meta = read_meta(prepared_dir)
+  except _Corrupt as e:
+    if files.at(prepared_dir).exists():
+      logging.warning("prepared data %s is unusable (%s); rebuilding it now", prepared_dir,
+                      e.problem)
+    return False
+  root = os.path.dirname(os.path.dirname(prepared_dir))
+  return all(shards.read_shard(shards.shard_directory(root, s["key"])) is not None
+             for s in meta["shards"])
+
+
+def _write_manifest(prepared_dir, data_cfg, tokenizer, jobs, metas) -> None:
+  totals = {}
+  for split in SPLITS:
+    counts = [m["splits"].get(split, dict(documents=0, tokens=0)) for m in metas]
+    documents, tokens = sum(c["documents"] for c in counts), sum(c["tokens"] for c in counts)
+    if not documents:
+      why = ("no document's hash fell below val_fraction "
+             f"{data_cfg.val_fraction}; raise it or set --config.data.val_source"
+             if split == "validation" and not data_cfg.val_source else
+             "point the source at non-empty text")
+      raise sources.DataError(f"data source {data_cfg.source!r} gave no {split} documents; "
+                              f"{why}")
+    framed = tokens + 2 * documents
+    totals[split] = dict(num_documents=documents, num_tokens=tokens,
+                         num_examples=-(-framed // data_cfg.seq_len))
+  meta = dict(format_version=FORMAT_VERSION, format="packed", seq_len=data_cfg.seq_len,
+              vocab_size=tokenizer.vocab_size, cls_id=tokenizer.cls_id,
+              sep_id=tokenizer.sep_id, pad_id=tokenizer.pad_id, source=data_cfg.source,
+              val_source=data_cfg.val_source, tokenizer_sha256=jobs[0].tokenizer_sha256,
+              splits=totals,
+              shards=[dict(key=job.key, input=job.shard.describe(),
+                           **{split: dict(documents=c["documents"], tokens=c["tokens"])
+                              for split, c in m["splits"].items()})
+                      for job, m in zip(jobs, metas)])
+  files.write_atomically(os.path.join(prepared_dir, "meta.json"), json.dumps(meta, indent=1))
+  logging.info("Prepared %s into %s", json.dumps(totals), prepared_dir)
+
+
+# Local runner: a process per core, each with its own tokenizer.
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer) -> None:
+  global _worker_tokenizer
+  _worker_tokenizer = tokenizer
+
+
+def _run_job(job: shards.Job) -> dict:
+  return shards.prepare_shard(job, _worker_tokenizer)
+
+
+class Progress:
+  """Shards done of total, tokens/s and time left, logged as shards finish (at most every
+  `every` seconds, and at the end)."""
+
+  def __init__(self, total: int, every: float = 5.0):
+    self.total, self.every, self.done, self.tokens = total, every, 0, 0
+    self.start = self.last = time.monotonic()
+
+  def shard_done(self, meta: dict) -> None:
+    self.done += 1
+    self.tokens += sum(s["tokens"] for s in meta["splits"].values())
+    now = time.monotonic()
+    if now - self.last >= self.every or self.done == self.total:
+      self.last, elapsed = now, now - self.start
+      left = elapsed / self.done * (self.total - self.done)
+      logging.info("prepare: %d/%d shards, %.0f tokens/s, %d s left", self.done, self.total,
+                   self.tokens / max(elapsed, 1e-9), round(left))
+
+
+def run_local(jobs: Sequence[shards.Job], tokenizer: tok.AnyTokenizer,
+              workers: int = 0) -> list[dict]:
+  """Runs `jobs` on `workers` processes (0: one per core; in this process when one is enough)."""
+  workers = min(workers or os.cpu_count() or 1, len(jobs))
+  progress = Progress(len(jobs))
+  if workers <= 1:
+    metas = []
+    for job in jobs:
+      metas.append(shards.prepare_shard(job, tokenizer))
+      progress.shard_done(metas[-1])
+    return metas
+  # Spawned, not forked: the caller may have TensorFlow's threads running.
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+      initargs=(tokenizer,)) as pool:
+    futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
+    metas = [None] * len(jobs)
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        metas[futures[future]] = future.result()
+        progress.shard_done(metas[futures[future]])
+    except BaseException:
+      for future in futures:
+        future.cancel()
+      raise
+  return metas
+
+
+# Sentence pairs: built in memory from all documents, stored whole.
+
+def _prepare_pairs(data_cfg: ml_collections.ConfigDict, tokenizer: tok.AnyTokenizer) -> str:
+  train_docs, val_docs = sources.train_and_val_documents(data_cfg)
+  splits = dict(train=train_docs, validation=val_docs)
+  layout = f"pairs-v{pairs.VERSION}:short_seq_prob={float(data_cfg.short_seq_prob)!r}:"
+  h = hashlib.sha256(f"lmssl-prepared-v{FORMAT_VERSION}:seq_len={data_cfg.seq_len}:".encode())
+  h.update(layout.encode())
+  h.update(hashlib.sha256(tokenizer.fingerprint).digest())
+  for name, docs in splits.items():
+    h.update(f"{name}:{len(docs)}:".encode())
+    for doc in docs:
+      data = doc.encode("utf-8")
+      h.update(len(data).to_bytes(8, "little"))  # Length prefixes keep boundaries unambiguous.
+      h.update(data)
+  key = h.hexdigest()
+  prepared_dir = os.path.join(cache_root(data_cfg), "prepared", key[:16])
   if os.path.isdir(prepared_dir):
     try:
       for split in SPLITS:
         load_prepared(prepared_dir, split)
       logging.info("Reusing prepared data %s", prepared_dir)
-      return tokenizer_path, prepared_dir
+      return prepared_dir
     except _Corrupt as e:
       logging.warning("prepared data %s is unusable (%s); rebuilding it now", prepared_dir,
                       e.problem)
       shutil.rmtree(prepared_dir)
-  meta = dict(format_version=FORMAT_VERSION, format="pairs" if layout else "packed",
-              seq_len=data_cfg.seq_len, vocab_size=tokenizer.vocab_size, source=data_cfg.source,
-              val_source=data_cfg.val_source,
+  meta = dict(format_version=FORMAT_VERSION, format="pairs", seq_len=data_cfg.seq_len,
+              vocab_size=tokenizer.vocab_size, source=data_cfg.source,
+              val_source=data_cfg.val_source, short_seq_prob=data_cfg.short_seq_prob,
               tokenizer_sha256=hashlib.sha256(tokenizer.fingerprint).hexdigest(), splits={})
-  if layout:
-    meta["short_seq_prob"] = data_cfg.short_seq_prob
+  encode = lambda texts: [i for b in range(0, len(texts), 2048)
+                          for i in tokenizer.encode_batch(texts[b:b + 2048])]
   arrays = {}
   for index, (name, docs) in enumerate(splits.items()):
     # Pair building draws from a generator fixed by the content hash: prepare is deterministic.
-    arrays[name], num_tokens = _build_split(docs, tokenizer, data_cfg,
-                                            seed=(int(key[:16], 16), index))
-    num_examples = len(arrays[name]["doc" if layout else "tokens"])
-    meta["splits"][name] = dict(num_documents=len(docs), num_examples=num_examples,
+    arrays[name], num_tokens = pairs.prepare_split(
+        docs, encode, data_cfg.seq_len, data_cfg.short_seq_prob,
+        np.random.default_rng((int(key[:16], 16), index)))
+    meta["splits"][name] = dict(num_documents=len(docs), num_examples=len(arrays[name]["doc"]),
                                 num_tokens=num_tokens)
-  _write_atomically(prepared_dir, arrays, meta)
+  _write_arrays(prepared_dir, arrays, meta)
   logging.info("Prepared %s into %s", json.dumps(meta["splits"]), prepared_dir)
-  return tokenizer_path, prepared_dir
+  return prepared_dir
 
 
-def _encode(tokenizer: tok.AnyTokenizer, texts: Sequence[str]) -> list[list[int]]:
-  return [i for b in range(0, len(texts), _ENCODE_BATCH)
-          for i in tokenizer.encode_batch(texts[b:b + _ENCODE_BATCH])]
-
-
-def _build_split(docs: list[str], tokenizer: tok.AnyTokenizer, data_cfg: ml_collections.ConfigDict,
-                 seed: tuple[int, int]) -> tuple[dict[str, np.ndarray], int]:
-  """One split's arrays in data_cfg's format, and its number of document tokens."""
-  if not data_cfg.sentence_pair:
-    ids = _encode(tokenizer, docs)
-    return pack(ids, data_cfg.seq_len, tokenizer), int(sum(map(len, ids)))
-  return pairs.prepare_split(docs, functools.partial(_encode, tokenizer), data_cfg.seq_len,
-                             data_cfg.short_seq_prob, np.random.default_rng(seed))
-
-
-def _write_atomically(prepared_dir: str, arrays: dict, meta: dict) -> None:
+def _write_arrays(prepared_dir: str, arrays: dict, meta: dict) -> None:
   """Builds the directory under a temporary name next to it, then renames it into place."""
   parent = os.path.dirname(prepared_dir)
   os.makedirs(parent, exist_ok=True)
@@ -198,6 +339,8 @@ def _write_atomically(prepared_dir: str, arrays: dict, meta: dict) -> None:
     raise
 
 
+# Reading prepared data.
+
 class _Corrupt(sources.DataError):
   """A prepared directory that cannot be used; `problem` says which file and why."""
 
@@ -207,15 +350,14 @@ class _Corrupt(sources.DataError):
 
 
 def _corrupt(path: str, problem: str, prepared_dir: str) -> sources.DataError:
-  return _Corrupt(f"prepared data file {path} {problem}; delete {prepared_dir} and run again to "
-                  "rebuild it", f"{path} {problem}")
+  return _Corrupt(f"prepared data file {path} {problem}; run the prepare (or the training run) "
+                  f"again, which rebuilds it", f"{path} {problem}")
 
 
 def read_meta(prepared_dir: str) -> dict:
   path = os.path.join(prepared_dir, "meta.json")
   try:
-    with open(path) as f:
-      meta = json.load(f)
+    meta = json.loads(files.at(path).read_text())
   except FileNotFoundError:
     raise _corrupt(path, "is missing", prepared_dir) from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -231,25 +373,25 @@ def read_meta(prepared_dir: str) -> dict:
   return meta
 
 
-def _shapes(meta: dict, split: str) -> dict[str, tuple]:
-  n, seq_len = meta["splits"][split]["num_examples"], meta["seq_len"]
-  if meta["format"] == "packed":
-    return {name: (n, seq_len) for name in ARRAYS}
-  return {name: (n, seq_len - pairs.NUM_SPECIAL) if name.endswith("_ids") else (n,)
-          for name in pairs.ARRAYS}
-
-
-def load_prepared(prepared_dir: str, split: str) -> dict[str, np.ndarray]:
-  """Memory-mapped int32 arrays of one split, those the module docstring lists for its format.
-
-  Packed: `tokens`, `segment_ids` [N, seq_len]. Pairs: `a_ids`, `b_ids` [N, seq_len - 3] and
-  `a_len`, `b_len`, `doc` [N].
-  """
+def load_prepared(prepared_dir: str, split: str):
+  """One split of prepared data: packed data as `packed.PackedRows` (rows read on demand),
+  pairs as memory-mapped int32 arrays `a_ids`, `b_ids` [N, seq_len - 3] and `a_len`,
+  `b_len`, `doc` [N]."""
   if split not in SPLITS:
     raise errors.UserError(f"unknown split {split!r}; known: {list(SPLITS)}")
   meta = read_meta(prepared_dir)
+  if meta["format"] == "packed":
+    root = os.path.dirname(os.path.dirname(prepared_dir))
+    # The manifest is written once every shard it names is complete, so the shards are not
+    # checked again here: at thousands of shards on Cloud Storage that would delay every start.
+    entries = [(shards.shard_directory(root, s["key"]), s[split]["documents"], s[split]["tokens"])
+               for s in meta["shards"] if split in s]
+    return packed.PackedRows(entries, split, meta["seq_len"],
+                             (meta["cls_id"], meta["sep_id"], meta["pad_id"]))
+  n = meta["splits"][split]["num_examples"]
   arrays = {}
-  for name, shape in _shapes(meta, split).items():
+  for name in pairs.ARRAYS:
+    shape = (n, meta["seq_len"] - pairs.NUM_SPECIAL) if name.endswith("_ids") else (n,)
     path = os.path.join(prepared_dir, split, f"{name}.npy")
     try:
       arrays[name] = np.load(path, mmap_mode="r")
@@ -269,16 +411,36 @@ def _main() -> None:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config = config_flags.DEFINE_config_file("config", None, "Run config file (data section used).")
   workdir = flags.DEFINE_string("workdir", None, "Where a trained tokenizer.model goes.")
+  num_shards = flags.DEFINE_integer("num_shards", 1, "Split the jobs into this many parts...")
+  shard_index = flags.DEFINE_integer("shard_index", 0, "...and prepare only this one (0-based).")
+  workers = flags.DEFINE_integer("workers", None, "Processes; default config.data.prepare_workers.")
+  runner = flags.DEFINE_enum("runner", "local", ["local", "beam"],
+                             "local processes, or Apache Beam (flags after -- go to Beam).")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def run(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    data_cfg = config.value.data
     try:
-      tokenizer_path, prepared_dir = prepare(config.value.data, None, workdir.value)
+      if not 0 <= shard_index.value < num_shards.value:
+        raise errors.UserError(f"--shard_index {shard_index.value} must be in [0, --num_shards "
+                               f"{num_shards.value})")
+      if len(argv) > 1 and runner.value != "beam":
+        raise errors.UserError(f"unexpected arguments {argv[1:]}; only --runner beam takes "
+                               "flags after --")
+      run_jobs = None
+      if runner.value == "beam":
+        from lmssl.data import beam_prepare  # pylint: disable=g-import-not-at-top
+        run_jobs = functools.partial(beam_prepare.run, pipeline_args=argv[1:])
+      part = None if num_shards.value == 1 else (shard_index.value, num_shards.value)
+      tokenizer_path, prepared_dir = prepare(
+          data_cfg, None, workdir.value, part=part, runner=run_jobs,
+          workers=data_cfg.prepare_workers if workers.value is None else workers.value)
     except errors.UserError as e:
       raise SystemExit(f"lmssl: error: {e}") from None
-    print(f"tokenizer: {tokenizer_path}\nprepared: {prepared_dir}")
+    print(f"tokenizer: {tokenizer_path}")
+    print(f"prepared: {prepared_dir}" if prepared_dir else
+          f"prepared part {shard_index.value} of {num_shards.value}; run without --num_shards "
+          "(or start training) once all parts are done, to write the manifest")
 
   app.run(run)
 

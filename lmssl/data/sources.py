@@ -196,7 +196,7 @@ def split_documents(docs: Sequence[str], val_fraction: float) -> tuple[list[str]
   if len(docs) < 2:
     raise DataError(f"need at least 2 documents to hold out validation, got {len(docs)}; add "
                     f"text or set --config.data.val_source")
-  keys = [_hash_fraction(d) for d in docs]
+  keys = [hash_fraction(d) for d in docs]
   is_val = [k < val_fraction for k in keys]
   if not any(is_val):
     is_val[min(range(len(docs)), key=keys.__getitem__)] = True
@@ -207,7 +207,7 @@ def split_documents(docs: Sequence[str], val_fraction: float) -> tuple[list[str]
   return train, val
 
 
-def _hash_fraction(text: str) -> float:
+def hash_fraction(text: str) -> float:
   return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 

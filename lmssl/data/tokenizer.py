@@ -117,6 +117,9 @@ class Tokenizer:
     self.special = np.arange(self.vocab_size) < NUM_RESERVED
     self.word_start = self._word_start()
 
+  def __reduce__(self):  # to prepare workers: the model's bytes, not the C++ processor
+    return (Tokenizer, (self.model_bytes, self.path))
+
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
     if not files.at(path).is_file():

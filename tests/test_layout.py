@@ -1,5 +1,6 @@
 """The package's architecture, held by its imports: layers that import only downwards,
-TensorFlow only in lmssl/data, and the `hf` extra only under lmssl/hf/, lazily."""
+TensorFlow only in lmssl/data, the `hf` extra only under lmssl/hf/, lazily, and the `beam`
+extra only in lmssl/data/beam_prepare.py, itself imported lazily."""
 
 import ast
 import pathlib
@@ -38,6 +39,8 @@ EXTRA = {"torch", "transformers", "safetensors", "tokenizers"}
 # The benchmark's PyTorch peer exists for the extra: it imports it at the top, and is itself
 # imported only inside functions.
 EXTRA_FILES = {"bench/hf_peer"}
+# Prepare's Apache Beam runner, the one module of the optional `beam` extra.
+BEAM_FILE = "data/beam_prepare.py"
 
 
 def _unit(parts) -> str:
@@ -109,3 +112,13 @@ def test_tensorflow_stays_in_data_and_the_hf_extra_in_hf():
               f"lmssl/{rel} imports {name} (the hf extra) outside lmssl/hf/ or at the top")
         if top == "lmssl" and _unit(name.split(".")[1:]) in EXTRA_FILES:
           assert lazy, f"lmssl/{rel} imports {name} (it needs the hf extra) at the top"
+
+
+def test_beam_stays_in_beam_prepare():
+  for _, unit_files in _units().items():
+    for rel, imports in unit_files:
+      for name, lazy in imports:
+        if name.split(".")[0] == "apache_beam":
+          assert rel.as_posix() == BEAM_FILE, f"lmssl/{rel} imports {name} (the beam extra)"
+        if name == "lmssl.data.beam_prepare":
+          assert lazy, f"lmssl/{rel} imports {name} (it needs the beam extra) at the top"

@@ -54,13 +54,13 @@ def prepare_data(data_cfg, workdir: str):
   and each completes what it cannot see (a cache on local disks) and writes the manifest."""
   given = tokenizer_lib.load(data_cfg.tokenizer) if data_cfg.tokenizer else None
   tok = distributed.process_0_first(lambda: prepare.tokenizer_for(data_cfg, given, workdir),
-                                    "make the tokenizer")
+                                    "prepare the data")
   workers = data_cfg.prepare_workers
   if distributed.process_count() > 1:
     part = (distributed.process_index(), distributed.process_count())
     distributed.every_process(
         lambda: prepare.prepare(data_cfg, tok, workdir, part=part, workers=workers),
-        "prepare its shards")
+        "prepare the data")
   return tok, prepare.prepare(data_cfg, tok, workdir, workers=workers)[1]
 
 

@@ -60,7 +60,7 @@ def local_run(corpus, tokenizer, tmp_path_factory):
   """The reference: the local runner on two processes."""
   cache = tmp_path_factory.mktemp("local")
   cfg = data_cfg(corpus, cache)
-  prepared_dir = prepare.prepare(cfg, tokenizer, workers=2)
+  _, prepared_dir = prepare.prepare(cfg, tokenizer, "", workers=2)
   return cfg, cache, prepared_dir
 
 
@@ -78,12 +78,12 @@ def test_parts_one_after_another_equal_the_local_run(local_run, corpus, tokenize
   _, local_cache, _ = local_run
   cfg = data_cfg(corpus, tmp_path)
   for index in range(3):
-    assert prepare.prepare(cfg, tokenizer, workers=1, part=(index, 3)) is None
+    assert prepare.prepare(cfg, tokenizer, "", workers=1, part=(index, 3))[1] is None
 
   def nothing_left(jobs, _):
     raise AssertionError(f"the parts left {len(jobs)} shards to the final call")
 
-  prepared_dir = prepare.prepare(cfg, tokenizer, runner=nothing_left)
+  _, prepared_dir = prepare.prepare(cfg, tokenizer, "", runner=nothing_left)
   assert prepared_dir.startswith(str(tmp_path))
   assert digests(tmp_path) == digests(local_cache)
 
@@ -92,7 +92,7 @@ def test_beam_direct_runner_equals_the_local_run(local_run, corpus, tokenizer, t
   beam_prepare = _beam_prepare()
   _, local_cache, _ = local_run
   runner = functools.partial(beam_prepare.run, pipeline_args=BEAM_ARGS)
-  prepared_dir = prepare.prepare(data_cfg(corpus, tmp_path), tokenizer, runner=runner)
+  _, prepared_dir = prepare.prepare(data_cfg(corpus, tmp_path), tokenizer, "", runner=runner)
   assert prepared_dir.startswith(str(tmp_path))
   assert digests(tmp_path) == digests(local_cache)
 

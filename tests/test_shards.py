@@ -159,3 +159,29 @@ def test_a_changed_or_damaged_shard_is_prepared_again(tmp_path, paragraphs, toke
   assert again == changed and shards.read_shard(str(tokens.parent)) is not None
   assert json.loads((Path(again) / "meta.json").read_text())["shards"] == (
       prepare.read_meta(changed)["shards"])
+
+
+def test_a_bad_file_stops_prepare_in_one_line_and_leaves_nothing_half_written(
+    tmp_path, paragraphs, tokenizer_path):
+  directory = tmp_path / "corpus"
+  directory.mkdir()
+  for i in range(3):
+    lines = [json.dumps({"text": p}) for p in paragraphs[i * 200:(i + 1) * 200]]
+    (directory / f"part{i}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  good = (directory / "part2.jsonl").read_bytes()
+  (directory / "part3.jsonl").write_bytes(good[:5000] + b"\xff\xfe" + good[5000:])
+  cfg = data_cfg(directory, tmp_path / "cache", shard_bytes=30_000)
+  cfg.source = f"jsonl:{directory}/*.jsonl:text"
+  tokenizer_dir = tmp_path / "work"
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  # A given tokenizer: the bad bytes are met by a prepare worker, not the tokenizer's sample.
+  command = _prepare_command(cfg, tokenizer_dir) + [
+      "--config.data.prepare_workers=2", f"--config.data.tokenizer={tokenizer_path}"]
+  command.remove("--config.data.prepare_workers=1")
+  out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"lmssl: error: {directory}/part3.jsonl") and "UTF-8" in last, last
+  cache = tmp_path / "cache"
+  assert not [p for p in cache.rglob("*") if ".tmp-" in p.name]  # no half-written file
+  assert not list(cache.glob("prepared/*/meta.json"))  # and no manifest

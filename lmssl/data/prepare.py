@@ -17,7 +17,6 @@ Runners of the same per-shard function, with the same bytes as output:
 A training run prepares what is missing itself, every process a part, before its first step.
 """
 
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -26,6 +25,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from typing import Callable, Optional, Sequence
@@ -218,10 +218,11 @@ _worker_tokenizer = None
 def _init_worker(tokenizer) -> None:
   global _worker_tokenizer
   _worker_tokenizer = tokenizer
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 
-def _run_job(job: shards.Job) -> dict:
-  return shards.prepare_shard(job, _worker_tokenizer)
+def _run_job(numbered: tuple[int, shards.Job]) -> tuple[int, dict]:
+  return numbered[0], shards.prepare_shard(numbered[1], _worker_tokenizer)
 
 
 class Progress:
@@ -247,27 +248,26 @@ def run_local(jobs: Sequence[shards.Job], tokenizer: tok.AnyTokenizer,
               workers: int = 0) -> list[dict]:
   """Runs `jobs` on `workers` processes (0: one per core; in this process when one is enough)."""
   workers = min(workers or os.cpu_count() or 1, len(jobs))
-  progress = Progress(len(jobs))
+  progress, metas = Progress(len(jobs)), [None] * len(jobs)
   if workers <= 1:
-    metas = []
-    for job in jobs:
-      metas.append(shards.prepare_shard(job, tokenizer))
-      progress.shard_done(metas[-1])
+    for i, job in enumerate(jobs):
+      metas[i] = shards.prepare_shard(job, tokenizer)
+      progress.shard_done(metas[i])
     return metas
   # Spawned, not forked: the caller may have TensorFlow's threads running.
-  with concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-      initargs=(tokenizer,)) as pool:
-    futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
-    metas = [None] * len(jobs)
-    try:
-      for future in concurrent.futures.as_completed(futures):
-        metas[futures[future]] = future.result()
-        progress.shard_done(metas[futures[future]])
-    except BaseException:
-      for future in futures:
-        future.cancel()
-      raise
+  pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,))
+  try:
+    for i, meta in pool.imap_unordered(_run_job, enumerate(jobs)):
+      metas[i] = meta
+      progress.shard_done(meta)
+    pool.close()
+  except BaseException:
+    pool.terminate()  # a failed shard or a signal stops the others now, not after their shards
+    pool.join()
+    for job in jobs:  # the stopped workers' temporary files
+      shards.discard_unfinished(job.directory)
+    raise
+  pool.join()
   return metas
 
 

@@ -124,7 +124,7 @@ class _SplitWriter:
     self.flush()
     for name, f in self.out.items():
       f.close()
-      files.at(self.tmp[name]).rename(self.paths[name])
+      files.at(self.tmp[name]).replace(self.paths[name])
     return dict(documents=self.documents, tokens=self.tokens, index=self.index)
 
   def abandon(self) -> None:
@@ -141,10 +141,8 @@ def prepare_shard(job: Job, tokenizer: tok.AnyTokenizer) -> dict:
     return done
   if fingerprint_sha256(tokenizer) != job.tokenizer_sha256:
     raise ValueError(f"job {job.key} was planned for another tokenizer")
-  directory = files.at(job.directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  for stale in directory.glob("*.tmp-*"):  # left by a killed run of this shard
-    stale.unlink(missing_ok=True)
+  discard_unfinished(job.directory)  # what a killed run of this shard left
+  files.at(job.directory).mkdir(parents=True, exist_ok=True)
   dtype = token_dtype(tokenizer.vocab_size)
   split_of = _split_of(job.rule)
   writers = {}
@@ -165,6 +163,18 @@ def prepare_shard(job: Job, tokenizer: tok.AnyTokenizer) -> dict:
   files.write_atomically(os.path.join(job.directory, "shard.json"),
                          json.dumps(meta, sort_keys=True, indent=1))
   return meta
+
+
+def discard_unfinished(directory: str) -> None:
+  """Removes the temporary files of an unfinished write in `directory`, and the directory
+  itself when nothing else is in it. Only for shards no live process is writing."""
+  path = files.at(directory)
+  if not path.exists():
+    return
+  for stale in path.glob("*.tmp-*"):
+    stale.unlink(missing_ok=True)
+  if not any(path.iterdir()):
+    path.rmdir()
 
 
 def read_shard(directory: str) -> dict | None:

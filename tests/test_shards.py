@@ -185,3 +185,31 @@ def test_a_bad_file_stops_prepare_in_one_line_and_leaves_nothing_half_written(
   cache = tmp_path / "cache"
   assert not [p for p in cache.rglob("*") if ".tmp-" in p.name]  # no half-written file
   assert not list(cache.glob("prepared/*/meta.json"))  # and no manifest
+
+
+def test_tokenizer_sample_is_seeded_and_drawn_from_every_shard(tmp_path, paragraphs):
+  cfg = data_cfg(corpus(tmp_path, paragraphs), tmp_path / "cache")
+  inputs = sources.list_shards(cfg.source, cfg)
+  sample = list(prepare.tokenizer_sample(inputs, 30_000, seed=0))
+  assert sample == list(prepare.tokenizer_sample(inputs, 30_000, seed=0))
+  assert sample != list(prepare.tokenizer_sample(inputs, 30_000, seed=1))
+  longest = max(len(d) for shard in inputs for d in shard.documents())
+  assert 30_000 <= sum(map(len, sample)) <= 30_000 + len(inputs) * longest
+  taken = set(sample)
+  assert all(taken & set(shard.documents()) for shard in inputs)  # a share of every shard
+  starts = [next(shard.documents()) for shard in inputs]
+  assert sum(d in taken for d in starts) < len(inputs) / 2  # windows at seeded offsets
+
+
+def test_rows_read_by_byte_ranges_equal_mapped_rows(tmp_path, paragraphs, tokenizer,
+                                                     monkeypatch):
+  """On Cloud Storage a shard is read by ranges; the rows are those a local map gives."""
+  cfg = data_cfg(corpus(tmp_path, paragraphs, files=2), tmp_path / "cache")
+  _, out = prepare.prepare(cfg, tokenizer, str(tmp_path / "work"))
+  order = np.random.default_rng(1).permutation(prepare.load_prepared(out, "train").num_rows)
+  mapped = prepare.load_prepared(out, "train").read(order)
+  from lmssl import files
+  monkeypatch.setattr(files, "is_url", lambda path: True)  # local paths, read as URLs are
+  ranged = prepare.load_prepared(out, "train").read(order)
+  for a, b in zip(mapped, ranged):
+    np.testing.assert_array_equal(a, b)

@@ -98,20 +98,25 @@ def tokenizer_for(data_cfg: ml_collections.ConfigDict, given: Optional[tok.AnyTo
 
 def tokenizer_sample(inputs: Sequence[sources.InputShard], chars: int, seed: int):
   """Documents of about `chars` characters from all of `inputs`, an equal share from each:
-  a window at a seeded offset where a shard is a byte range, else its first documents."""
+  read from a seeded offset where a shard is a byte range (from its start when that offset
+  falls in its last document), else from its start."""
   share = -(-chars // max(len(inputs), 1))
   rng = random.Random(seed)
   for shard in inputs:
+    starts = [shard]
     if shard.kind in ("text", "jsonl") and shard.stop > 0:
-      # Characters are at least a byte each, so a window of `share` bytes holds at most
-      # `share` characters; a little more keeps whole documents at its end.
-      start = shard.start + rng.randrange(max(shard.stop - shard.start - 2 * share, 0) + 1)
-      shard = dataclasses.replace(shard, start=start, stop=min(start + 2 * share, shard.stop))
-    taken = 0
-    for doc in shard.documents():
-      yield doc
-      taken += len(doc)
-      if taken >= share:
+      # Characters are at least a byte each: from 2 * share bytes before the end on, a
+      # share may not fit, so offsets stop there.
+      offset = shard.start + rng.randrange(max(shard.stop - shard.start - 2 * share, 0) + 1)
+      starts.insert(0, dataclasses.replace(shard, start=offset))
+    for start in starts:
+      taken = 0
+      for doc in start.documents():
+        yield doc
+        taken += len(doc)
+        if taken >= share:
+          break
+      if taken:
         break
 
 

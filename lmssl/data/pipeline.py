@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from lmssl import errors
 from lmssl.data import packed
+from lmssl.data import pair_rows
 from lmssl.data import pairs
 from lmssl.data import tokenizer as tok
 
@@ -168,8 +169,8 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
   # In-memory packed rows name their ids "tokens"; every other array keeps its name.
   arrays = {} if reader else {("input_ids" if k == "tokens" else k): v for k, v in arrays.items()}
   # Fine-tuning rows are never pairs, whatever the data config they came with says.
-  pair_rows = objective != "task" and pairs.check_arrays(arrays, data_cfg.sentence_pair)
-  num_rows = reader.num_rows if reader else arrays["a_ids" if pair_rows else "input_ids"].shape[0]
+  is_pairs = objective != "task" and pairs.check_arrays(arrays, data_cfg.sentence_pair)
+  num_rows = reader.num_rows if reader else arrays["a_ids" if is_pairs else "input_ids"].shape[0]
   rows = np.arange(global_batch) if host_rows is None else np.asarray(host_rows, np.int64)
   _check_args(objective, global_batch, rows, num_rows, tokenizer)
   batch = len(rows)
@@ -187,14 +188,14 @@ def make_dataset(arrays, *, objective: str, global_batch: int, seed: int, start_
       features = _read_rows(reader, index_B, batch)
     else:
       features = {k: tf.gather(table, index_B) for k, table in tables.items()}
-    if "positions" not in features and not pair_rows:
+    if "positions" not in features and not is_pairs:
       features["positions"] = positions_from_segments(features["segment_ids"])
     return features, g_B
 
   ds = steps.map(read_step, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   row_fns = []
-  if pair_rows:
-    row_fns.append(pairs.row_builder(tables, kind=data_cfg.sentence_pair, seed=seed,
+  if is_pairs:
+    row_fns.append(pair_rows.row_builder(tables, kind=data_cfg.sentence_pair, seed=seed,
                                      tokenizer=tokenizer))
   if objective == "mlm":
     row_fns.append(_masker(seed=seed, data_cfg=data_cfg, tokenizer=tokenizer))

@@ -21,13 +21,10 @@ import dataclasses
 import functools
 import hashlib
 import json
-import multiprocessing
 import os
 import random
 import shutil
-import signal
 import tempfile
-import time
 from typing import Callable, Optional, Sequence
 
 from absl import logging
@@ -128,7 +125,8 @@ def prepare(data_cfg: ml_collections.ConfigDict, tokenizer: Optional[tok.AnyToke
   The tokenizer is `tokenizer_for(data_cfg, tokenizer, workdir)`. `part=(i, n)` prepares only
   jobs i, i + n, ... and writes no manifest (the directory returned is None): the other parts
   run elsewhere, and a later call without `part` finds them. `runner(jobs, tokenizer)` runs
-  jobs and returns their shard.json contents (default: `run_local` on `workers` processes,
+  jobs and returns their shard.json contents (default: `shards.run_local` on `workers`
+  processes,
   0 meaning one per core).
   """
   tokenizer = tokenizer_for(data_cfg, tokenizer, workdir)
@@ -153,7 +151,7 @@ def _prepare(data_cfg, tokenizer, workers, part, runner) -> str | None:
   logging.info("Preparing %d of %d shards (%d already prepared)", len(todo), len(mine),
                len(mine) - len(todo))
   if todo:
-    (runner or functools.partial(run_local, workers=workers))(todo, tokenizer)
+    (runner or functools.partial(shards.run_local, workers=workers))(todo, tokenizer)
   if part is not None:
     return None
   metas = []
@@ -213,67 +211,6 @@ def _write_manifest(prepared_dir, data_cfg, tokenizer, jobs, metas) -> None:
                       for job, m in zip(jobs, metas)])
   files.write_atomically(os.path.join(prepared_dir, "meta.json"), json.dumps(meta, indent=1))
   logging.info("Prepared %s into %s", json.dumps(totals), prepared_dir)
-
-
-# Local runner: a process per core, each with its own tokenizer.
-
-_worker_tokenizer = None
-
-
-def _init_worker(tokenizer) -> None:
-  global _worker_tokenizer
-  _worker_tokenizer = tokenizer
-  signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-
-
-def _run_job(numbered: tuple[int, shards.Job]) -> tuple[int, dict]:
-  return numbered[0], shards.prepare_shard(numbered[1], _worker_tokenizer)
-
-
-class Progress:
-  """Shards done of total, tokens/s and time left, logged as shards finish (at most every
-  `every` seconds, and at the end)."""
-
-  def __init__(self, total: int, every: float = 5.0):
-    self.total, self.every, self.done, self.tokens = total, every, 0, 0
-    self.start = self.last = time.monotonic()
-
-  def shard_done(self, meta: dict) -> None:
-    self.done += 1
-    self.tokens += sum(s["tokens"] for s in meta["splits"].values())
-    now = time.monotonic()
-    if now - self.last >= self.every or self.done == self.total:
-      self.last, elapsed = now, now - self.start
-      left = elapsed / self.done * (self.total - self.done)
-      logging.info("prepare: %d/%d shards, %.0f tokens/s, %d s left", self.done, self.total,
-                   self.tokens / max(elapsed, 1e-9), round(left))
-
-
-def run_local(jobs: Sequence[shards.Job], tokenizer: tok.AnyTokenizer,
-              workers: int = 0) -> list[dict]:
-  """Runs `jobs` on `workers` processes (0: one per core; in this process when one is enough)."""
-  workers = min(workers or os.cpu_count() or 1, len(jobs))
-  progress, metas = Progress(len(jobs)), [None] * len(jobs)
-  if workers <= 1:
-    for i, job in enumerate(jobs):
-      metas[i] = shards.prepare_shard(job, tokenizer)
-      progress.shard_done(metas[i])
-    return metas
-  # Spawned, not forked: the caller may have TensorFlow's threads running.
-  pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,))
-  try:
-    for i, meta in pool.imap_unordered(_run_job, enumerate(jobs)):
-      metas[i] = meta
-      progress.shard_done(meta)
-    pool.close()
-  except BaseException:
-    pool.terminate()  # a failed shard or a signal stops the others now, not after their shards
-    pool.join()
-    for job in jobs:  # the stopped workers' temporary files
-      shards.discard_unfinished(job.directory)
-    raise
-  pool.join()
-  return metas
 
 
 # Sentence pairs: built in memory from all documents, stored whole.

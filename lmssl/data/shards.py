@@ -12,16 +12,21 @@ The key hashes the input's identity (path, range, size, mtime: see sources.Input
 tokenizer's fingerprint and the split rule, so a rerun finds finished shards and skips them,
 a changed input gets a new key (the stale shard is left and unused), and a shard's bytes are
 the same whichever runner wrote it. Every file goes under a temporary name and is renamed into
-place; `shard.json` last, so a shard without it is unfinished and is redone.
+place; `shard.json` last, so a shard without it is unfinished and is redone. `run_local` runs
+jobs on this machine's cores; lmssl/data/beam_prepare.py runs them on Apache Beam.
 """
 
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
+import signal
+import time
 import uuid
-from typing import Iterator
+from typing import Iterator, Sequence
 
+from absl import logging
 import numpy as np
 
 from lmssl import files
@@ -194,3 +199,64 @@ def read_shard(directory: str) -> dict | None:
   except (FileNotFoundError, ValueError, KeyError, TypeError):
     return None
   return meta
+
+
+# Local runner: a process per core, each with its own tokenizer.
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer) -> None:
+  global _worker_tokenizer
+  _worker_tokenizer = tokenizer
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+def _run_job(numbered: tuple[int, Job]) -> tuple[int, dict]:
+  return numbered[0], prepare_shard(numbered[1], _worker_tokenizer)
+
+
+class Progress:
+  """Shards done of total, tokens/s and time left, logged as shards finish (at most every
+  `every` seconds, and at the end)."""
+
+  def __init__(self, total: int, every: float = 5.0):
+    self.total, self.every, self.done, self.tokens = total, every, 0, 0
+    self.start = self.last = time.monotonic()
+
+  def shard_done(self, meta: dict) -> None:
+    self.done += 1
+    self.tokens += sum(s["tokens"] for s in meta["splits"].values())
+    now = time.monotonic()
+    if now - self.last >= self.every or self.done == self.total:
+      self.last, elapsed = now, now - self.start
+      left = elapsed / self.done * (self.total - self.done)
+      logging.info("prepare: %d/%d shards, %.0f tokens/s, %d s left", self.done, self.total,
+                   self.tokens / max(elapsed, 1e-9), round(left))
+
+
+def run_local(jobs: Sequence[Job], tokenizer: tok.AnyTokenizer,
+              workers: int = 0) -> list[dict]:
+  """Runs `jobs` on `workers` processes (0: one per core; in this process when one is enough)."""
+  workers = min(workers or os.cpu_count() or 1, len(jobs))
+  progress, metas = Progress(len(jobs)), [None] * len(jobs)
+  if workers <= 1:
+    for i, job in enumerate(jobs):
+      metas[i] = prepare_shard(job, tokenizer)
+      progress.shard_done(metas[i])
+    return metas
+  # Spawned, not forked: the caller may have TensorFlow's threads running.
+  pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,))
+  try:
+    for i, meta in pool.imap_unordered(_run_job, enumerate(jobs)):
+      metas[i] = meta
+      progress.shard_done(meta)
+    pool.close()
+  except BaseException:
+    pool.terminate()  # a failed shard or a signal stops the others now, not after their shards
+    pool.join()
+    for job in jobs:  # the stopped workers' temporary files
+      discard_unfinished(job.directory)
+    raise
+  pool.join()
+  return metas

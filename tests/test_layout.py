@@ -25,7 +25,7 @@ LAYERS = [
     {"hf/weights"},
     # A run's pieces: its data on a mesh, its trained parameters read back.
     {"datasets", "inference"},
-    {"evaluate", "hf/convert", "bench/parts"},
+    {"evaluate", "hf/convert", "bench/parts", "bench/corpus"},
     {"train", "convert", "bench/step"},
     # Entry points.
     {"main", "bench/suite"},

@@ -1,10 +1,16 @@
-"""The data benchmark's corpus generator makes the same bytes from the same request."""
+"""The data benchmark on a 1.5 MB corpus: its figures agree with what they are made of, and the
+corpus generator makes the same bytes from the same request. No timing is asserted: these
+machines are shared."""
 
 import glob
 import json
 import pathlib
 
+import pytest
+
+from lmssl.bench import __main__ as cli
 from lmssl.bench import corpus
+from lmssl.bench import data
 from lmssl.data import readers
 
 
@@ -38,3 +44,87 @@ def test_corpus_is_its_request_and_reads_back_as_shuffled_paragraphs(tmp_path, w
   # The same order in JSONL (gzipped): more bytes per paragraph, so fewer of them.
   gz_docs = _documents(tmp_path / "gz", "jsonl.gz")
   assert gz_docs == docs[:len(gz_docs)] and made["gz"]["documents"] == len(gz_docs)
+
+
+def test_data_benchmark_figures_agree_with_the_files(tmp_path, wikitext_dir, capsys,
+                                                     monkeypatch):
+  """Corpus, tokenizer, and prepare by one process and by two, on a 1.5 MB corpus in two files
+  (two shards); no training run, whose start `test_train_row_...` covers."""
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  out = tmp_path / "data.json"
+  args = cli.parse_args(["--json", "--data", "0.0015", "--data_dir", str(tmp_path), "--data_files",
+                         "2", "--data_config", "size=tiny,smoke", "--data_workers", "2",
+                         "--data_runners", "one,all", "--data_steps", "0", "--out", str(out)])
+  rows = cli.run(args)
+  printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("{")]
+  document = json.loads(out.read_text())
+  assert printed == rows == document["rows"] + document["targets"]
+  made, tokenizer, one, every = rows[:4]
+  root = tmp_path / "0.0015gb-text"
+  assert [r["what"] for r in rows[:4]] == ["corpus", "tokenizer", "prepare", "prepare"]
+  assert (one["runner"], every["runner"]) == ("one process", "all cores")
+  record = json.loads((root / "corpus" / "corpus.json").read_text())
+  assert f"{record['bytes']:,} bytes" in made["note"] and len(record["files"]) == 2
+  assert (root / "tokenizer" / "tokenizer.model").is_file() and "vocab 500" in tokenizer["note"]
+
+  shards = {}
+  for row, name in ((one, "one"), (every, "all")):
+    cache = root / f"cache-{name}"
+    [manifest] = glob.glob(str(cache / "prepared" / "*" / "meta.json"))
+    manifest = json.loads(pathlib.Path(manifest).read_text())
+    tokens = sum(s["num_tokens"] for s in manifest["splits"].values())
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert row["tokens"] == tokens and row["shards"] == len(manifest["shards"]) == 2
+    assert row["bytes_per_token"] == pytest.approx(sum(p.stat().st_size for p in files) / tokens)
+    # uint16 ids: two bytes a token, plus eight bytes a document for its end, plus metadata.
+    assert 2.0 < row["bytes_per_token"] < 2.2
+    assert row["tokens_per_s"] == pytest.approx(tokens / row["seconds"])
+    # Each process imports the data package (TensorFlow with it): tens of MB at the least,
+    # and a 1.5 MB corpus adds little.
+    assert 50e6 < row["peak_rss_bytes"] <= row["peak_rss_sum_bytes"] < 4e9
+    shards[name] = {p.relative_to(cache / "shards"): p.read_bytes()
+                    for p in (cache / "shards").rglob("*") if p.is_file()}
+  assert (one["workers"], every["workers"]) == (0, 2)
+  assert one["peak_rss_sum_bytes"] == one["peak_rss_bytes"]
+  assert every["peak_rss_sum_bytes"] > every["peak_rss_bytes"]  # two workers beside it
+  assert shards["one"] == shards["all"]  # the same bytes, whichever runner wrote them
+
+  targets = {r["target"]: r for r in rows[4:]}
+  assert all(r["measurement"] == "data_target" for r in targets.values())
+  speedup = targets["all-cores prepare >= 1.6x one process"]
+  assert speedup["figures"] == (
+      f"0.0015 GB: {every['tokens_per_s'] / one['tokens_per_s']:.2f}x")
+  assert targets["bytes per token on disk <= 2.2"]["result"] == "met"
+  assert targets["prepare peak RSS <= 1.5 GB"]["figures"] == (
+      f"0.0015 GB: {every['peak_rss_sum_bytes'] / 1e6:,.0f} MB")
+  assert targets["training peak RSS <= 2.5 GB"]["result"] == "n/a"  # no training run
+
+
+def test_train_row_reads_its_first_step_and_rate(tmp_path, monkeypatch):
+  """The training run's row from its console lines and metrics.jsonl (the run itself faked):
+  time to the `step 1/` line, and the median rate over the second half of the steps."""
+  prepared = str(tmp_path / "cache" / "prepared" / "abc")
+  lines = [(4.0, "process 0/1: 1 local / 1 global devices"), (9.5, "step 1/4 | loss 6.2"),
+           (9.9, "step 2/4 | loss 6.1"), (11.0, f"outputs in W: metrics.jsonl; data {prepared}")]
+  seen = []
+
+  def spawn(argv, log):
+    seen.append(argv)
+    workdir = pathlib.Path(argv[argv.index("--workdir") + 1])
+    workdir.joinpath("metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "tokens_per_s": rate}) + "\n"
+        for s, rate in enumerate([10.0, 200.0, 300.0, 500.0], start=1)))
+    return data.Spawned(12.0, lines, 2 ** 30)
+
+  monkeypatch.setattr(data, "_spawn", spawn)
+  settings = data.Settings(sizes=(1,), data_dir=str(tmp_path), train_steps=4)
+  row = data.train_row(settings, tmp_path, {"data.cache_dir": str(tmp_path / "cache")}, prepared)
+  assert (row["first_step_s"], row["seconds"], row["peak_rss_bytes"]) == (9.5, 12.0, 2 ** 30)
+  assert row["tokens_per_s"] == 400.0
+  [argv] = seen
+  assert f"--config.data.cache_dir={tmp_path / 'cache'}" in argv
+  assert "--config.train.steps=4" in argv and "--config.train.log_every=1" in argv
+  lines[-1] = (11.0, "outputs in W: metrics.jsonl; data /elsewhere/prepared/def")
+  with pytest.raises(RuntimeError, match="did not read"):  # it prepared again: not measured
+    data.train_row(settings, tmp_path, {"data.cache_dir": str(tmp_path / "cache")}, prepared)

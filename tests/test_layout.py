@@ -26,7 +26,7 @@ LAYERS = [
     # A run's pieces: its data on a mesh, its trained parameters read back.
     {"datasets", "inference"},
     {"evaluate", "hf/convert", "bench/parts", "bench/corpus"},
-    {"train", "convert", "bench/step"},
+    {"train", "convert", "bench/step", "bench/data"},
     # Entry points.
     {"main", "bench/suite"},
     {"bench/__main__"},

@@ -1,0 +1,377 @@
+"""The data path at corpus scale: `python -m lmssl.bench --data 0.1,1,3`.
+
+Per corpus size (gigabytes of WikiText-2 paragraphs, lmssl/bench/corpus.py, made once and
+reused): the tokenizer is trained once, timed as its own row; then one process, all cores and
+Beam's DirectRunner each prepare the corpus with that tokenizer into a fresh cache, so that
+their rates compare the preparing alone; then a short training run of the config's model
+starts on the all-cores cache (time to its first step, from process start to the console's
+`step 1/` line); then the input pipeline alone is timed against that run's step rate
+(parts.pipeline_row). Each measurement runs in a process of its own, so its peak RSS is its own:
+the kernel's peak for the process and the workers it waited for (wait4), and for prepare also
+each process's own high-water mark, whose sum bounds what the machine must hold at once.
+
+Bytes per token count every file of a cache's shards/ and prepared/ over the manifest's tokens
+(both splits). The targets (issue 15) are checked at the end, each printed with its figures.
+Logs of every child are in DATA_DIR/SIZEgb-FORMAT/logs/.
+"""
+
+import dataclasses
+import datetime
+import functools
+import importlib
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+from lmssl.bench import corpus as corpus_lib
+
+RUNNERS = {"one": "one process", "all": "all cores", "beam": "beam direct"}
+GB = 10 ** 9
+# (limit, what) of issue 15's targets on the 2-core machine.
+PREPARE_RSS, TRAIN_RSS, BYTES_PER_TOKEN, SPEEDUP, FIRST_STEP = 1.5 * GB, 2.5 * GB, 2.2, 1.6, 1.5
+FLAT = 1.2  # "flat": the largest corpus's peak within this factor of the smallest's
+_PACKAGE = pathlib.Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What one data benchmark measures, and where it keeps its corpora and caches."""
+  sizes: tuple[float, ...]
+  data_dir: str
+  fmt: str = "text"
+  files: int = 1
+  variant: str = "size=tiny"  # of configs/mlm_base.py, for prepare and the training run alike
+  workers: int = 0  # the all-cores row's processes (0: one per core)
+  runners: tuple[str, ...] = ("one", "all", "beam")
+  train_steps: int = 20  # 0: no training run, and no pipeline measurement beside it
+  seed: int = 0
+
+
+def run(settings: Settings, report, out: str = "") -> list[dict]:
+  """Every size's rows, then the targets; `report(rows)` prints them, `out` (if set) is a JSON
+  file rewritten after each measurement, so a run cut short keeps what it measured."""
+  document = dict(benchmark="data", meta=meta(), settings=dataclasses.asdict(settings),
+                  rows=[])
+
+  def keep(row):
+    document["rows"].append(row)
+    print(f"lmssl.bench --data: {row['corpus_gb']} GB {row['what']} {row['runner']}: "
+          f"{_summary(row)}", file=sys.stderr, flush=True)
+    if out:
+      _write(out, document)
+
+  for size in settings.sizes:
+    measure_size(settings, size, keep)
+  rows = list(document["rows"])
+  document["targets"] = targets(rows)
+  if out:
+    _write(out, document)
+  report(rows)
+  report(document["targets"])
+  if out:
+    print(f"lmssl.bench: wrote {out}", flush=True)
+  return rows + document["targets"]
+
+
+def measure_size(settings: Settings, size: float, keep) -> None:
+  """The rows of one corpus size, each passed to `keep` as it is measured."""
+  root = pathlib.Path(settings.data_dir) / f"{size:g}gb-{settings.fmt}"
+  (root / "logs").mkdir(parents=True, exist_ok=True)
+  row = functools.partial(dict, measurement="data", corpus_gb=size)
+
+  start = time.perf_counter()
+  made = corpus_lib.generate(root / "corpus", size, settings.fmt, settings.files, settings.seed)
+  keep(row(what="corpus", runner=settings.fmt,
+           seconds=None if made["reused"] else time.perf_counter() - start,
+           note=f"{made['bytes']:,} bytes, {made['documents']:,} documents, "
+                f"{len(made['files'])} files{' (reused)' if made['reused'] else ''}"))
+  common = {"data.source": made["source"],
+            "data.tokenizer": str(root / "tokenizer" / "tokenizer.model")}
+
+  child = _child("tokenizer", settings, root, workdir=str(_fresh(root / "tokenizer")),
+                 overrides={"data.source": made["source"]})
+  keep(row(what="tokenizer", runner="one process", seconds=child["seconds"],
+           peak_rss_bytes=child["peak_rss_bytes"],
+           note=f"vocab {child['vocab']:,}, sample {child['sample_chars']:,} chars"))
+
+  prepared = {}
+  for name in settings.runners:
+    if name == "beam" and not all(importlib.util.find_spec(m) for m in
+                                  ("apache_beam", "lmssl.data.beam_prepare")):
+      keep(row(what="prepare", runner=RUNNERS[name], note="not installed (pip install "
+               "'lmssl[beam]'; needs lmssl.data.beam_prepare)"))
+      continue
+    measured, prepared[name] = prepare_row(settings, root, name, common)
+    keep(row(**measured))
+
+  if not settings.train_steps or not prepared:
+    return
+  # The all-cores cache, the one a user would train on (the caches hold the same bytes).
+  prepared_dir = prepared.get("all") or next(iter(prepared.values()))
+  common["data.cache_dir"] = str(pathlib.Path(prepared_dir).parents[1])
+  trained = train_row(settings, root, common, prepared_dir)
+  keep(row(what="train", **trained))
+  keep(row(what="pipeline", **pipeline_row(settings, root, common, trained["tokens_per_s"])))
+
+
+def prepare_row(settings: Settings, root: pathlib.Path, name: str, common: dict):
+  """(row, prepared directory) of one prepare runner, into a fresh cache of its own."""
+  cache = _fresh(root / f"cache-{name}")
+  child = _child("prepare", settings, root, log=f"prepare-{name}", runner=name,
+                 workdir=str(root / "tokenizer"),
+                 overrides={**common, "data.cache_dir": str(cache)})
+  disk = _tree_bytes(cache / "shards") + _tree_bytes(cache / "prepared")
+  tokens, seconds = child["tokens"], child["seconds"]
+  return dict(
+      what="prepare", runner=RUNNERS[name], tokens=tokens, seconds=seconds,
+      tokens_per_s=tokens / seconds,
+      peak_rss_bytes=max(child["own_peak_rss_bytes"], child["peak_rss_bytes"]),
+      # Each process at its own peak at once: a bound on what the machine must hold.
+      peak_rss_sum_bytes=child["own_peak_rss_bytes"]
+      + child["workers"] * child["workers_peak_rss_bytes"],
+      disk_bytes=disk, bytes_per_token=disk / tokens, shards=child["shards"],
+      workers=child["workers"], note=f"{child['shards']} shards, {child['workers']} workers",
+  ), child["prepared_dir"]
+
+
+def pipeline_row(settings: Settings, root: pathlib.Path, common: dict,
+                 step_tokens_per_s: float) -> dict:
+  """parts.pipeline_row on the prepared cache, in a process of its own, against the step."""
+  prepared = pathlib.Path(common["data.cache_dir"]) / "prepared"
+  before = sorted(os.listdir(prepared))
+  child = _child("pipeline", settings, root, workdir=common["data.cache_dir"],
+                 overrides=common)
+  if sorted(os.listdir(prepared)) != before:
+    raise RuntimeError(f"the pipeline measurement prepared its data again in {prepared}: its "
+                       f"config differs from prepare's; see {root / 'logs' / 'pipeline.log'}")
+  pipe = child["row"]
+  return dict(runner=f"batch {pipe['batch']} x {pipe['seq']}",
+              tokens=pipe["batches"] * pipe["batch"] * pipe["seq"],
+              tokens_per_s=pipe["tokens_per_s"], peak_rss_bytes=child["peak_rss_bytes"],
+              step_ratio=pipe["tokens_per_s"] / step_tokens_per_s,
+              note=f"{pipe['batches']} batches; the step takes {step_tokens_per_s:,.0f}/s")
+
+
+def train_row(settings: Settings, root: pathlib.Path, common: dict, prepared_dir: str) -> dict:
+  """A short training run on prepared data: time to its first step, its peak RSS and its
+  steps' rate once compiled (the median over the second half of the steps)."""
+  log = root / "logs" / "train.log"
+  steps = settings.train_steps
+  workdir = _fresh(root / "train")
+  overrides = {**common, "train.steps": steps, "train.log_every": 1, "train.warmup_steps": 1,
+               "eval.every_steps": steps, "eval.steps": 2, "checkpoint.every_steps": steps}
+  config = f"{_PACKAGE / 'configs' / 'mlm_base.py'}:{settings.variant}"
+  done = _spawn([sys.executable, "-m", "lmssl.main", "--config", config, "--workdir",
+                 str(workdir), *[f"--config.{k}={v}" for k, v in overrides.items()]],
+                log)
+  first = next((t for t, line in done.lines if line.startswith("step 1/")), None)
+  data_line = next((line for _, line in done.lines if line.endswith(f"data {prepared_dir}")),
+                   None)
+  if first is None or data_line is None:
+    raise RuntimeError(f"the training run did not log its first step or did not read "
+                       f"{prepared_dir}; see {log}")
+  metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  rates = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
+  return dict(runner=f"mlm {settings.variant}, {steps} steps", seconds=done.seconds,
+              first_step_s=first, peak_rss_bytes=done.peak_rss_bytes,
+              tokens_per_s=statistics.median(rates[len(rates) // 2:]),
+              note="tokens_per_s: the train step's")
+
+
+def targets(rows: list[dict]) -> list[dict]:
+  """Issue 15's targets, each met or not with the figures it was judged on."""
+  sizes = sorted({r["corpus_gb"] for r in rows})
+  by = lambda what, key, runner=None: {
+      r["corpus_gb"]: r[key] for r in rows if r["what"] == what and r.get(key) is not None
+      and (runner is None or r["runner"] == runner)}
+  out = []
+
+  def check(target, values: dict, ok, fmt):
+    figures = ", ".join(f"{s:g} GB: {fmt(v)}" for s, v in values.items())
+    out.append(dict(measurement="data_target", target=target, figures=figures or "-",
+                    result=("met" if ok(values) else "not met") if values else "n/a"))
+
+  mb = lambda v: f"{v / 1e6:,.0f} MB"
+  prepare_rss = {s: max(r["peak_rss_sum_bytes"] for r in rows if r["corpus_gb"] == s and
+                        r.get("peak_rss_sum_bytes")) for s in by("prepare", "peak_rss_sum_bytes")}
+  train_rss = by("train", "peak_rss_bytes")
+  for name, values, limit in (("prepare", prepare_rss, PREPARE_RSS),
+                              ("training", train_rss, TRAIN_RSS)):
+    check(f"{name} peak RSS <= {limit / GB:g} GB", values,
+          lambda v, limit=limit: max(v.values()) <= limit, mb)
+    check(f"{name} peak RSS flat (largest corpus <= {FLAT}x smallest)",
+          {s: values[s] for s in (min(values), max(values))} if len(values) > 1 else {},
+          lambda v: v[max(v)] <= FLAT * v[min(v)], mb)
+  bpt = {s: max(r["bytes_per_token"] for r in rows if r["corpus_gb"] == s and
+                r.get("bytes_per_token")) for s in by("prepare", "bytes_per_token")}
+  check(f"bytes per token on disk <= {BYTES_PER_TOKEN}", bpt,
+        lambda v: max(v.values()) <= BYTES_PER_TOKEN, lambda v: f"{v:.3f}")
+  one, every = by("prepare", "tokens_per_s", RUNNERS["one"]), by("prepare", "tokens_per_s",
+                                                                  RUNNERS["all"])
+  check(f"all-cores prepare >= {SPEEDUP}x one process",
+        {s: every[s] / one[s] for s in sizes if s in one and s in every},
+        lambda v: min(v.values()) >= SPEEDUP, lambda v: f"{v:.2f}x")
+  first = by("train", "first_step_s")
+  check(f"time to first step, largest corpus <= {FIRST_STEP}x smallest",
+        {s: first[s] for s in (min(first), max(first))} if len(first) > 1 else {},
+        lambda v: v[max(v)] <= FIRST_STEP * v[min(v)], lambda v: f"{v:.1f} s")
+  return out
+
+
+def meta() -> dict:
+  model = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor())
+  memory = next((int(line.split()[1]) * 1024 for line in _read("/proc/meminfo").splitlines()
+                 if line.startswith("MemTotal:")), None)
+  return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              cpu=model, cpu_count=os.cpu_count(), memory_bytes=memory,
+              python=platform.python_version(), command=" ".join(sys.argv))
+
+
+def _read(path: str) -> str:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except OSError:
+    return ""
+
+
+def _summary(row: dict) -> str:
+  keys = ("tokens_per_s", "seconds", "first_step_s", "peak_rss_bytes", "bytes_per_token", "note")
+  return ", ".join(f"{k} {row[k]:,.3g}" if isinstance(row[k], float) else f"{k} {row[k]}"
+                   for k in keys if row.get(k) is not None)
+
+
+def _write(path: str, document: dict) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(document, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _fresh(path: pathlib.Path) -> pathlib.Path:
+  shutil.rmtree(path, ignore_errors=True)
+  path.mkdir(parents=True)
+  return path
+
+
+def _tree_bytes(path: pathlib.Path) -> int:
+  return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# Child processes: each measurement in its own, its peak RSS read by the kernel on exit.
+
+@dataclasses.dataclass
+class Spawned:
+  seconds: float
+  lines: list  # (seconds since start, line) of its merged stdout and stderr
+  peak_rss_bytes: int  # the process's and its waited-for children's, the largest
+
+
+def _spawn(argv: list[str], log: pathlib.Path) -> Spawned:
+  """Runs `argv` to its end, its output timed line by line into `log`; fails if it fails."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  # Every size's training run compiles afresh, so their times to the first step compare.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE.parent),
+                                                    env.get("PYTHONPATH")]))
+  start, lines = time.perf_counter(), []
+  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                          text=True, errors="replace")
+  with open(log, "w", encoding="utf-8") as f:
+    f.write(f"$ {' '.join(argv)}\n")
+    for line in proc.stdout:
+      lines.append((time.perf_counter() - start, line.rstrip("\n")))
+      f.write(f"[{lines[-1][0]:9.2f}s] {line}")
+  _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  seconds = time.perf_counter() - start
+  if proc.returncode:
+    tail = "\n".join(line for _, line in lines[-15:])
+    raise RuntimeError(f"{argv[2]} exited with {proc.returncode}; the log is {log}:\n{tail}")
+  return Spawned(seconds, lines, usage.ru_maxrss * 1024)  # Linux counts ru_maxrss in KiB
+
+
+def _child(kind: str, settings: Settings, root: pathlib.Path, log: str = "", **spec) -> dict:
+  """Runs `_measure_{kind}` in a new process, logged to root/logs/LOG.log (LOG: `kind`); its
+  result, with the process's peak RSS."""
+  log = root / "logs" / f"{log or kind}.log"
+  out = log.with_suffix(".json")
+  out.unlink(missing_ok=True)
+  spec = dict(spec, kind=kind, out=str(out), variant=settings.variant,
+              workers=settings.workers)
+  done = _spawn([sys.executable, "-m", "lmssl.bench.data", json.dumps(spec)], log)
+  return dict(json.loads(out.read_text()), peak_rss_bytes=done.peak_rss_bytes)
+
+
+def _config(spec: dict):
+  from lmssl import config as config_lib
+  cfg = importlib.import_module("lmssl.configs.mlm_base").get_config(spec["variant"])
+  return config_lib.resolved(cfg, spec["overrides"])
+
+
+def _own_peak_rss() -> int:
+  for line in _read("/proc/self/status").splitlines():
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1]) * 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _measure_tokenizer(spec: dict) -> dict:
+  from lmssl.data import prepare
+  cfg = _config(spec)
+  start = time.perf_counter()
+  tokenizer = prepare.tokenizer_for(cfg.data, None, spec["workdir"])
+  return dict(seconds=time.perf_counter() - start, vocab=tokenizer.vocab_size,
+              sample_chars=cfg.data.tokenizer_sample_chars)
+
+
+def _measure_prepare(spec: dict) -> dict:
+  from lmssl.data import prepare
+  cfg = _config(spec)
+  runner, workers = None, 1
+  if spec["runner"] == "beam":
+    from lmssl.data import beam_prepare  # pylint: disable=g-import-not-at-top
+    runner = functools.partial(beam_prepare.run, pipeline_args=["--runner=DirectRunner"])
+  elif spec["runner"] == "all":
+    workers = spec["workers"] or os.cpu_count() or 1
+  start = time.perf_counter()
+  _, prepared_dir = prepare.prepare(cfg.data, None, spec["workdir"], workers=workers,
+                                    runner=runner)
+  seconds = time.perf_counter() - start
+  manifest = prepare.read_meta(prepared_dir)
+  children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+  return dict(seconds=seconds, prepared_dir=prepared_dir, shards=len(manifest["shards"]),
+              tokens=sum(s["num_tokens"] for s in manifest["splits"].values()),
+              own_peak_rss_bytes=_own_peak_rss(), workers_peak_rss_bytes=children,
+              # run_local's processes: as many as there are workers and shards, or none
+              workers=0 if runner or workers == 1 else min(workers, len(manifest["shards"])))
+
+
+def _measure_pipeline(spec: dict) -> dict:
+  from lmssl.bench import parts
+  cfg = _config(spec)
+  args = types.SimpleNamespace(data_source=cfg.data.source, tokenizer=cfg.data.tokenizer,
+                               workdir=spec["workdir"], warmup=2, steps=5, rounds=3)
+  return dict(row=parts.pipeline_row(cfg, args, None))
+
+
+def _child_main(spec_json: str) -> None:
+  spec = json.loads(spec_json)
+  spec.setdefault("overrides", {})
+  result = globals()[f"_measure_{spec['kind']}"](spec)
+  with open(spec["out"], "w", encoding="utf-8") as f:
+    json.dump(result, f)
+
+
+if __name__ == "__main__":
+  _child_main(sys.argv[1])

@@ -105,7 +105,8 @@ def test_train_row_reads_its_first_step_and_rate(tmp_path, monkeypatch):
   """The training run's row from its console lines and metrics.jsonl (the run itself faked):
   time to the `step 1/` line, and the median rate over the second half of the steps."""
   prepared = str(tmp_path / "cache" / "prepared" / "abc")
-  lines = [(4.0, "process 0/1: 1 local / 1 global devices"), (9.5, "step 1/4 | loss 6.2"),
+  lines = [(4.0, "process 0/1: 1 local / 1 global devices"), (5.5, "model: tiny mlm backbone"),
+           (9.5, "step 1/4 | loss 6.2"),
            (9.9, "step 2/4 | loss 6.1"), (11.0, f"outputs in W: metrics.jsonl; data {prepared}")]
   seen = []
 
@@ -120,7 +121,8 @@ def test_train_row_reads_its_first_step_and_rate(tmp_path, monkeypatch):
   monkeypatch.setattr(data, "_spawn", spawn)
   settings = data.Settings(sizes=(1,), data_dir=str(tmp_path), train_steps=4)
   row = data.train_row(settings, tmp_path, {"data.cache_dir": str(tmp_path / "cache")}, prepared)
-  assert (row["first_step_s"], row["seconds"], row["peak_rss_bytes"]) == (9.5, 12.0, 2 ** 30)
+  assert (row["data_ready_s"], row["first_step_s"]) == (5.5, 9.5)
+  assert (row["seconds"], row["peak_rss_bytes"]) == (12.0, 2 ** 30)
   assert row["tokens_per_s"] == 400.0
   [argv] = seen
   assert f"--config.data.cache_dir={tmp_path / 'cache'}" in argv

@@ -61,7 +61,7 @@ COLUMNS = {
     "data": [("corpus_gb", "{:g}"), ("what", "{}"), ("runner", "{}"), ("tokens", "{:,}"),
              ("seconds", "{:,.1f}"), ("tokens_per_s", "{:,.0f}"), ("peak_rss_bytes", "MiB"),
              ("peak_rss_sum_bytes", "MiB"), ("bytes_per_token", "{:.3f}"),
-             ("first_step_s", "{:.1f}"), ("step_ratio", "{:.1f}x"), ("note", "{}")],
+             ("data_ready_s", "{:.1f}"), ("first_step_s", "{:.1f}"), ("step_ratio", "{:.1f}x"), ("note", "{}")],
     "data_target": [("target", "{}"), ("result", "{}"), ("figures", "{}")],
     "max_batch": [("model", "{}"), ("remat", "{}"), ("layers", "{}"), ("seq", "{}"),
                   ("budget_bytes", "MiB"), ("batch", "{}"), ("memory_bytes", "MiB"),

@@ -4,11 +4,12 @@ Per corpus size (gigabytes of WikiText-2 paragraphs, lmssl/bench/corpus.py, made
 reused): the tokenizer is trained once, timed as its own row; then one process, all cores and
 Beam's DirectRunner each prepare the corpus with that tokenizer into a fresh cache, so that
 their rates compare the preparing alone; then a short training run of the config's model
-starts on the all-cores cache (time to its first step, from process start to the console's
-`step 1/` line); then the input pipeline alone is timed against that run's step rate
-(parts.pipeline_row). Each measurement runs in a process of its own, so its peak RSS is its own:
-the kernel's peak for the process and the workers it waited for (wait4), and for prepare also
-each process's own high-water mark, whose sum bounds what the machine must hold at once.
+starts on the all-cores cache (the seconds from process start to the console's `model:` line,
+once the data is ready, and to its `step 1/` line); then the input pipeline alone is timed
+against that run's step rate (parts.pipeline_row). Each measurement runs in a process of its
+own, so its peak RSS is its own: the kernel's peak for the process and the workers it waited
+for (wait4), and for prepare also each process's own high-water mark, whose sum bounds what
+the machine must hold at once.
 
 Bytes per token count every file of a cache's shards/ and prepared/ over the manifest's tokens
 (both splits). The targets (issue 15) are checked at the end, each printed with its figures.
@@ -174,6 +175,9 @@ def train_row(settings: Settings, root: pathlib.Path, common: dict, prepared_dir
                  str(workdir), *[f"--config.{k}={v}" for k, v in overrides.items()]],
                 log)
   first = next((t for t, line in done.lines if line.startswith("step 1/")), None)
+  # Printed once the data is loaded and the state's shapes are known, before compiling: the
+  # part of the start that could grow with the corpus.
+  ready = next((t for t, line in done.lines if line.startswith("model: ")), None)
   data_line = next((line for _, line in done.lines if line.endswith(f"data {prepared_dir}")),
                    None)
   if first is None or data_line is None:
@@ -182,7 +186,7 @@ def train_row(settings: Settings, root: pathlib.Path, common: dict, prepared_dir
   metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   rates = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
   return dict(runner=f"mlm {settings.variant}, {steps} steps", seconds=done.seconds,
-              first_step_s=first, peak_rss_bytes=done.peak_rss_bytes,
+              first_step_s=first, data_ready_s=ready, peak_rss_bytes=done.peak_rss_bytes,
               tokens_per_s=statistics.median(rates[len(rates) // 2:]),
               note="tokens_per_s: the train step's")
 

@@ -10,7 +10,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lmssl"
 # each other.
 LAYERS = [
     # Leaves: no lmssl imports.
-    {"errors", "files", "losses", "lora", "optimizer", "scores", "bench/hf_peer"},
+    {"errors", "files", "losses", "lora", "optimizer", "scores", "bench/hf_peer",
+     "bench/process"},
     # Services a run uses, and the data package (TensorFlow lives here).
     {"sharding", "distributed", "preemption", "checkpoint_faults", "metrics", "workdir_lock",
      "data"},

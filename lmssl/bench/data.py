@@ -7,9 +7,9 @@ their rates compare the preparing alone; then a short training run of the config
 starts on the all-cores cache (the seconds from process start to the console's `model:` line,
 once the data is ready, and to its `step 1/` line); then the input pipeline alone is timed
 against that run's step rate (parts.pipeline_row). Each measurement runs in a process of its
-own, so its peak RSS is its own: the kernel's peak for the process and the workers it waited
-for (wait4), and for prepare also each process's own high-water mark, whose sum bounds what
-the machine must hold at once.
+own, so its peak RSS is its own: the kernel's exact peak of the largest of its processes (wait4),
+and, sampled every 0.2 s, the peak of the RSS summed over its processes (a prepare's workers
+included) and of their anonymous memory, the RSS less the pages of memory-mapped shards.
 
 Bytes per token count every file of a cache's shards/ and prepared/ over the manifest's tokens
 (both splits). The targets (issue 15) are checked at the end, each printed with its figures.
@@ -25,15 +25,14 @@ import json
 import os
 import pathlib
 import platform
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import types
 
 from lmssl.bench import corpus as corpus_lib
+from lmssl.bench import process
 
 RUNNERS = {"one": "one process", "all": "all cores", "beam": "beam direct"}
 GB = 10 ** 9
@@ -100,8 +99,7 @@ def measure_size(settings: Settings, size: float, keep) -> None:
 
   child = _child("tokenizer", settings, root, workdir=str(_fresh(root / "tokenizer")),
                  overrides={"data.source": made["source"]})
-  keep(row(what="tokenizer", runner="one process", seconds=child["seconds"],
-           peak_rss_bytes=child["peak_rss_bytes"],
+  keep(row(what="tokenizer", runner="one process", seconds=child["seconds"], **_memory(child),
            note=f"vocab {child['vocab']:,}, sample {child['sample_chars']:,} chars"))
 
   prepared = {}
@@ -135,10 +133,10 @@ def prepare_row(settings: Settings, root: pathlib.Path, name: str, common: dict)
   return dict(
       what="prepare", runner=RUNNERS[name], tokens=tokens, seconds=seconds,
       tokens_per_s=tokens / seconds,
-      peak_rss_bytes=max(child["own_peak_rss_bytes"], child["peak_rss_bytes"]),
-      # Each process at its own peak at once: a bound on what the machine must hold.
-      peak_rss_sum_bytes=child["own_peak_rss_bytes"]
-      + child["workers"] * child["workers_peak_rss_bytes"],
+      **_memory(child),
+      # Cores kept busy, on average, over the whole process (imports included): what one
+      # process already gets from the tokenizer's threads, and what more processes add.
+      cores=child["cpu_s"] / child["process_s"],
       disk_bytes=disk, bytes_per_token=disk / tokens, shards=child["shards"],
       workers=child["workers"], note=f"{child['shards']} shards, {child['workers']} workers",
   ), child["prepared_dir"]
@@ -157,7 +155,7 @@ def pipeline_row(settings: Settings, root: pathlib.Path, common: dict,
   pipe = child["row"]
   return dict(runner=f"batch {pipe['batch']} x {pipe['seq']}",
               tokens=pipe["batches"] * pipe["batch"] * pipe["seq"],
-              tokens_per_s=pipe["tokens_per_s"], peak_rss_bytes=child["peak_rss_bytes"],
+              tokens_per_s=pipe["tokens_per_s"], **_memory(child),
               step_ratio=pipe["tokens_per_s"] / step_tokens_per_s,
               note=f"{pipe['batches']} batches; the step takes {step_tokens_per_s:,.0f}/s")
 
@@ -171,9 +169,9 @@ def train_row(settings: Settings, root: pathlib.Path, common: dict, prepared_dir
   overrides = {**common, "train.steps": steps, "train.log_every": 1, "train.warmup_steps": 1,
                "eval.every_steps": steps, "eval.steps": 2, "checkpoint.every_steps": steps}
   config = f"{_PACKAGE / 'configs' / 'mlm_base.py'}:{settings.variant}"
-  done = _spawn([sys.executable, "-m", "lmssl.main", "--config", config, "--workdir",
-                 str(workdir), *[f"--config.{k}={v}" for k, v in overrides.items()]],
-                log)
+  done = process.spawn([sys.executable, "-m", "lmssl.main", "--config", config, "--workdir",
+                        str(workdir), *[f"--config.{k}={v}" for k, v in overrides.items()]],
+                       log, _env())
   first = next((t for t, line in done.lines if line.startswith("step 1/")), None)
   # Printed once the data is loaded and the state's shapes are known, before compiling: the
   # part of the start that could grow with the corpus.
@@ -186,48 +184,52 @@ def train_row(settings: Settings, root: pathlib.Path, common: dict, prepared_dir
   metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   rates = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
   return dict(runner=f"mlm {settings.variant}, {steps} steps", seconds=done.seconds,
-              first_step_s=first, data_ready_s=ready, peak_rss_bytes=done.peak_rss_bytes,
+              first_step_s=first, data_ready_s=ready,
+              **_memory(dataclasses.asdict(done)),
               tokens_per_s=statistics.median(rates[len(rates) // 2:]),
               note="tokens_per_s: the train step's")
 
 
 def targets(rows: list[dict]) -> list[dict]:
   """Issue 15's targets, each met or not with the figures it was judged on."""
-  sizes = sorted({r["corpus_gb"] for r in rows})
-  by = lambda what, key, runner=None: {
-      r["corpus_gb"]: r[key] for r in rows if r["what"] == what and r.get(key) is not None
-      and (runner is None or r["runner"] == runner)}
+  def worst(what, key, runner=None) -> dict:  # {size: the largest `key` of those rows}
+    out = {}
+    for r in rows:
+      if r["what"] == what and r.get(key) is not None and runner in (None, r["runner"]):
+        out[r["corpus_gb"]] = max(out.get(r["corpus_gb"], r[key]), r[key])
+    return out
+
+  def ends(values: dict) -> dict:  # the smallest and the largest corpus, when there are two
+    return {s: values[s] for s in (min(values), max(values))} if len(values) > 1 else {}
+
   out = []
 
   def check(target, values: dict, ok, fmt):
-    figures = ", ".join(f"{s:g} GB: {fmt(v)}" for s, v in values.items())
+    figures = ", ".join(f"{s:g} GB: {fmt(s, v)}" for s, v in values.items())
     out.append(dict(measurement="data_target", target=target, figures=figures or "-",
                     result=("met" if ok(values) else "not met") if values else "n/a"))
 
-  mb = lambda v: f"{v / 1e6:,.0f} MB"
-  prepare_rss = {s: max(r["peak_rss_sum_bytes"] for r in rows if r["corpus_gb"] == s and
-                        r.get("peak_rss_sum_bytes")) for s in by("prepare", "peak_rss_sum_bytes")}
-  train_rss = by("train", "peak_rss_bytes")
-  for name, values, limit in (("prepare", prepare_rss, PREPARE_RSS),
-                              ("training", train_rss, TRAIN_RSS)):
+  # RSS summed over a measurement's processes; anonymous memory (RSS less the pages of mapped
+  # shards, which the kernel reclaims at will) is given beside it, not judged.
+  for name, what, limit in (("prepare", "prepare", PREPARE_RSS), ("training", "train", TRAIN_RSS)):
+    anon = worst(what, "anon_bytes")
+    mb = lambda s, v, anon=anon: f"{v / 1e6:,.0f} MB" + (
+        f" (anonymous {anon[s] / 1e6:,.0f} MB)" if s in anon else "")
+    values = worst(what, "tree_rss_bytes")
     check(f"{name} peak RSS <= {limit / GB:g} GB", values,
           lambda v, limit=limit: max(v.values()) <= limit, mb)
-    check(f"{name} peak RSS flat (largest corpus <= {FLAT}x smallest)",
-          {s: values[s] for s in (min(values), max(values))} if len(values) > 1 else {},
+    check(f"{name} peak RSS flat (largest corpus <= {FLAT}x smallest)", ends(values),
           lambda v: v[max(v)] <= FLAT * v[min(v)], mb)
-  bpt = {s: max(r["bytes_per_token"] for r in rows if r["corpus_gb"] == s and
-                r.get("bytes_per_token")) for s in by("prepare", "bytes_per_token")}
-  check(f"bytes per token on disk <= {BYTES_PER_TOKEN}", bpt,
-        lambda v: max(v.values()) <= BYTES_PER_TOKEN, lambda v: f"{v:.3f}")
-  one, every = by("prepare", "tokens_per_s", RUNNERS["one"]), by("prepare", "tokens_per_s",
-                                                                  RUNNERS["all"])
+  check(f"bytes per token on disk <= {BYTES_PER_TOKEN}", worst("prepare", "bytes_per_token"),
+        lambda v: max(v.values()) <= BYTES_PER_TOKEN, lambda s, v: f"{v:.3f}")
+  one = worst("prepare", "tokens_per_s", RUNNERS["one"])
+  every = worst("prepare", "tokens_per_s", RUNNERS["all"])
   check(f"all-cores prepare >= {SPEEDUP}x one process",
-        {s: every[s] / one[s] for s in sizes if s in one and s in every},
-        lambda v: min(v.values()) >= SPEEDUP, lambda v: f"{v:.2f}x")
-  first = by("train", "first_step_s")
+        {s: every[s] / one[s] for s in sorted(one.keys() & every.keys())},
+        lambda v: min(v.values()) >= SPEEDUP, lambda s, v: f"{v:.2f}x")
   check(f"time to first step, largest corpus <= {FIRST_STEP}x smallest",
-        {s: first[s] for s in (min(first), max(first))} if len(first) > 1 else {},
-        lambda v: v[max(v)] <= FIRST_STEP * v[min(v)], lambda v: f"{v:.1f} s")
+        ends(worst("train", "first_step_s")),
+        lambda v: v[max(v)] <= FIRST_STEP * v[min(v)], lambda s, v: f"{v:.1f} s")
   return out
 
 
@@ -250,7 +252,8 @@ def _read(path: str) -> str:
 
 
 def _summary(row: dict) -> str:
-  keys = ("tokens_per_s", "seconds", "first_step_s", "peak_rss_bytes", "bytes_per_token", "note")
+  keys = ("tokens_per_s", "seconds", "first_step_s", "tree_rss_bytes", "anon_bytes",
+          "bytes_per_token", "note")
   return ", ".join(f"{k} {row[k]:,.3g}" if isinstance(row[k], float) else f"{k} {row[k]}"
                    for k in keys if row.get(k) is not None)
 
@@ -272,37 +275,15 @@ def _tree_bytes(path: pathlib.Path) -> int:
   return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-# Child processes: each measurement in its own, its peak RSS read by the kernel on exit.
+# Child processes: each measurement in its own (process.py measures it).
 
-@dataclasses.dataclass
-class Spawned:
-  seconds: float
-  lines: list  # (seconds since start, line) of its merged stdout and stderr
-  peak_rss_bytes: int  # the process's and its waited-for children's, the largest
-
-
-def _spawn(argv: list[str], log: pathlib.Path) -> Spawned:
-  """Runs `argv` to its end, its output timed line by line into `log`; fails if it fails."""
+def _env() -> dict:
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   # Every size's training run compiles afresh, so their times to the first step compare.
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE.parent),
                                                     env.get("PYTHONPATH")]))
-  start, lines = time.perf_counter(), []
-  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                          text=True, errors="replace")
-  with open(log, "w", encoding="utf-8") as f:
-    f.write(f"$ {' '.join(argv)}\n")
-    for line in proc.stdout:
-      lines.append((time.perf_counter() - start, line.rstrip("\n")))
-      f.write(f"[{lines[-1][0]:9.2f}s] {line}")
-  _, status, usage = os.wait4(proc.pid, 0)
-  proc.returncode = os.waitstatus_to_exitcode(status)
-  seconds = time.perf_counter() - start
-  if proc.returncode:
-    tail = "\n".join(line for _, line in lines[-15:])
-    raise RuntimeError(f"{argv[2]} exited with {proc.returncode}; the log is {log}:\n{tail}")
-  return Spawned(seconds, lines, usage.ru_maxrss * 1024)  # Linux counts ru_maxrss in KiB
+  return env
 
 
 def _child(kind: str, settings: Settings, root: pathlib.Path, log: str = "", **spec) -> dict:
@@ -313,21 +294,26 @@ def _child(kind: str, settings: Settings, root: pathlib.Path, log: str = "", **s
   out.unlink(missing_ok=True)
   spec = dict(spec, kind=kind, out=str(out), variant=settings.variant,
               workers=settings.workers)
-  done = _spawn([sys.executable, "-m", "lmssl.bench.data", json.dumps(spec)], log)
-  return dict(json.loads(out.read_text()), peak_rss_bytes=done.peak_rss_bytes)
+  done = process.spawn([sys.executable, "-m", "lmssl.bench.data", json.dumps(spec)], log,
+                       _env())
+  return dict(json.loads(out.read_text()), process_s=done.seconds,
+              **{k: getattr(done, k) for k in ("peak_rss_bytes", "tree_rss_bytes",
+                                               "anon_bytes", "cpu_s")})
+
+
+def _memory(child: dict) -> dict:
+  """A measurement's memory fields: the largest process's peak RSS (exact, from the kernel),
+  the peak of the RSS summed over all its processes (sampled, so at least the first), and the
+  same for anonymous memory."""
+  return dict(peak_rss_bytes=child["peak_rss_bytes"],
+              tree_rss_bytes=max(child["tree_rss_bytes"], child["peak_rss_bytes"]),
+              anon_bytes=child["anon_bytes"])
 
 
 def _config(spec: dict):
   from lmssl import config as config_lib
   cfg = importlib.import_module("lmssl.configs.mlm_base").get_config(spec["variant"])
   return config_lib.resolved(cfg, spec["overrides"])
-
-
-def _own_peak_rss() -> int:
-  for line in _read("/proc/self/status").splitlines():
-    if line.startswith("VmHWM:"):
-      return int(line.split()[1]) * 1024
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _measure_tokenizer(spec: dict) -> dict:
@@ -353,10 +339,8 @@ def _measure_prepare(spec: dict) -> dict:
                                     runner=runner)
   seconds = time.perf_counter() - start
   manifest = prepare.read_meta(prepared_dir)
-  children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
   return dict(seconds=seconds, prepared_dir=prepared_dir, shards=len(manifest["shards"]),
               tokens=sum(s["num_tokens"] for s in manifest["splits"].values()),
-              own_peak_rss_bytes=_own_peak_rss(), workers_peak_rss_bytes=children,
               # run_local's processes: as many as there are workers and shards, or none
               workers=0 if runner or workers == 1 else min(workers, len(manifest["shards"])))
 

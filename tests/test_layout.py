@@ -11,7 +11,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lmssl"
 # each other.
 LAYERS = [
     # Leaves: no lmssl imports.
-    {"errors", "files", "losses", "lora", "optimizer", "scores", "bench/hf_peer"},
+    {"errors", "files", "losses", "lora", "optimizer", "scores", "bench/hf_peer",
+     "bench/process"},
     # Services a run uses, and the data package (TensorFlow lives here).
     {"sharding", "distributed", "preemption", "checkpoint_faults", "metrics", "workdir_lock",
      "data"},
@@ -26,8 +27,8 @@ LAYERS = [
     {"hf/weights"},
     # A run's pieces: its data on a mesh, its trained parameters read back.
     {"datasets", "inference"},
-    {"evaluate", "hf/convert", "bench/parts"},
-    {"train", "convert", "bench/step"},
+    {"evaluate", "hf/convert", "bench/parts", "bench/corpus"},
+    {"train", "convert", "bench/step", "bench/data"},
     # Entry points.
     {"main", "bench/suite"},
     {"bench/__main__"},

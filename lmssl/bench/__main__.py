@@ -2,6 +2,7 @@
 
   python -m lmssl.bench --task mlm|clm [--peer hf] [--json] [--pipeline]
       [--compile_layers 2,24] [--remat_budget_gib 4]
+  python -m lmssl.bench --data 0.1,1,3 [--data_dir DIR] [--json] [--out FILE]
 
 The step is timed whole (forward, backward, clipped AdamW update) on batches already on the
 device, after warm-up; with `--peer hf`, BertForMaskedLM (15% of positions labelled) or
@@ -19,11 +20,16 @@ MFU is analytic model FLOPs per second over the peak (`lmssl/bench/step.py` says
 CPUs the peak is a large float32 matmul's measured rate, printed too. The pieces live beside
 this file: step.py (the timed step and the peer), parts.py (pipeline, compile, remat), suite.py
 (`--suite accelerator`), hf_peer.py (the peer's PyTorch side, in its own process).
+
+`--data` measures the data path instead, per corpus size in gigabytes: preparing (one process,
+all cores, Beam), bytes per token on disk, a short training run's start and memory, and the
+pipeline against the step (data.py, on corpora that corpus.py makes from WikiText-2).
 """
 
 import argparse
 import functools
 import json
+import os
 import sys
 
 from lmssl import attention
@@ -52,6 +58,13 @@ COLUMNS = {
                  ("tokens_per_s", "{:,.0f}"), ("step_ratio", "{:.1f}x")],
     "compile": [("layers", "{}"), ("remat", "{}"), ("compile_s", "{:.1f}"),
                 ("vs_first", "{:.2f}x")],
+    "data": [("corpus_gb", "{:g}"), ("what", "{}"), ("runner", "{}"), ("tokens", "{:,}"),
+             ("seconds", "{:,.1f}"), ("tokens_per_s", "{:,.0f}"), ("peak_rss_bytes", "MiB"),
+             ("tree_rss_bytes", "MiB"), ("anon_bytes", "MiB"), ("cores", "{:.1f}"),
+             ("bytes_per_token", "{:.3f}"),
+             ("data_ready_s", "{:.1f}"), ("first_step_s", "{:.1f}"), ("step_ratio", "{:.1f}x"),
+             ("note", "{}")],
+    "data_target": [("target", "{}"), ("result", "{}"), ("figures", "{}")],
     "max_batch": [("model", "{}"), ("remat", "{}"), ("layers", "{}"), ("seq", "{}"),
                   ("budget_bytes", "MiB"), ("batch", "{}"), ("memory_bytes", "MiB"),
                   ("vs_first", "{:.2f}x")],
@@ -83,7 +96,8 @@ def parse_args(argv):
                  "BERT-base and GPT-2 small/medium steps beside the peer, remat batches")
   p.add_argument("--scale", default="full", choices=("full", "tiny"),
                  help="--suite shapes: full (the real models) or tiny (a CPU check)")
-  p.add_argument("--out", default="bench_accelerator.json", help="--suite's JSON file")
+  p.add_argument("--out", default="", help="the JSON file of --suite (default "
+                 "bench_accelerator.json) or --data (default: none)")
   p.add_argument("--peer", default="", choices=("", "hf"), help="also time this peer")
   p.add_argument("--json", action="store_true", help="one JSON object per line per measurement")
   p.add_argument("--size", default="mini", choices=list(config_lib.SIZES),
@@ -110,13 +124,47 @@ def parse_args(argv):
   p.add_argument("--remat_budget_gib", type=float, default=0.0,
                  help="largest batch within this memory under each --remat_policies")
   p.add_argument("--remat_policies", default="none,full")
+  p.add_argument("--data", default="", help="corpus sizes in GB, e.g. 0.1,1,3: measure the "
+                 "data path (prepare, disk, training start, pipeline) instead of the step")
+  p.add_argument("--data_dir", default="~/.cache/lmssl/bench-data",
+                 help="--data's corpora (kept, reused), caches and logs")
+  p.add_argument("--data_format", default="text", choices=("text", "jsonl", "jsonl.gz"))
+  p.add_argument("--data_files", type=int, default=1, help="files per --data corpus")
+  p.add_argument("--data_config", default="size=tiny",
+                 help="configs/mlm_base.py's variant, for prepare and the training run")
+  p.add_argument("--data_workers", type=int, default=0,
+                 help="processes of the all-cores prepare (0: one per core)")
+  p.add_argument("--data_runners", default="one,all,beam", help="of: one, all, beam")
+  p.add_argument("--data_steps", type=int, default=20,
+                 help="steps of the training run (0: no training run or pipeline)")
   args = p.parse_args(argv)
-  if not args.task and not args.suite:
-    p.error("--task is required (or --suite accelerator)")
+  if not args.task and not args.suite and not args.data:
+    p.error("--task is required (or --suite accelerator, or --data SIZES)")
+  if args.suite and not args.out:
+    args.out = "bench_accelerator.json"
+  if args.data:
+    _check_data_args(p, args)
   for name in ("steps", "rounds", "batch", "seq", "layers", "vocab", "warmup"):
     if getattr(args, name) < (1 if name in ("steps", "rounds") else 0):
       p.error(f"--{name}={getattr(args, name)} must be positive")
   return args
+
+
+def _check_data_args(p, args) -> None:
+  try:
+    args.data_sizes = tuple(float(s) for s in args.data.split(","))
+  except ValueError:
+    p.error(f"--data={args.data!r} is not a list of sizes in GB; write e.g. 0.1,1,3")
+  if min(args.data_sizes) <= 0:
+    p.error(f"--data={args.data!r}: every size must be positive")
+  unknown = sorted(set(args.data_runners.split(",")) - {"one", "all", "beam"})
+  if unknown:
+    p.error(f"--data_runners: unknown {unknown}; known: one, all, beam")
+  if args.data_files < 1:
+    p.error(f"--data_files={args.data_files} must be at least 1")
+  if args.data_steps == 1 or args.data_steps < 0:
+    p.error(f"--data_steps={args.data_steps}: give 0 (no training run) or at least 2 (the "
+            "step rate is read after the first)")
 
 
 def run(args) -> list[dict]:
@@ -124,6 +172,14 @@ def run(args) -> list[dict]:
   if args.suite:
     from lmssl.bench import suite  # only --suite needs it
     return suite.run(args, functools.partial(_report, args, []))
+  if args.data:
+    from lmssl.bench import data  # only --data needs it
+    settings = data.Settings(
+        sizes=args.data_sizes, data_dir=os.path.expanduser(args.data_dir),
+        fmt=args.data_format, files=args.data_files, variant=args.data_config,
+        workers=args.data_workers, runners=tuple(args.data_runners.split(",")),
+        train_steps=args.data_steps)
+    return data.run(settings, functools.partial(_report, args, []), args.out)
   rows = []
   report = functools.partial(_report, args, rows)
   cfg = step.bench_config(args.task, size=args.size, layers=args.layers, vocab=args.vocab,

@@ -199,6 +199,17 @@ def test_tokenizer_sample_is_seeded_and_drawn_from_every_shard(tmp_path, paragra
   assert all(taken & set(shard.documents()) for shard in inputs)  # a share of every shard
   starts = [next(shard.documents()) for shard in inputs]
   assert sum(d in taken for d in starts) < len(inputs) / 2  # windows at seeded offsets
+  assert len(taken) == len(sample)  # each document once
+
+  twice = tmp_path / "twice"
+  twice.mkdir()
+  for name in ("a.txt", "b.txt"):  # the same text twice: the sample takes it once
+    (twice / name).write_text((tmp_path / "corpus" / "part0.txt").read_text(encoding="utf-8"),
+                              encoding="utf-8")
+  cfg.source = f"text:{twice}/*.txt"
+  inputs = sources.list_shards(cfg.source, cfg)
+  sample = list(prepare.tokenizer_sample(inputs, 10**9, seed=0))
+  assert sorted(sample) == sorted(set(sources.read_documents(f"text:{twice}/a.txt", cfg)))
 
 
 def test_rows_read_by_byte_ranges_equal_mapped_rows(tmp_path, paragraphs, tokenizer,

@@ -94,11 +94,13 @@ def tokenizer_for(data_cfg: ml_collections.ConfigDict, given: Optional[tok.AnyTo
 
 
 def tokenizer_sample(inputs: Sequence[sources.InputShard], chars: int, seed: int):
-  """Documents of about `chars` characters from all of `inputs`, an equal share from each:
-  read from a seeded offset where a shard is a byte range (from its start when that offset
-  falls in its last document), else from its start."""
+  """Distinct documents of about `chars` characters from all of `inputs`, an equal share from
+  each: read from a seeded offset where a shard is a byte range (from its start when that
+  offset falls in its last document), else from its start. A repeated document is taken
+  once: it would only weigh its pieces up (and sentencepiece's substring search slows down
+  badly on many repeats)."""
   share = -(-chars // max(len(inputs), 1))
-  rng = random.Random(seed)
+  rng, seen = random.Random(seed), set()
   for shard in inputs:
     starts = [shard]
     if shard.kind in ("text", "jsonl") and shard.stop > 0:
@@ -109,6 +111,10 @@ def tokenizer_sample(inputs: Sequence[sources.InputShard], chars: int, seed: int
     for start in starts:
       taken = 0
       for doc in start.documents():
+        digest = hashlib.sha1(doc.encode("utf-8")).digest()
+        if digest in seen:
+          continue
+        seen.add(digest)
         yield doc
         taken += len(doc)
         if taken >= share:

@@ -209,6 +209,9 @@ _worker_tokenizer = None
 def _init_worker(tokenizer) -> None:
   global _worker_tokenizer
   _worker_tokenizer = tokenizer
+  # One core per worker: the pool already has one worker per core.
+  tokenizer.threads = 1
+  os.environ["TOKENIZERS_PARALLELISM"] = "false"
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 

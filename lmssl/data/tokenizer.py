@@ -112,6 +112,7 @@ class Tokenizer:
                        f"tokenizer directory, or leave it empty to train one") from e
     _check_reserved(self.sp, path)
     self.path = path
+    self.threads = os.cpu_count() or 1  # for encode_batch; a prepare worker uses one
     self.model_bytes = model_bytes
     self.fingerprint = model_bytes  # prepared-data cache keys hash exactly these bytes
     self.special = np.arange(self.vocab_size) < NUM_RESERVED
@@ -138,7 +139,7 @@ class Tokenizer:
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     # One call for many texts runs in C++ threads; far faster than a Python loop.
-    return self.sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+    return self.sp.encode(list(texts), out_type=int, num_threads=self.threads)
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.sp.decode([int(i) for i in ids])

@@ -219,6 +219,11 @@ def test_saved_copies_load_with_the_same_ids(bert, gpt2, lines, tmp_path):
 def test_sentencepiece_folder_loads_as_transformers_reads_it(llama_dir, lines, tmp_path):
   """A folder with a sentencepiece tokenizer.model, and the copy transformers' LlamaTokenizer
   saves of it (tokenizer.json), tokenize and decode as transformers does."""
+  try:  # transformers converts a .model through sentencepiece's generated proto code
+    from sentencepiece import sentencepiece_model_pb2  # noqa: F401
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"transformers cannot read a sentencepiece .model here: this sentencepiece's "
+                f"proto code needs a newer protobuf (the beam extra caps it below 7): {e}"[:300])
   auto = transformers.AutoTokenizer.from_pretrained(str(llama_dir))
   auto.save_pretrained(str(tmp_path / "saved"))
   want = auto(lines, add_special_tokens=False)["input_ids"]

@@ -125,12 +125,23 @@ def _kind(spec: dict) -> str | None:
   return "metaspace" if _META_SPACE in pipeline else None
 
 
+def _sentencepiece_proto():
+  """The generated code of sentencepiece's model proto: sentencepiece's own, or, where it needs
+  a newer protobuf than is installed (the beam extra holds protobuf below 7), the copy
+  transformers ships of the same proto."""
+  try:
+    from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+    return sentencepiece_model_pb2
+  except Exception:  # protobuf's VersionError, or an older sentencepiece without the module
+    from transformers.utils import sentencepiece_model_pb2_new  # pylint: disable=g-import-not-at-top
+    return sentencepiece_model_pb2_new
+
+
 def _from_sentencepiece(model_bytes: bytes, path: str, cls_sep_template: bool):
   """A `tokenizers` Unigram model that tokenizes as the sentencepiece unigram model does: its
   pieces and scores, its precompiled normalizer, whitespace folding and "▁" word marks."""
-  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
   tk_lib = _extra("tokenizers")
-  proto = sentencepiece_model_pb2.ModelProto()
+  proto = _sentencepiece_proto().ModelProto()
   proto.ParseFromString(model_bytes)
   if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM:
     raise errors.UserError(f"tokenizer {path} is a sentencepiece BPE model; only unigram models "

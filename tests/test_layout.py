@@ -11,10 +11,10 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lmssl"
 # each other.
 LAYERS = [
     # Leaves: no lmssl imports.
-    {"errors", "files", "losses", "lora", "optimizer", "scores", "bench/hf_peer"},
-    # Services a run uses, and the data package (TensorFlow lives here).
+    {"errors", "files", "losses", "lora", "optimizer", "scores", "masks", "bench/hf_peer"},
+    # Services a run uses, and the data package (TensorFlow lives here); RoPE frequencies.
     {"sharding", "distributed", "preemption", "checkpoint_faults", "metrics", "workdir_lock",
-     "data"},
+     "data", "rope"},
     # Attention kernels; tokenizer loading by path (lmssl's own or a HuggingFace folder).
     {"attention", "checkpoint", "hf/tokenizer"},
     {"model"},

@@ -35,8 +35,12 @@ PROJECTIONS = {"attn": ("query", "key", "value", "out"), "mlp": ("wi", "wi_gate"
 BF16_PRESET = jax.lax.DotAlgorithmPreset.BF16_BF16_F32
 # (objective, train.loss_chunks, model.remat, config): the chunked CLM loss is a custom_vjp
 # inside a scan; full remat recomputes the forward inside the backward (a remat2 sub-jaxpr).
+# The Llama preset brings RMSNorm, SwiGLU and grouped-query heads; the ModernBERT one GeGLU,
+# bias-free LayerNorms and windowed layers.
 CASES = {"mlm": ("mlm", 0, "none"), "clm": ("clm", 0, "none"),
-         "clm_chunked_loss": ("clm", 2, "none"), "clm_remat": ("clm", 0, "full")}
+         "clm_chunked_loss": ("clm", 2, "none"), "clm_remat": ("clm", 0, "full"),
+         "llama": ("clm", 0, "none", "llama_base"),
+         "modernbert": ("mlm", 0, "none", "modernbert_base")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,11 @@
 attention, RoPE with theta 500000, no biases, untied output embedding: Llama 3's layout).
 
 Quickstart: python -m lmssl.main --config configs/llama_base.py:size=tiny --workdir /tmp/lmssl_llama
-  On 2 CPU cores: the smoke variant (below) runs end to end in about a minute; the tiny run's
-  time and eval_loss are not measured yet (the README's table will hold them).
+  then: python -m lmssl.main sample --workdir /tmp/lmssl_llama --prompt "The"
+  600 steps of 16 x 256; its time and eval_loss on 2 CPU cores are not measured yet.
+Smoke: python -m lmssl.main --config configs/llama_base.py:smoke --workdir /tmp/lmssl_llama_smoke
+  27 s on 2 CPU cores with the built-in corpus already prepared; eval_loss ~6.19 after 4 steps
+  (500-piece vocabulary: ln 500 = 6.21).
 
 Variants (comma-separated after the colon):
   size=tiny|mini|small|base|1b  model shape from SIZES below and a matching run length; 1b is

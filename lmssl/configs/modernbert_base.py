@@ -4,8 +4,12 @@ with theta 10000; embedding and final norms; tied output with a bias; 30% maskin
 
 Quickstart: python -m lmssl.main --config configs/modernbert_base.py:size=tiny \\
                 --workdir /tmp/lmssl_modernbert
-  On 2 CPU cores: the smoke variant (below) runs end to end in about a minute; the tiny run's
-  time and eval_loss are not measured yet (the README's table will hold them).
+  then: python -m lmssl.main sample --workdir /tmp/lmssl_modernbert --prompt "The [MASK] is."
+  600 steps of 32 x 128; its time and eval_loss on 2 CPU cores are not measured yet.
+Smoke: python -m lmssl.main --config configs/modernbert_base.py:smoke \\
+           --workdir /tmp/lmssl_modernbert_smoke
+  33 s on 2 CPU cores with the built-in corpus already prepared; eval_loss ~6.16 after 4 steps
+  (500-piece vocabulary: ln 500 = 6.21).
 
 Variants (comma-separated after the colon):
   size=tiny|mini|small|base|large  model shape from SIZES below and a matching run length;

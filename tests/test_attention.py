@@ -128,14 +128,15 @@ def _hidden_states(module_cfg, params, batch, mesh):
     return np.asarray(forward(params, sharding.global_batch(batch, mesh)))
 
 
-@pytest.mark.parametrize("kv_heads,window", [(0, 0), (1, 16)])
-def test_transformer_with_splash_on_a_mesh_matches_xla(kv_heads, window):
+@pytest.mark.parametrize("heads,kv_heads,window", [(2, 0, 0), (2, 1, 16), (4, 2, 0)])
+def test_transformer_with_splash_on_a_mesh_matches_xla(heads, kv_heads, window):
   """Rows over the data axis and heads over the tensor axis: splash runs under shard_map
-  on each device's rows and head. With one key/value head (too few for the tensor axis, so
+  on each device's rows and heads. With one key/value head (too few for the tensor axis, so
   each device gets its query heads' copy) and a window on layer 1 (layer 0 global), the
-  layer's window picks its kernel."""
+  layer's window picks its kernel; with 4 query heads on 2 key/value heads each device runs
+  the multi-query kernel on its 2 query heads and their key/value head."""
   cfg = load_config("clm_base", "smoke")
-  cfg.model.vocab_size = 64
+  cfg.model.vocab_size, cfg.model.num_heads = 64, heads
   cfg.model.num_kv_heads, cfg.model.attention_window = kv_heads, window
   cfg.model.global_every = 2 if window else 0
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 4, 1, 2

@@ -1,9 +1,12 @@
-"""Attention over packed rows, given as structure (segment ids, causality, a decode offset)
-rather than a dense mask, and dispatched to the kernel each platform runs best.
+"""Attention over packed rows, given as structure (`masks.Mask`: segment ids, causality, a
+decode offset, a sliding window) rather than a dense mask, and dispatched to the kernel each
+platform runs best.
 
-Packing puts several documents in one row; a token sees only its own document (segment), and
-with `causal` only its past. Fused kernels take that structure directly, so no [B, L, S] mask
-or bias is ever built for them:
+Packing puts several documents in one row; a token sees only its own document (segment), with
+`causal` only its past, and with a window only nearby keys. Queries may have more heads than
+keys and values (grouped-query attention): every implementation takes the fewer key/value
+heads as they are. Fused kernels take that structure directly, so no [B, L, S] mask or bias is
+ever built for them:
 
   xla     the reference: XLA's attention with the dense mask built from the structure. Runs
           anywhere; the only path for KV-cache decoding.
@@ -16,22 +19,28 @@ or bias is ever built for them:
           which the tests use.
   auto    cudnn on Hopper or newer GPUs in bfloat16/float16, splash on TPU, xla elsewhere.
 
+Windows differ between layers as data (`Mask.window`, traced in the scan over layers), while
+fused kernels are built for one window: there the layer's window picks, at run time, among the
+kernels built for each window the model uses (`Mask.windows`). cuDNN's window is causal only; a
+bidirectional windowed layer (`WINDOWS`) runs the XLA reference when `auto` chose cuDNN, and
+a forced cudnn is refused at start.
+
 Padding tokens (segment 0) are seen by no real token in any implementation; what padding
 queries themselves compute differs between kernels (finite; zeros with cudnn) and never reaches
 a real position.
 
-Shape letters: B batch, L queries, S keys, H heads, K head dim, M max segments per row.
+Shape letters: B batch, L queries, S keys, H query heads, G key/value heads, K head dim,
+M max segments per row.
 """
 
 import functools
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lmssl import errors
+from lmssl import masks
 from lmssl import sharding
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
@@ -41,6 +50,10 @@ RUNS_ON = {"xla": ("cpu", "gpu", "tpu"), "cudnn": ("gpu",), "splash": ("tpu",)}
 # What a compiled program's text holds when the fused kernel runs: cuDNN's fMHA custom call;
 # on a TPU the Mosaic custom call, in interpret mode the kernel's name.
 FUSED_MARKERS = {"cudnn": ("__cudnn$fmha",), "splash": ("tpu_custom_call", "splash")}
+# The windows each implementation takes: "causal" (the W latest keys) and "bidirectional" (keys
+# within W // 2 on either side).
+WINDOWS = {"xla": ("causal", "bidirectional"), "cudnn": ("causal",),
+           "splash": ("causal", "bidirectional")}
 
 
 def resolve(name: str, platform: str | None = None, dtype: str = "bfloat16",
@@ -85,41 +98,35 @@ def runs_fused(compiled_text: str, implementation: str) -> bool | None:
   return any(marker in compiled_text for marker in FUSED_MARKERS[implementation])
 
 
-@flax.struct.dataclass
-class Mask:
-  """What each query may see: same segment (0 is padding, seen by none), and with `causal`
-  only keys at slots <= its own. Query l sits at slot `q_offset + l` (decoding writes new
-  tokens at the cache index; training has offset 0)."""
-  q_segment_ids_BxL: jax.Array
-  kv_segment_ids_BxS: jax.Array
-  q_offset: jax.Array | int = 0
-  causal: bool = flax.struct.field(pytree_node=False, default=False)
-
-  @classmethod
-  def packed(cls, segment_ids_BxL, causal: bool) -> "Mask":
-    return cls(segment_ids_BxL, segment_ids_BxL, 0, causal)
-
-  def dense(self):
-    """[B, 1, L, S] bool: the same mask written out, for the reference."""
-    q_BL11 = self.q_segment_ids_BxL[:, None, :, None]
-    kv_B11S = self.kv_segment_ids_BxS[:, None, None, :]
-    mask_B1LS = (q_BL11 == kv_B11S) & (kv_B11S != 0)
-    if self.causal:
-      length, keys = self.q_segment_ids_BxL.shape[1], self.kv_segment_ids_BxS.shape[1]
-      q_slots_L = self.q_offset + jnp.arange(length)
-      mask_B1LS &= (jnp.arange(keys)[None, :] <= q_slots_L[:, None])[None, None]
-    return mask_B1LS
-
-
-def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask: Mask, implementation: str, *,
+def attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask: masks.Mask, implementation: str, *,
            max_segments: int = 0):
-  """softmax(q k^T / sqrt(K)) v over what `mask` allows, by a resolved implementation."""
-  if implementation == "cudnn":
-    return _cudnn(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask, max_segments)
-  if implementation == "splash":
-    return _splash(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask)
-  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask.dense(),
+  """softmax(q k^T / sqrt(K)) v over what `mask` allows, by a resolved implementation; query
+  head h reads key/value head h // (H / G)."""
+  if implementation == "xla":
+    return _xla(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask)
+  one = functools.partial(_one_window, implementation=implementation, max_segments=max_segments)
+  if isinstance(mask.window, (int, np.integer)):
+    return one(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask)
+  # The layer's window is data: it picks the kernel built for its value.
+  branches = [functools.partial(one, mask=mask.replace(window=w)) for w in mask.windows]
+  index = jnp.argmax(jnp.asarray(mask.windows) == mask.window)
+  return jax.lax.switch(index, [lambda q, k, v, f=f: f(q, k, v) for f in branches],
+                        q_BxLxHxK, k_BxSxGxK, v_BxSxGxK)
+
+
+def _xla(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask: masks.Mask):
+  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask.dense(),
                                       implementation="xla")
+
+
+def _one_window(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask: masks.Mask, *, implementation: str,
+                max_segments: int):
+  """A fused kernel for a mask whose window is a Python int."""
+  if mask.window and masks.window_kind(mask.causal) not in WINDOWS[implementation]:
+    return _xla(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask)
+  if implementation == "cudnn":
+    return _cudnn(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask, max_segments)
+  return _splash(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask)
 
 
 def segment_layout(segment_ids_BxL, max_segments: int):
@@ -139,9 +146,10 @@ def segment_layout(segment_ids_BxL, max_segments: int):
   return lengths_BxM, starts_BxM1, overflow_B
 
 
-def _cudnn(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask: Mask, max_segments: int):
+def _cudnn(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask: masks.Mask, max_segments: int):
   # The packed layout is public only through this module of JAX's (jax.nn's wrapper does not
-  # take offsets yet); it is the call jax.nn.dot_product_attention makes for cuDNN.
+  # take offsets yet); it is the call jax.nn.dot_product_attention makes for cuDNN, which takes
+  # G < H key/value heads as they are.
   from jax._src.cudnn import fused_attention_stablehlo as cudnn
   if max_segments < 1:
     raise errors.UserError(f"model.max_segments={max_segments} must be at least 1 for "
@@ -158,48 +166,82 @@ def _cudnn(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask: Mask, max_segments: int):
   q_real_BxLx1x1 = (mask.q_segment_ids_BxL != 0)[:, :, None, None]
   kv_real_BxSx1x1 = (mask.kv_segment_ids_BxS != 0)[:, :, None, None]
   q_BxLxHxK = jnp.where(q_real_BxLx1x1, q_BxLxHxK, 0)
-  k_BxSxHxK, v_BxSxHxK = (jnp.where(kv_real_BxSx1x1, x, 0) for x in (k_BxSxHxK, v_BxSxHxK))
+  k_BxSxGxK, v_BxSxGxK = (jnp.where(kv_real_BxSx1x1, x, 0) for x in (k_BxSxGxK, v_BxSxGxK))
+  # cuDNN's window is (slot - W, slot]: the W latest keys, causal only (WINDOWS).
   out_BxLxHxK = cudnn.dot_product_attention(
-      q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM,
+      q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM,
       q_offsets=starts_BxM1, kv_offsets=starts_BxM1, mask_type=kind,
-      scale=1.0 / np.sqrt(q_BxLxHxK.shape[-1]), qkv_layout="BTNH")
+      scale=1.0 / np.sqrt(q_BxLxHxK.shape[-1]), qkv_layout="BTNH",
+      sliding_window_length=int(mask.window) or None)
   out_BxLxHxK = jnp.where(q_real_BxLx1x1, out_BxLxHxK, 0)
   return jnp.where(overflow_B[:, None, None, None], jnp.nan, out_BxLxHxK).astype(
       q_BxLxHxK.dtype)
 
 
-def _splash(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask: Mask):
+def _splash_mask(mask: masks.Mask, shape: tuple):
+  """The splash mask object of `mask`'s causality and (Python int) window over `shape`."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  window = int(mask.window)
+  if window:
+    sides = (window - 1, 0) if mask.causal else (window // 2, window // 2)
+    return sm.LocalMask(shape, window_size=sides, offset=0)
+  return sm.CausalMask(shape) if mask.causal else sm.FullMask(shape)
+
+
+def _splash(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask: masks.Mask):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   _, length, heads, head_dim = q_BxLxHxK.shape
   interpret = jax.devices()[0].platform != "tpu"
+  base = _splash_mask(mask, (length, k_BxSxGxK.shape[1]))
+  block = _block(length)
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                        block_q_dq=block, block_kv_dq=block)
 
-  def local(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxL, kv_seg_BxS):
-    local_heads = q_BxLxHxK.shape[2]
-    shape = (length, k_BxSxHxK.shape[1])
-    base = sm.CausalMask(shape) if mask.causal else sm.FullMask(shape)
-    block = _block(length)
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                          block_q_dq=block, block_kv_dq=block)
-    kernel = sk.make_splash_mha(sm.MultiHeadMask([base] * local_heads), head_shards=1,
-                                q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+  def local(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxL, kv_seg_BxS):
+    batch, _, local_heads, _ = q_BxLxHxK.shape
+    local_kv_heads = k_BxSxGxK.shape[2]
+    group = local_heads // local_kv_heads
+    segment_ids = sk.SegmentIds(q=q_seg_BxL, kv=kv_seg_BxS)
     to_heads = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # [B, H, L, K]
     q = to_heads(q_BxLxHxK * (1.0 / np.sqrt(head_dim))).astype(q_BxLxHxK.dtype)
-    out_BxHxLxK = jax.vmap(kernel)(q, to_heads(k_BxSxHxK), to_heads(v_BxSxHxK),
-                                   segment_ids=sk.SegmentIds(q=q_seg_BxL, kv=kv_seg_BxS))
-    return to_heads(out_BxHxLxK)
+    k_BxGxSxK, v_BxGxSxK = to_heads(k_BxSxGxK), to_heads(v_BxSxGxK)
+    if group == 1:
+      kernel = sk.make_splash_mha(sm.MultiHeadMask([base] * local_heads), head_shards=1,
+                                  q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+      return to_heads(jax.vmap(kernel)(q, k_BxGxSxK, v_BxGxSxK, segment_ids=segment_ids))
+    # Each key/value head serves its group of query heads: splash's multi-query kernel, mapped
+    # over the key/value heads and the rows.
+    kernel = sk.make_splash_mqa(sm.MultiHeadMask([base] * group), head_shards=1,
+                                q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    q_BxGxgxLxK = q.reshape(batch, local_kv_heads, group, length, head_dim)
 
-  args = (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask.q_segment_ids_BxL.astype(jnp.int32),
-          mask.kv_segment_ids_BxS.astype(jnp.int32))
+    def row(q_GxgxLxK, k_GxSxK, v_GxSxK, ids):
+      return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_GxgxLxK, k_GxSxK,
+                                                                        v_GxSxK)
+    out_BxGxgxLxK = jax.vmap(row)(q_BxGxgxLxK, k_BxGxSxK, v_BxGxSxK, segment_ids)
+    return to_heads(out_BxGxgxLxK.reshape(batch, local_heads, length, head_dim))
+
   mesh = jax.sharding.get_abstract_mesh()
+  spec_BLHK = spec_BLGK = spec_BL = None
+  if not mesh.empty:
+    spec_BLHK = sharding.mesh_axes(("batch", "length", "heads", "kv"), q_BxLxHxK.shape, mesh)
+    spec_BLGK = sharding.mesh_axes(("batch", "length", "kv_heads", "kv"), k_BxSxGxK.shape, mesh)
+    spec_BL = sharding.mesh_axes(("batch", "length"), mask.q_segment_ids_BxL.shape, mesh)
+    if spec_BLGK[2] != spec_BLHK[2]:
+      # Key/value heads too few to split as the query heads are: each query head gets its own
+      # copy, so that every device holds the key/value heads of its query heads.
+      k_BxSxGxK, v_BxSxGxK = (jnp.repeat(x, heads // x.shape[2], axis=2)
+                              for x in (k_BxSxGxK, v_BxSxGxK))
+      spec_BLGK = spec_BLHK
+  args = (q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask.q_segment_ids_BxL.astype(jnp.int32),
+          mask.kv_segment_ids_BxS.astype(jnp.int32))
   if mesh.empty:
     return local(*args)
   # A Pallas kernel is not partitioned by XLA: each device runs it on its own rows and heads.
-  rules = sharding.LOGICAL_AXIS_RULES
-  spec_BLHK = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"), rules)
-  spec_BL = nn.logical_to_mesh_axes(("batch", "length"), rules)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec_BLHK,) * 3 + (spec_BL,) * 2,
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(spec_BLHK, spec_BLGK, spec_BLGK, spec_BL, spec_BL),
                        out_specs=spec_BLHK, check_vma=False)(*args)
 
 

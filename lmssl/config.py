@@ -48,11 +48,28 @@ def _model_section() -> ml_collections.ConfigDict:
   m.vocab_size = 0  # 0: taken from the tokenizer
   m.max_len = 512  # rows of the learned position table
   m.type_vocab_size = 2  # token-type embeddings (BERT: 2); 0 turns them off
-  m.norm = "post"  # "post" (BERT) or "pre" (GPT-2, adds a final LayerNorm)
-  m.ln_eps = 1e-12
-  m.gelu = "erf"  # "erf" (exact, BERT) or "tanh" (GPT-2)
+  m.norm = "post"  # "post" (BERT) or "pre" (GPT-2, adds a final norm)
+  m.norm_type = "layernorm"  # "layernorm" or "rmsnorm" (scale only, no mean: Llama)
+  m.embed_norm = False  # a pre-norm model that also normalizes its embeddings (ModernBERT)
+  m.ln_eps = 1e-12  # every norm's epsilon
+  m.gelu = "erf"  # "erf" (exact, BERT) or "tanh" (GPT-2); also GeGLU's
+  # "gelu" (BERT, GPT-2), or gated: "swiglu" (Llama), "geglu" (ModernBERT): wi_gate, wi_up, wo
+  m.mlp = "gelu"
+  m.num_kv_heads = 0  # key/value heads: 0 means num_heads; fewer: grouped-query (1: multi-query)
+  m.use_bias = True  # biases on every dense projection and norm (Llama, ModernBERT: False)
+  m.qkv_bias = False  # query/key/value biases in a model without others (Qwen2)
+  # 0: global attention. W: a causal layer sees the W latest positions, itself included
+  # (Mistral); a bidirectional one the positions at most W // 2 away (ModernBERT).
+  m.attention_window = 0
+  m.global_every = 0  # with a window, layers 0, k, 2k, ... stay global (ModernBERT: 3); 0: none
   m.position = "learned"  # "learned" or "rope"
   m.rope_theta = 10000.0
+  m.local_rope_theta = 0.0  # windowed layers' theta (ModernBERT: 10000); 0: rope_theta
+  m.rope_scaling = ""  # "" (none), "linear" or "llama3" (Llama 3.1+): lmssl/rope.py
+  m.rope_scaling_factor = 8.0
+  m.rope_low_freq_factor = 1.0  # llama3 only, as the next two
+  m.rope_high_freq_factor = 4.0
+  m.rope_original_max_len = 8192  # the context the model was pretrained with
   m.tie_embeddings = True
   m.output_bias = True  # bias on the tied output projection (BERT yes, GPT-2 no)
   m.dropout = 0.0
@@ -205,11 +222,13 @@ def _variant_value(key: str, value: str | None, default):
   return value
 
 
-def apply_size(c: ml_collections.ConfigDict, size: str) -> None:
-  if size not in SIZES:
-    raise errors.UserError(f"unknown model size {size!r}; known: {list(SIZES)}")
+def apply_size(c: ml_collections.ConfigDict, size: str, sizes: dict = SIZES) -> None:
+  """The `sizes` row `size`: (num_layers, d_model, num_heads, mlp_dim[, num_kv_heads])."""
+  if size not in sizes:
+    raise errors.UserError(f"unknown model size {size!r}; known: {list(sizes)}")
   c.model.size = size
-  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = SIZES[size]
+  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = sizes[size][:4]
+  c.model.num_kv_heads = sizes[size][4] if len(sizes[size]) > 4 else 0
 
 
 def vocab_change(c: ml_collections.ConfigDict, tokenizer_vocab: int) -> dict:
@@ -344,6 +363,8 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   """Seconds, not minutes: every piece runs (tokenizer, prepare, train, eval, checkpoint)."""
   c.model.size = "smoke"
   c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 2, 64, 2, 128
+  c.model.num_kv_heads = min(c.model.num_kv_heads, 1)  # grouped stays grouped: 2 heads on 1
+  c.model.attention_window = min(c.model.attention_window, 16)  # to matter in 64-token rows
   c.data.builtin_max_chars = 200_000
   c.data.vocab_size = 500
   c.data.seq_len = 64
@@ -353,11 +374,12 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   c.eval.steps, c.eval.batch_size = 2, 8
 
 
-def apply_variants(c: ml_collections.ConfigDict, arg: str, runs: dict) -> ml_collections.ConfigDict:
-  """Applies "size=NAME[,smoke]": the SIZES row, that size's run settings from `runs`
+def apply_variants(c: ml_collections.ConfigDict, arg: str, runs: dict,
+                   sizes: dict = SIZES) -> ml_collections.ConfigDict:
+  """Applies "size=NAME[,smoke]": the `sizes` row, that size's run settings from `runs`
   ({size: (steps, batch, seq_len, lr)}), then the smoke shrink."""
   v = parse_arg(arg, size="base", smoke=False)
-  apply_size(c, v.size)
+  apply_size(c, v.size, sizes)
   apply_run(c, *runs[v.size])
   if v.smoke:
     apply_smoke(c)

@@ -59,8 +59,8 @@ class MLMHead(nn.Module):
   def __call__(self, x_BxLxD, table_VxD, masked_positions_BxP):
     cfg = self.cfg
     h_BxPxD = jnp.take_along_axis(x_BxLxD, masked_positions_BxP[..., None], axis=1)
-    h_BxPxD = _dense(cfg, cfg.d_model, _SQUARE_AXES, "transform")(h_BxPxD)
-    h_BxPxD = model_lib.layer_norm(cfg, "transform_norm")(model_lib.gelu(cfg, h_BxPxD))
+    h_BxPxD = _dense(cfg, cfg.d_model, _SQUARE_AXES, "transform", cfg.use_bias)(h_BxPxD)
+    h_BxPxD = model_lib.norm(cfg, "transform_norm")(model_lib.gelu(cfg, h_BxPxD))
     return OutputProjection(cfg, name="output")(h_BxPxD, table_VxD)
 
 
@@ -77,15 +77,17 @@ class Pooler(nn.Module):
       last_B = jnp.maximum(length_B - 1, 0)
       return jnp.take_along_axis(x_BxLxD, last_B[:, None, None], axis=1)[:, 0]
     cfg = self.cfg
-    return jnp.tanh(_dense(cfg, cfg.d_model, _SQUARE_AXES, "dense")(x_BxLxD[:, 0]))
+    return jnp.tanh(_dense(cfg, cfg.d_model, _SQUARE_AXES, "dense", cfg.use_bias)(
+        x_BxLxD[:, 0]))
 
 
-def _dense(cfg, features: int, kernel_axes: tuple, name: str):
+def _dense(cfg, features: int, kernel_axes: tuple, name: str, bias: bool = True):
   """A dense layer over the last axis (the params of `nn.Dense`: kernel [in, out], bias
-  [out]), as a `Projection`, so that its bias gradient sums in float32."""
+  [out]), as a `Projection`, so that its bias gradient sums in float32. Task classifiers keep
+  their bias whatever model.use_bias says (they are lmssl's heads, not a family's)."""
   def apply(x):
     return model_lib.Projection(cfg, "...d,df->...f", (x.shape[-1], features), kernel_axes,
-                                kernel_axes[-1:], name=name)(x)
+                                kernel_axes[-1:], bias, name=name)(x)
   return apply
 
 

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmssl import attention
 from lmssl import config as config_lib
 from lmssl import heads
+from lmssl import masks
 from lmssl import model as model_lib
 
 class _Decoder(nn.Module):
@@ -96,12 +96,12 @@ def _check_generate_args(cfg, prompts, max_new_tokens, temperature, top_k, top_p
          f"{max(cfg.max_len - longest, 0)} new tokens")
 
 
-def _decode_mask(pad_B, tokens: int, first_slot, cache_len: int) -> attention.Mask:
+def _decode_mask(pad_B, tokens: int, first_slot, cache_len: int) -> masks.Mask:
   """`tokens` new queries from slot `first_slot` on: each sees its own row's real (not left
   padding) slots up to its own."""
   real_BxS = (jnp.arange(cache_len)[None] >= pad_B[:, None]).astype(jnp.int32)
-  return attention.Mask(jnp.ones((pad_B.shape[0], tokens), jnp.int32), real_BxS, first_slot,
-                        causal=True)
+  return masks.Mask(jnp.ones((pad_B.shape[0], tokens), jnp.int32), real_BxS, first_slot,
+                    causal=True)
 
 
 @jax.jit

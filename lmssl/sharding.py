@@ -3,6 +3,8 @@
 Model code names axes logically (`embed`, `mlp`, ...); only this table says where they go. A
 logical axis may appear in several rules: flax takes the first whose mesh axes are still free in
 that array, so activations (batch on data+fsdp) keep `embed` replicated while weights shard it.
+Key/value heads are few by design (8 in Llama 3, 1 with multi-query attention): where their
+mesh axes do not divide them, they are replicated instead (`REPLICATED_WHEN_UNEVEN`).
 """
 
 import math
@@ -24,6 +26,7 @@ LOGICAL_AXIS_RULES = (
     ("vocab", "tensor"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("kv", None),
     ("layers", None),
     ("pos", None),
@@ -32,6 +35,8 @@ LOGICAL_AXIS_RULES = (
     ("lora", None),
     ("classes", None),
 )
+# Logical axes that are replicated, not split, where their mesh axes do not divide them.
+REPLICATED_WHEN_UNEVEN = ("kv_heads",)
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
@@ -103,10 +108,24 @@ def host_rows(mesh, global_batch: int) -> np.ndarray:
   return np.array(sorted(rows), dtype=np.int64)
 
 
+def mesh_axes(names: tuple, shape: tuple, mesh) -> P:
+  """The mesh axes of an array of `shape` whose dims are named `names`, by the rules table."""
+  spec = nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES)
+  out = []
+  for name, size, axes in zip(names, shape, spec):
+    ways = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+    out.append(None if name in REPLICATED_WHEN_UNEVEN and size % ways else axes)
+  return P(*out)
+
+
 def logical_shardings(abstract_tree, mesh):
   """NamedShardings for a tree whose leaves are boxed with logical names (others replicate)."""
-  specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+  def sharding_of(x):
+    if isinstance(x, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, mesh_axes(x.names, x.value.shape, mesh))
+    return replicated(mesh)
+  return jax.tree.map(sharding_of, abstract_tree,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -1,8 +1,9 @@
 """The checks a run's config passes at start: each names the value, the rule and the fix.
 
-The allowed values are read from the tables the code dispatches on (the model's norms,
-positions, GELU forms, remat policies and projections, the optimizer's schedules, the attention
-implementations), so a choice is valid exactly when the code can run it.
+The allowed values are read from the tables the code dispatches on (the model's norms, norm
+types, MLPs, positions, GELU forms, remat policies and projections, RoPE scalings, the
+optimizer's schedules, the attention implementations and the windows each takes), so a choice
+is valid exactly when the code can run it.
 """
 
 import math
@@ -12,8 +13,10 @@ import ml_collections
 from lmssl import attention
 from lmssl import config as config_lib
 from lmssl import errors
+from lmssl import masks
 from lmssl import model as model_lib
 from lmssl import optimizer
+from lmssl import rope
 
 
 def _check(ok: bool, message: str) -> None:
@@ -41,6 +44,7 @@ def validate(c: ml_collections.ConfigDict, batch_shards: int, process_count: int
   _choices(c)
   _objective(c)
   _shapes(c)
+  _architecture(c)
   _run_lengths_and_batches(c, batch_shards, process_count)
 
 
@@ -50,6 +54,9 @@ def _choices(c: ml_collections.ConfigDict) -> None:
   _one_of(c.objective, "objective", config_lib.OBJECTIVES)
   _one_of(t.nonfinite, "train.nonfinite", ("stop", "skip"))
   _one_of(m.norm, "model.norm", model_lib.NORMS)
+  _one_of(m.norm_type, "model.norm_type", tuple(model_lib.NORM_TYPES))
+  _one_of(m.mlp, "model.mlp", tuple(model_lib.MLPS))
+  _one_of(m.rope_scaling, "model.rope_scaling", tuple(rope.SCALINGS))
   _one_of(m.gelu, "model.gelu", tuple(model_lib.GELU_APPROXIMATE))
   _one_of(m.position, "model.position", model_lib.POSITIONS)
   _one_of(m.remat, "model.remat", tuple(model_lib.REMAT_POLICIES))
@@ -90,9 +97,10 @@ def _objective(c: ml_collections.ConfigDict) -> None:
   _check(c.lora.rank >= 0, f"lora.rank={c.lora.rank} must be 0 (off) or positive")
   if c.lora.rank:
     targets = [x.strip() for x in c.lora.targets.split(",")]
-    _check(bool(targets) and all(x in model_lib.PROJECTIONS for x in targets),
-           f"lora.targets={c.lora.targets!r} must name projections among "
-           f"{list(model_lib.PROJECTIONS)}")
+    known = model_lib.projections(c.model)
+    _check(bool(targets) and all(x in known for x in targets),
+           f"lora.targets={c.lora.targets!r} must name projections among {list(known)} "
+           f"(model.mlp={c.model.mlp!r})")
     _check(bool(c.task.kind), "LoRA is for fine-tuning: set task.kind, or lora.rank=0 to "
            "pretrain every parameter")
 
@@ -146,3 +154,70 @@ def _run_lengths_and_batches(c: ml_collections.ConfigDict, batch_shards: int,
          f"train.batch_size={t.batch_size} must split into train.microbatches="
          f"{t.microbatches} microbatches each divisible by {batch_shards} data shards; use a "
          f"batch size that is a multiple of {t.microbatches * batch_shards}")
+
+
+def _architecture(c: ml_collections.ConfigDict) -> None:
+  """Key/value heads, biases, windows and RoPE settings fit together and have an effect."""
+  m = c.model
+  _check(0 <= m.num_kv_heads <= m.num_heads,
+         f"model.num_kv_heads={m.num_kv_heads} must be in [0, model.num_heads={m.num_heads}] "
+         "(0: one per query head)")
+  _check(not m.num_kv_heads or m.num_heads % m.num_kv_heads == 0,
+         f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads="
+         f"{m.num_kv_heads}; each key/value head serves an equal group of query heads, so use "
+         "a divisor of num_heads")
+  _check(not (m.qkv_bias and m.use_bias),
+         "model.qkv_bias adds query/key/value biases to a model without biases (Qwen2); with "
+         "model.use_bias every projection has one already: set use_bias=False or qkv_bias=False")
+  _check(not m.embed_norm or m.norm == "pre",
+         "model.embed_norm adds an embedding norm to a pre-norm model; a post-norm model "
+         "(model.norm='post') always has one: leave embed_norm False")
+  _windows(c)
+  _rope(m)
+
+
+def _windows(c: ml_collections.ConfigDict) -> None:
+  m, seq_len, causal = c.model, c.data.seq_len, c.objective == "clm"
+  kind = masks.window_kind(causal)
+  _check(m.attention_window >= 0 and m.global_every >= 0,
+         f"model.attention_window={m.attention_window} and model.global_every="
+         f"{m.global_every} must be 0 (off) or positive")
+  _check(not m.global_every or m.attention_window,
+         f"model.global_every={m.global_every} picks the global layers among windowed ones, "
+         "but model.attention_window=0 makes every layer global; set attention_window > 0, or "
+         "global_every=0")
+  _check(m.global_every != 1, "model.global_every=1 makes every layer global, so "
+         "model.attention_window has no effect; use global_every >= 2, or attention_window=0")
+  _check(not m.attention_window or masks.has_effect(m.attention_window, seq_len, causal),
+         f"model.attention_window={m.attention_window} has no effect on rows of data.seq_len="
+         f"{seq_len}: every {kind} query already sees its whole row within it; use a window "
+         f"below {seq_len if causal else 2 * (seq_len - 1)}, or 0 for global attention")
+  _check(not m.attention_window or m.attention == "auto"
+         or kind in attention.WINDOWS[m.attention],
+         f"model.attention={m.attention!r} takes no {kind} sliding window "
+         f"(objective {c.objective!r}); use --config.model.attention=auto or xla")
+
+
+def _rope(m: ml_collections.ConfigDict) -> None:
+  rope_fields = [f"model.{k}={m[k]!r}" for k, off in (("rope_scaling", ""),
+                                                       ("local_rope_theta", 0.0)) if m[k] != off]
+  _check(m.position == "rope" or not rope_fields,
+         f"{', '.join(rope_fields)} set RoPE options, but model.position={m.position!r}; set "
+         "--config.model.position=rope, or leave them at their defaults")
+  _check(not m.local_rope_theta or m.attention_window,
+         f"model.local_rope_theta={m.local_rope_theta} is the windowed layers' theta, and "
+         "model.attention_window=0 leaves no layer windowed; set a window, or "
+         "local_rope_theta=0")
+  _check(m.rope_theta > 0 and m.local_rope_theta >= 0,
+         f"model.rope_theta={m.rope_theta} must be above 0 and model.local_rope_theta="
+         f"{m.local_rope_theta} at least 0 (0: rope_theta)")
+  _check(m.rope_scaling != "linear" or m.rope_scaling_factor > 0,
+         f"model.rope_scaling_factor={m.rope_scaling_factor} must be above 0 for linear RoPE "
+         "scaling")
+  _check(m.rope_scaling != "llama3" or (
+      m.rope_scaling_factor > 0 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
+      and m.rope_original_max_len > 0),
+         f"llama3 RoPE scaling needs rope_scaling_factor > 0 (got {m.rope_scaling_factor}), "
+         f"0 < rope_low_freq_factor (got {m.rope_low_freq_factor}) < rope_high_freq_factor "
+         f"(got {m.rope_high_freq_factor}) and rope_original_max_len > 0 (got "
+         f"{m.rope_original_max_len}); Llama 3.1 uses 8, 1, 4, 8192")

@@ -1,6 +1,6 @@
 """Attention over packed rows: the mask's definition, the kernels against the XLA reference
 (splash in Pallas interpret mode here; cuDNN only on a GPU), the choice of kernel, and the
-packed layout cuDNN takes."""
+packed layout cuDNN takes. Windows and grouped-query heads: also tests/test_architectures.py."""
 
 import flax.linen as nn
 import jax
@@ -12,6 +12,7 @@ import pytest
 from conftest import load_config
 from lmssl import attention
 from lmssl import errors
+from lmssl import masks
 from lmssl import model as model_lib
 from lmssl import sample
 from lmssl import sharding
@@ -39,7 +40,7 @@ def _allowed(q_segments, kv_segments, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_dense_mask_is_the_definition(causal):
   segments = [_row(3, 2, 4, pad=3), _row(5, 7)]
-  got = np.asarray(attention.Mask.packed(jnp.array(segments), causal).dense())
+  got = np.asarray(masks.Mask.packed(jnp.array(segments), causal).dense())
   assert got.shape == (2, 1, 12, 12) and got.dtype == bool
   np.testing.assert_array_equal(got[:, 0], _allowed(segments, segments, causal))
   # Spot checks of the definition itself: documents are closed to each other, and padding
@@ -103,7 +104,7 @@ def test_splash_matches_xla_values_and_grads(causal):
   their largest magnitude."""
   segments = jnp.asarray(PACKED_128)
   q, k, v, cotangent = _qkv((3, 128, 2, 16))
-  mask, weights = attention.Mask.packed(segments, causal), _weights(segments)
+  mask, weights = masks.Mask.packed(segments, causal), _weights(segments)
   out, grads = _value_and_grads("splash", q, k, v, mask, weights, cotangent)
   ref, ref_grads = _value_and_grads("xla", q, k, v, mask, weights, cotangent)
   real = PACKED_128 != 0
@@ -127,11 +128,17 @@ def _hidden_states(module_cfg, params, batch, mesh):
     return np.asarray(forward(params, sharding.global_batch(batch, mesh)))
 
 
-def test_transformer_with_splash_on_a_mesh_matches_xla():
+@pytest.mark.parametrize("heads,kv_heads,window", [(2, 0, 0), (2, 1, 16), (4, 2, 0)])
+def test_transformer_with_splash_on_a_mesh_matches_xla(heads, kv_heads, window):
   """Rows over the data axis and heads over the tensor axis: splash runs under shard_map
-  on each device's rows and head."""
+  on each device's rows and heads. With one key/value head (too few for the tensor axis, so
+  each device gets its query heads' copy) and a window on layer 1 (layer 0 global), the
+  layer's window picks its kernel; with 4 query heads on 2 key/value heads each device runs
+  the multi-query kernel on its 2 query heads and their key/value head."""
   cfg = load_config("clm_base", "smoke")
-  cfg.model.vocab_size = 64
+  cfg.model.vocab_size, cfg.model.num_heads = 64, heads
+  cfg.model.num_kv_heads, cfg.model.attention_window = kv_heads, window
+  cfg.model.global_every = 2 if window else 0
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 4, 1, 2
   assert cfg.model.num_heads % cfg.mesh.tensor == 0
   xla_cfg = model_lib.module_config(cfg.model)
@@ -210,6 +217,21 @@ def test_config_refuses_bad_attention_settings(field, value, message):
     validation.validate(cfg, batch_shards=8)
 
 
+def test_forced_cudnn_refuses_a_bidirectional_window(monkeypatch):
+  """cuDNN's sliding window is causal only: an encoder's window is refused for a forced
+  cudnn at start (under auto its windowed layers run XLA)."""
+  monkeypatch.setattr(attention, "resolve", lambda name, **kwargs: name)  # as on a GPU
+  cfg = load_config("mlm_base", "size=tiny")
+  cfg.model.attention, cfg.model.attention_window = "cudnn", 32
+  with pytest.raises(errors.UserError, match=(
+      r"model.attention='cudnn' takes no bidirectional sliding window \(objective 'mlm'\); "
+      r"use --config.model.attention=auto or xla")):
+    validation.validate(cfg, batch_shards=8)
+  cfg.objective = "clm"
+  validation.validate(cfg, batch_shards=8)
+  assert attention.WINDOWS["cudnn"] == ("causal",)
+
+
 def test_segment_layout_by_hand():
   segments = jnp.array([
       [1, 1, 1, 2, 2, 3, 0, 0],  # three documents, padding tail
@@ -235,7 +257,7 @@ def test_cudnn_matches_xla_and_overflowing_rows_are_nan(causal):
   buffers would reach the weights' gradients."""
   segments = np.array([_row(100, 37, 80, pad=39), _row(60, 50, 70, 76)], np.int32)
   q, k, v, cotangent = _qkv((2, 256, 4, 64), jnp.bfloat16)
-  mask, weights = attention.Mask.packed(jnp.asarray(segments), causal), _weights(segments)
+  mask, weights = masks.Mask.packed(jnp.asarray(segments), causal), _weights(segments)
   real = segments != 0
   out, grads = _value_and_grads("cudnn", q, k, v, mask, weights, cotangent, max_segments=4)
   as_f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -248,3 +270,27 @@ def test_cudnn_matches_xla_and_overflowing_rows_are_nan(causal):
   out = np.asarray(fewer(q, k, v).astype(jnp.float32))
   assert np.isnan(out[1]).all()
   np.testing.assert_allclose(out[0][real[0]], ref[0][real[0]], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu",
+                    reason="cuDNN attention runs on NVIDIA GPUs only (its packed layout on Hopper "
+                    "or later)")
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_grouped_query_heads_and_windows_match_xla(causal):
+  """Four query heads on two key/value heads, two windows (0 and 48) chosen by the layer's
+  window as data: cuDNN runs the global one and the causal window (its (slot - W, slot]);
+  a bidirectional window runs XLA."""
+  segments = np.array([_row(100, 37, 80, pad=39), _row(60, 50, 70, 76)], np.int32)
+  keys = jax.random.split(jax.random.key(3), 4)
+  q = jax.random.normal(keys[0], (2, 256, 4, 64)).astype(jnp.bfloat16)
+  k, v = (jax.random.normal(key, (2, 256, 2, 64)).astype(jnp.bfloat16) for key in keys[1:3])
+  cotangent = jax.random.normal(keys[3], q.shape)
+  weights, real = _weights(segments), segments != 0
+  for window in (0, 48):
+    mask = masks.Mask.packed(jnp.asarray(segments), causal).replace(
+        windows=(0, 48), window=jnp.int32(window))
+    out, grads = _value_and_grads("cudnn", q, k, v, mask, weights, cotangent, max_segments=4)
+    as_f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref, ref_grads = _value_and_grads("xla", *as_f32, mask, weights, cotangent)
+    np.testing.assert_allclose(out[real], ref[real], atol=2e-2, rtol=2e-2)
+    _assert_grads_close(grads, ref_grads, rel=2e-2)

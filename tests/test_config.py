@@ -12,13 +12,39 @@ from lmssl import sharding
 from lmssl import validation
 
 
-@pytest.mark.parametrize("name", ["mlm_base", "clm_base"])
-@pytest.mark.parametrize("size", list(config_lib.SIZES))
+def _preset_sizes(name):
+  import importlib
+  return getattr(importlib.import_module(f"lmssl.configs.{name}"), "SIZES", config_lib.SIZES)
+
+
+@pytest.mark.parametrize("name,size", [
+    (name, size) for name in ("mlm_base", "clm_base", "llama_base", "modernbert_base")
+    for size in _preset_sizes(name)])
 def test_every_size_variant_is_valid(name, size):
   cfg = load_config(name, f"size={size}")
+  row = _preset_sizes(name)[size]
   assert (cfg.model.num_layers, cfg.model.d_model, cfg.model.num_heads,
-          cfg.model.mlp_dim) == config_lib.SIZES[size]
+          cfg.model.mlp_dim) == row[:4]
+  assert cfg.model.num_kv_heads == (row[4] if len(row) > 4 else 0)
   validation.validate(cfg, batch_shards=8)
+
+
+def test_llama_1b_and_modernbert_presets_are_shaped_as_named():
+  llama = load_config("llama_base", "size=1b").model
+  assert (llama.num_layers, llama.d_model, llama.num_heads, llama.num_kv_heads,
+          llama.mlp_dim) == (16, 2048, 32, 8, 8192)
+  assert (llama.norm, llama.norm_type, llama.ln_eps, llama.mlp, llama.use_bias,
+          llama.position, llama.rope_theta, llama.tie_embeddings) == (
+              "pre", "rmsnorm", 1e-5, "swiglu", False, "rope", 500_000.0, False)
+  modern = load_config("modernbert_base", "size=base").model
+  assert (modern.norm, modern.norm_type, modern.embed_norm, modern.mlp, modern.use_bias,
+          modern.rope_theta, modern.local_rope_theta, modern.attention_window,
+          modern.global_every) == ("pre", "layernorm", True, "geglu", False, 160_000.0,
+                                   10_000.0, 128, 3)
+  for name in ("llama_base", "modernbert_base"):  # the smoke runs keep their shape's features
+    smoke = load_config(name, "smoke")
+    validation.validate(smoke, batch_shards=8)
+  assert load_config("llama_base", "smoke").model.num_kv_heads == 1
 
 
 def test_base_sizes_are_bert_and_gpt2_shaped():
@@ -83,6 +109,51 @@ def test_variant_values_of_the_wrong_type_are_refused(arg, message):
      r"train.schedule='constant' is not known; use one of \['linear', 'cosine'\]"),
     (lambda c: setattr(c.data, "mask_rate", 1.5), r"mask_rate=1.5, .* need 0 < mask_rate <= 1"),
     (lambda c: setattr(c.data, "random_token_frac", -0.1), "fractions non-negative"),
+    (lambda c: setattr(c.model, "norm_type", "batchnorm"),
+     r"model.norm_type='batchnorm' is not known; use one of \['layernorm', 'rmsnorm'\]"),
+    (lambda c: setattr(c.model, "mlp", "relu"),
+     r"model.mlp='relu' is not known; use one of \['gelu', 'swiglu', 'geglu'\]"),
+    (lambda c: setattr(c.model, "rope_scaling", "yarn"),
+     r"model.rope_scaling='yarn' is not known; use one of \['', 'linear', 'llama3'\]"),
+    (lambda c: setattr(c.model, "num_kv_heads", 3),
+     r"model.num_kv_heads=3 must be in \[0, model.num_heads=2\] \(0: one per query head\)"),
+    (lambda c: setattr(c.model, "num_kv_heads", -1), r"model.num_kv_heads=-1 must be in \[0,"),
+    (lambda c: (setattr(c.model, "num_heads", 4), setattr(c.model, "num_kv_heads", 3)),
+     "model.num_heads=4 is not divisible by model.num_kv_heads=3; .* use a divisor of "
+     "num_heads"),
+    (lambda c: setattr(c.model, "qkv_bias", True),
+     "with model.use_bias every projection has one already: set use_bias=False or "
+     "qkv_bias=False"),
+    (lambda c: setattr(c.model, "embed_norm", True),
+     "a post-norm model .* always has one: leave embed_norm False"),
+    (lambda c: setattr(c.model, "global_every", 3),
+     "model.global_every=3 picks the global layers among windowed ones, but "
+     "model.attention_window=0 makes every layer global"),
+    (lambda c: (setattr(c.model, "attention_window", 8), setattr(c.model, "global_every", 1)),
+     "model.global_every=1 makes every layer global"),
+    (lambda c: setattr(c.model, "attention_window", -8),
+     "model.attention_window=-8 and model.global_every=0 must be 0 .off. or positive"),
+    (lambda c: setattr(c.model, "attention_window", 254),
+     "model.attention_window=254 has no effect on rows of data.seq_len=128: every "
+     "bidirectional query already sees its whole row within it; use a window below 254, or 0 "
+     "for global attention"),
+    (lambda c: setattr(c.model, "rope_scaling", "llama3"),
+     r"model.rope_scaling='llama3' set RoPE options, but model.position='learned'; set "
+     r"--config.model.position=rope"),
+    (lambda c: (setattr(c.model, "position", "rope"), setattr(c.model, "local_rope_theta", 1e4)),
+     "model.local_rope_theta=10000.0 is the windowed layers' theta, and "
+     "model.attention_window=0 leaves no layer windowed"),
+    (lambda c: (setattr(c.model, "position", "rope"), setattr(c.model, "rope_theta", 0.0)),
+     "model.rope_theta=0.0 must be above 0"),
+    (lambda c: (setattr(c.model, "position", "rope"), setattr(c.model, "rope_scaling", "llama3"),
+                setattr(c.model, "rope_low_freq_factor", 4.0)),
+     r"llama3 RoPE scaling needs .* 0 < rope_low_freq_factor \(got 4.0\) < "
+     r"rope_high_freq_factor \(got 4.0\)"),
+    (lambda c: (setattr(c.lora, "rank", 4), setattr(c.task, "kind", "classification"),
+                setattr(c.task, "train_source", "tsv:a"), setattr(c.task, "eval_source", "tsv:b"),
+                setattr(c.model, "mlp", "swiglu"), setattr(c.lora, "targets", "wi")),
+     r"lora.targets='wi' must name projections among \['query', 'key', 'value', 'out', "
+     r"'wi_gate', 'wi_up', 'wo'\] \(model.mlp='swiglu'\)"),
 ])
 def test_invalid_values_fail_with_the_fix(change, message):
   cfg = load_config("mlm_base", "size=tiny")
@@ -124,6 +195,10 @@ _SHORT = "is too short: {} needs at least {} positions; use a longer seq_len (12
      "model.dtype='float12' is not known; use one of ['float32', 'bfloat16', 'float16']"),
     ("clm_base", "model.param_dtype", "int8",
      "model.param_dtype='int8' is not known; use one of ['float32', 'bfloat16', 'float16']"),
+    ("llama_base", "model.attention_window", 256,
+     "model.attention_window=256 has no effect on rows of data.seq_len=256: every causal "
+     "query already sees its whole row within it; use a window below 256, or 0 for global "
+     "attention"),
 ])
 def test_settings_that_cannot_train_are_refused_with_the_rule(name, key, value, message):
   cfg = load_config(name, "size=tiny")

@@ -260,6 +260,25 @@ def test_converted_run_is_not_resumed_and_outputs_are_not_overwritten(hf_dirs, t
   assert not (tmp_path / "back").exists()
 
 
+@pytest.mark.parametrize("name,options", [
+    ("llama_base", "model.position='rope', model.norm_type='rmsnorm', model.mlp='swiglu', "
+     "model.use_bias=False, model.num_kv_heads=1"),
+    ("modernbert_base", "model.position='rope', model.embed_norm=True, model.mlp='geglu', "
+     "model.use_bias=False, model.attention_window=16"),
+])
+def test_architectures_without_a_bert_or_gpt2_counterpart_are_not_exported(name, options):
+  from lmssl.hf import families
+  with pytest.raises(errors.UserError) as e:
+    families.check_exportable(load_config(name))
+  assert str(e.value) == (f"{options}: no BERT/GPT-2 counterpart, and lmssl exports BERT and "
+                          "GPT-2 only; export a run with these options at their BERT/GPT-2 "
+                          "values")
+  gqa = load_config("clm_base")
+  gqa.model.num_kv_heads = 1
+  with pytest.raises(errors.UserError, match=r"^model.num_kv_heads=1: no BERT/GPT-2"):
+    families.check_exportable(gqa)
+
+
 @pytest.mark.parametrize("config_name,architecture", [("mlm_base", "BertForMaskedLM"),
                                                       ("clm_base", "GPT2LMHeadModel")])
 def test_lmssl_run_exports_with_its_tokenizer(tokenizer_path, paragraphs, tmp_path, config_name,

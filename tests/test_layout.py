@@ -11,11 +11,11 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lmssl"
 # each other.
 LAYERS = [
     # Leaves: no lmssl imports.
-    {"errors", "files", "losses", "lora", "optimizer", "scores", "bench/hf_peer",
+    {"errors", "files", "losses", "lora", "optimizer", "scores", "masks", "bench/hf_peer",
      "bench/process"},
-    # Services a run uses, and the data package (TensorFlow lives here).
+    # Services a run uses, and the data package (TensorFlow lives here); RoPE frequencies.
     {"sharding", "distributed", "preemption", "checkpoint_faults", "metrics", "workdir_lock",
-     "data"},
+     "data", "rope"},
     # Attention kernels; tokenizer loading by path (lmssl's own or a HuggingFace folder).
     {"attention", "checkpoint", "hf/tokenizer"},
     {"model"},

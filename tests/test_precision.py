@@ -31,12 +31,16 @@ from lmssl import steps
 BF16, F32, I32 = np.dtype(jnp.bfloat16), np.dtype(np.float32), np.dtype(np.int32)
 # The smoke model's vocabulary; no other dimension of it is 96, so a trailing 96 marks logits.
 VOCAB = 96
-PROJECTIONS = {"attn": ("query", "key", "value", "out"), "mlp": ("wi", "wo")}
+PROJECTIONS = {"attn": ("query", "key", "value", "out"), "mlp": ("wi", "wi_gate", "wi_up", "wo")}
 BF16_PRESET = jax.lax.DotAlgorithmPreset.BF16_BF16_F32
-# (objective, train.loss_chunks, model.remat): the chunked CLM loss is a custom_vjp inside a
-# scan; full remat recomputes the forward inside the backward (a remat2 sub-jaxpr).
+# (objective, train.loss_chunks, model.remat, config): the chunked CLM loss is a custom_vjp
+# inside a scan; full remat recomputes the forward inside the backward (a remat2 sub-jaxpr).
+# The Llama preset brings RMSNorm, SwiGLU and grouped-query heads; the ModernBERT one GeGLU,
+# bias-free LayerNorms and windowed layers.
 CASES = {"mlm": ("mlm", 0, "none"), "clm": ("clm", 0, "none"),
-         "clm_chunked_loss": ("clm", 2, "none"), "clm_remat": ("clm", 0, "full")}
+         "clm_chunked_loss": ("clm", 2, "none"), "clm_remat": ("clm", 0, "full"),
+         "llama": ("clm", 0, "none", "llama_base"),
+         "modernbert": ("mlm", 0, "none", "modernbert_base")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +96,9 @@ def _ops(jaxpr, scope=(), times=1):
       yield from _ops(sub, here, inner)
 
 
-def _config(objective="mlm", loss_chunks=0, remat="none", dtype="bfloat16",
+def _config(objective="mlm", loss_chunks=0, remat="none", name="", dtype="bfloat16",
             param_dtype="float32"):
-  cfg = load_config("mlm_base" if objective == "mlm" else "clm_base", "smoke")
+  cfg = load_config(name or ("mlm_base" if objective == "mlm" else "clm_base"), "smoke")
   cfg.model.vocab_size, cfg.model.dtype, cfg.model.param_dtype = VOCAB, dtype, param_dtype
   cfg.train.loss_chunks, cfg.model.remat = loss_chunks, remat
   return cfg
@@ -134,9 +138,13 @@ def _matmul_violations(ops):
 
 
 def _layer_norm_violations(ops, cfg):
-  """Every LayerNorm's statistics (mean and variance reductions, rsqrt) run in float32."""
-  norms = {"attn_norm", "mlp_norm"} | (
-      {"embed_norm", "transform_norm"} if cfg.objective == "mlm" else {"final_norm"})
+  """Every norm's statistics (LayerNorm's mean and variance, RMSNorm's mean square: reductions
+  and rsqrt) run in float32."""
+  m = cfg.model
+  norms = ({"attn_norm", "mlp_norm"} | ({"embed_norm"} if m.norm == "post" or m.embed_norm
+                                         else set())
+           | ({"final_norm"} if m.norm == "pre" else set())
+           | ({"transform_norm"} if cfg.objective == "mlm" else set()))
   stats = [op for op in ops if op.prim in ("reduce_sum", "rsqrt")
            and any(c.endswith("_norm") for c in op.scope)]
   found = {c for op in stats for c in op.scope if c.endswith("_norm")}
@@ -150,9 +158,11 @@ SOFTMAX_PRIMS = ("exp", "reduce_max", "reduce_sum", "log", "div")
 
 
 def _attention_softmax_violations(ops):
-  """Attention's softmax (max, exp, sum, divide; forward and backward) runs in float32."""
+  """Attention's softmax (max, exp, sum, divide; forward and backward) runs in float32.
+  Integer arithmetic there (halving a bidirectional window) is no softmax."""
   softmax = [op for op in ops if op.under("layers") and op.under("attn")
-             and op.projection is None and op.prim in SOFTMAX_PRIMS]
+             and op.projection is None and op.prim in SOFTMAX_PRIMS
+             and any(jnp.issubdtype(d, jnp.floating) for d in op.ins)]
   assert {"exp", "reduce_max"} <= {op.prim for op in softmax}
   return [op for op in softmax if set(op.ins) != {F32}]
 
@@ -210,7 +220,7 @@ def test_matmuls_take_bfloat16(traced):
   # Full remat runs the forward once more inside the backward, where its output is needed.
   layers = cfg.model.num_layers
   most = 3 + (cfg.model.remat == "full")
-  for projection in PROJECTIONS["attn"] + PROJECTIONS["mlp"]:
+  for projection in model_lib.projections(cfg.model):
     dots = [op for op in ops if op.prim == "dot_general" and op.projection == projection]
     assert 3 * layers <= sum(op.times for op in dots) <= most * layers, projection
     assert {d for op in dots for d in op.ins} == {BF16}, projection
@@ -289,7 +299,7 @@ def test_checks_catch_violations(breakage, monkeypatch):
     assert _attention_softmax_violations(list(_ops(jax.make_jaxpr(_bf16_softmax)(x, x).jaxpr)))
     return
   if breakage == "bf16_layer_norm_stats":
-    monkeypatch.setattr(model_lib, "layer_norm", _layer_norm_bf16_stats)
+    monkeypatch.setitem(model_lib.NORM_TYPES, "layernorm", _layer_norm_bf16_stats)
   if breakage == "bf16_logits_into_loss":
     monkeypatch.setattr(losses_lib.Unprojected, "logits", _bf16_logits)
   if breakage == "bf16_updates":

@@ -80,6 +80,40 @@ def test_cached_greedy_matches_full_recompute(norm, position):
   assert sample.generate(cfg, params, PROMPTS, max_new_tokens=NEW, eos_id=NO_EOS) == refs
 
 
+def _llama_cfg(**changes):
+  """A Llama/Mistral-style decoder: RMSNorm, SwiGLU, 4 query heads on 2 key/value heads, no
+  biases, RoPE; a 4-position window on layer 1 (layer 0 global)."""
+  cfg = load_config("llama_base").model
+  cfg.vocab_size, cfg.num_heads, cfg.num_kv_heads = VOCAB, 4, 2
+  cfg.attention_window, cfg.global_every = 4, 2
+  for key, value in changes.items():
+    cfg[key] = value
+  return cfg
+
+
+def test_grouped_query_windowed_decoder_cached_greedy_matches_full_recompute():
+  cfg = _llama_cfg()
+  params = _random_params(cfg, "clm")
+  refs = [_greedy_reference(cfg, params, p, NEW) for p in PROMPTS]
+  assert len({t for r in refs for t in r}) > 3, refs
+  assert sample.generate(cfg, params, PROMPTS, max_new_tokens=NEW, eos_id=NO_EOS) == refs
+  # The window matters here: with every layer global the same weights continue otherwise.
+  unwindowed = _llama_cfg(attention_window=0, global_every=0)
+  assert [_greedy_reference(unwindowed, params, p, NEW) for p in PROMPTS] != refs
+
+
+def test_grouped_query_cache_holds_only_the_key_value_heads():
+  def cache_shapes(**changes):
+    cfg = _llama_cfg(**changes)
+    _, cache = sample._prefill(_random_params(cfg, "clm"), np.zeros((3, 5), np.int32),
+                               jnp.zeros(3, jnp.int32), cfg=sample._inference_config(cfg),
+                               cache_len=12)
+    return {x.shape for x in jax.tree.leaves(cache)}
+  assert cache_shapes() == {(2, 3, 12, 2, 16)}  # [N, B, S, G, K]: 2 key/value heads
+  assert cache_shapes(num_kv_heads=1) == {(2, 3, 12, 1, 16)}
+  assert cache_shapes(num_kv_heads=0) == {(2, 3, 12, 4, 16)}  # one per query head: 2x, 4x
+
+
 def test_sampling_is_seeded_and_degenerate_filters_are_greedy():
   cfg, params, refs = _clm()
 

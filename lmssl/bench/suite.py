@@ -35,6 +35,7 @@ import numpy as np
 
 from lmssl import attention
 from lmssl import config as config_lib
+from lmssl import masks
 from lmssl.bench import parts
 from lmssl.bench import step
 
@@ -82,7 +83,7 @@ def _attention_shape_rows(shape, causal: bool, platform: str, rounds: int) -> li
   segments[-1, -length // 8:] = 0  # a padding tail
   real_BxLx1x1 = jnp.asarray(segments > 0)[..., None, None]
   weight_K = jnp.asarray(rng.normal(size=(head_dim,)), jnp.float32)
-  mask = attention.Mask.packed(jnp.asarray(segments), causal)
+  mask = masks.Mask.packed(jnp.asarray(segments), causal)
   rows, reference = [], None
   for impl, max_segments in variants(platform):
     if impl != "xla" and max_segments and segments.max() > max_segments:

@@ -222,11 +222,20 @@ def hf_config_for(c: ml_collections.ConfigDict, architecture: str, special_ids: 
               resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
 
 
+# The model options whose other values BERT and GPT-2 do not have (both learn absolute
+# positions, LayerNorm with biases, a GELU MLP, one key/value head per query head, no windows).
+_BERT_GPT2_OPTIONS = {"position": "learned", "norm_type": "layernorm", "embed_norm": False,
+                      "mlp": "gelu", "use_bias": True, "qkv_bias": False, "attention_window": 0}
+
+
 def check_exportable(c: ml_collections.ConfigDict) -> Family:
   """The family an lmssl model exports as, or a UserError saying what does not fit."""
   m = c.model
-  _check(m.position == "learned", "model.position='rope' has no BERT/GPT-2 counterpart (they "
-         "learn absolute positions); only runs with model.position='learned' export")
+  others = [f"model.{k}={m[k]!r}" for k, v in _BERT_GPT2_OPTIONS.items() if m[k] != v]
+  others += [f"model.num_kv_heads={m.num_kv_heads}"] if m.num_kv_heads not in (
+      0, m.num_heads) else []
+  _check(not others, f"{', '.join(others)}: no BERT/GPT-2 counterpart, and lmssl exports "
+         "BERT and GPT-2 only; export a run with these options at their BERT/GPT-2 values")
   if m.norm == "post":
     _check(m.tie_embeddings and m.output_bias and m.type_vocab_size > 0 and c.objective == "mlm",
            "a post-LN model exports as BERT, a bidirectional encoder that ties the output "

@@ -65,7 +65,7 @@ def test_data_benchmark_figures_agree_with_the_files(tmp_path, wikitext_dir, cap
   made, tokenizer, one, every = rows[:4]
   root = tmp_path / "0.0015gb-text"
   assert [r["what"] for r in rows[:4]] == ["corpus", "tokenizer", "prepare", "prepare"]
-  assert (one["runner"], every["runner"]) == ("one process", "all cores")
+  assert (one["runner"], every["runner"]) == ("one core", "all cores")
   record = json.loads((root / "corpus" / "corpus.json").read_text())
   assert f"{record['bytes']:,} bytes" in made["note"] and len(record["files"]) == 2
   assert (root / "tokenizer" / "tokenizer.model").is_file() and "vocab 500" in tokenizer["note"]
@@ -83,21 +83,18 @@ def test_data_benchmark_figures_agree_with_the_files(tmp_path, wikitext_dir, cap
     assert 2.0 < row["bytes_per_token"] < 2.2
     assert row["tokens_per_s"] == pytest.approx(tokens / row["seconds"])
     assert 0 < row["cores"] <= os.cpu_count() + 0.1  # CPU seconds over wall seconds
-    # Each process imports the data package (TensorFlow with it): tens of MB at the least,
-    # and a 1.5 MB corpus adds little. The processes together hold at least the largest.
+    # Each process holds Python, numpy and sentencepiece: tens of MB at the least, and a
+    # 1.5 MB corpus adds little. The processes together hold at least the largest.
     assert 50e6 < row["peak_rss_bytes"] <= row["tree_rss_bytes"] < 4e9
     assert 0 < row["anon_bytes"] <= row["tree_rss_bytes"]
     shards[name] = {p.relative_to(cache / "shards"): p.read_bytes()
                     for p in (cache / "shards").rglob("*") if p.is_file()}
   assert (one["workers"], every["workers"]) == (0, 2)
-  # Two workers beside the parent, each with the data package imported (sampled every 0.2 s,
-  # which their ~10 s lives cannot slip through).
-  assert every["tree_rss_bytes"] > 1.5 * every["peak_rss_bytes"]
   assert shards["one"] == shards["all"]  # the same bytes, whichever runner wrote them
 
   targets = {r["target"]: r for r in rows[4:]}
   assert all(r["measurement"] == "data_target" for r in targets.values())
-  speedup = targets["all-cores prepare >= 1.6x one process"]
+  speedup = targets["all-cores prepare >= 1.6x one process on one core"]
   assert speedup["figures"] == (
       f"0.0015 GB: {every['tokens_per_s'] / one['tokens_per_s']:.2f}x")
   assert targets["bytes per token on disk <= 2.2"]["result"] == "met"
@@ -145,10 +142,10 @@ def test_targets_judge_every_size_and_the_ends():
     return dict(measurement="data", corpus_gb=size, what="prepare", runner=runner,
                 tokens_per_s=tokens_per_s, tree_rss_bytes=rss, bytes_per_token=bytes_per_token)
 
-  rows = [prepare(0.1, "one process", 100.0, 0.6e9, 2.05),
+  rows = [prepare(0.1, "one core", 100.0, 0.6e9, 2.05),
           prepare(0.1, "all cores", 180.0, 1.4e9, 2.05),
           prepare(0.1, "beam direct", None, None, None),
-          prepare(3, "one process", 100.0, 0.7e9, 2.07),
+          prepare(3, "one core", 100.0, 0.7e9, 2.07),
           prepare(3, "all cores", 150.0, 1.6e9, 2.07),
           dict(measurement="data", corpus_gb=0.1, what="train", runner="r",
                tree_rss_bytes=1.0e9, anon_bytes=0.7e9, first_step_s=20.0),
@@ -164,7 +161,7 @@ def test_targets_judge_every_size_and_the_ends():
       "training peak RSS flat (largest corpus <= 1.2x smallest)": (
           "met", "0.1 GB: 1,000 MB (anonymous 700 MB), 3 GB: 1,100 MB (anonymous 800 MB)"),
       "bytes per token on disk <= 2.2": ("met", "0.1 GB: 2.050, 3 GB: 2.070"),
-      "all-cores prepare >= 1.6x one process": ("not met", "0.1 GB: 1.80x, 3 GB: 1.50x"),
+      "all-cores prepare >= 1.6x one process on one core": ("not met", "0.1 GB: 1.80x, 3 GB: 1.50x"),
       "time to first step, largest corpus <= 1.5x smallest": ("not met", "0.1 GB: 20.0 s, "
                                                                "3 GB: 31.0 s"),
   }

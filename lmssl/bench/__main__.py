@@ -134,7 +134,9 @@ def parse_args(argv):
                  help="configs/mlm_base.py's variant, for prepare and the training run")
   p.add_argument("--data_workers", type=int, default=0,
                  help="processes of the all-cores prepare (0: one per core)")
-  p.add_argument("--data_runners", default="one,all,beam", help="of: one, all, beam")
+  p.add_argument("--data_runners", default="one,threads,all,beam",
+                 help="of: one (a process on one core), threads (a process whose tokenizer "
+                 "uses every core), all (a process per core), beam (DirectRunner)")
   p.add_argument("--data_steps", type=int, default=20,
                  help="steps of the training run (0: no training run or pipeline)")
   args = p.parse_args(argv)
@@ -157,9 +159,9 @@ def _check_data_args(p, args) -> None:
     p.error(f"--data={args.data!r} is not a list of sizes in GB; write e.g. 0.1,1,3")
   if min(args.data_sizes) <= 0:
     p.error(f"--data={args.data!r}: every size must be positive")
-  unknown = sorted(set(args.data_runners.split(",")) - {"one", "all", "beam"})
+  unknown = sorted(set(args.data_runners.split(",")) - {"one", "threads", "all", "beam"})
   if unknown:
-    p.error(f"--data_runners: unknown {unknown}; known: one, all, beam")
+    p.error(f"--data_runners: unknown {unknown}; known: one, threads, all, beam")
   if args.data_files < 1:
     p.error(f"--data_files={args.data_files} must be at least 1")
   if args.data_steps == 1 or args.data_steps < 0:

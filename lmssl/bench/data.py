@@ -34,7 +34,10 @@ import types
 from lmssl.bench import corpus as corpus_lib
 from lmssl.bench import process
 
-RUNNERS = {"one": "one process", "all": "all cores", "beam": "beam direct"}
+# "one": one process on one core (the tokenizer's threads held to one), the base that more
+# cores are measured against; "threads": one process whose tokenizer encodes on every core.
+RUNNERS = {"one": "one core", "threads": "one process", "all": "all cores",
+           "beam": "beam direct"}
 GB = 10 ** 9
 # (limit, what) of issue 15's targets on the 2-core machine.
 PREPARE_RSS, TRAIN_RSS, BYTES_PER_TOKEN, SPEEDUP, FIRST_STEP = 1.5 * GB, 2.5 * GB, 2.2, 1.6, 1.5
@@ -51,7 +54,7 @@ class Settings:
   files: int = 1
   variant: str = "size=tiny"  # of configs/mlm_base.py, for prepare and the training run alike
   workers: int = 0  # the all-cores row's processes (0: one per core)
-  runners: tuple[str, ...] = ("one", "all", "beam")
+  runners: tuple[str, ...] = ("one", "threads", "all", "beam")
   train_steps: int = 20  # 0: no training run, and no pipeline measurement beside it
   seed: int = 0
 
@@ -224,7 +227,7 @@ def targets(rows: list[dict]) -> list[dict]:
         lambda v: max(v.values()) <= BYTES_PER_TOKEN, lambda s, v: f"{v:.3f}")
   one = worst("prepare", "tokens_per_s", RUNNERS["one"])
   every = worst("prepare", "tokens_per_s", RUNNERS["all"])
-  check(f"all-cores prepare >= {SPEEDUP}x one process",
+  check(f"all-cores prepare >= {SPEEDUP}x one process on one core",
         {s: every[s] / one[s] for s in sorted(one.keys() & every.keys())},
         lambda v: min(v.values()) >= SPEEDUP, lambda s, v: f"{v:.2f}x")
   check(f"time to first step, largest corpus <= {FIRST_STEP}x smallest",
@@ -327,15 +330,19 @@ def _measure_tokenizer(spec: dict) -> dict:
 
 def _measure_prepare(spec: dict) -> dict:
   from lmssl.data import prepare
+  from lmssl.data import tokenizer as tok
   cfg = _config(spec)
-  runner, workers = None, 1
+  runner, workers, given = None, 1, None
+  if spec["runner"] == "one":
+    given = tok.Tokenizer.load(os.path.join(spec["workdir"], "tokenizer.model"))
+    given.threads = 1
   if spec["runner"] == "beam":
     from lmssl.data import beam_prepare  # pylint: disable=g-import-not-at-top
     runner = functools.partial(beam_prepare.run, pipeline_args=["--runner=DirectRunner"])
   elif spec["runner"] == "all":
     workers = spec["workers"] or os.cpu_count() or 1
   start = time.perf_counter()
-  _, prepared_dir = prepare.prepare(cfg.data, None, spec["workdir"], workers=workers,
+  _, prepared_dir = prepare.prepare(cfg.data, given, spec["workdir"], workers=workers,
                                     runner=runner)
   seconds = time.perf_counter() - start
   manifest = prepare.read_meta(prepared_dir)

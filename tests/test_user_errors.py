@@ -27,6 +27,13 @@ def _last_line(out, status=1) -> str:
   return out.stderr.strip().splitlines()[-1]
 
 
+def _only_line(out, status=1) -> str:
+  """The one line a command printed, stdout and stderr together (library chatter included)."""
+  lines = (out.stdout + out.stderr).strip().splitlines()
+  assert out.returncode == status and len(lines) == 1, out.stdout[-2000:] + out.stderr[-3000:]
+  return lines[0]
+
+
 def test_a_workdir_that_is_a_file(tmp_path):
   workdir = tmp_path / "notes.txt"
   workdir.write_text("mine")
@@ -61,6 +68,45 @@ def test_a_config_file_that_is_missing_or_not_python(tmp_path, config, extra, la
   out = _run("lmssl.main", "--config", config.format(d=tmp_path), "--workdir", workdir, *extra)
   assert _last_line(out) == last_line.format(d=tmp_path, repo=REPO)
   assert not workdir.exists()
+
+
+_RULE = ("a config file defines get_config(arg) returning a ConfigDict (see "
+         "configs/mlm_base.py)")
+
+
+@pytest.mark.parametrize("text, line", [
+    ("x = 1\n", "config file {f} has no get_config(); " + _RULE),
+    ("def get_config(arg=''):\n  return 1 / 0\n", "config file {f} raised ZeroDivisionError: "
+     "division by zero at line 2 ('return 1 / 0'); fix it there: " + _RULE),
+    # A ValueError, which absl wraps in its own flag error (with ml_collections' traceback).
+    ("def get_config(arg=''):\n  return int('ten')\n", "config file {f} raised ValueError: "
+     "invalid literal for int() with base 10: 'ten' at line 2 (\"return int('ten')\"); fix it "
+     "there: " + _RULE),
+    ("import nosuchmodule\n", "config file {f} imports module 'nosuchmodule' at line 1 ('import "
+     "nosuchmodule'), which cannot be imported here (No module named 'nosuchmodule'); install "
+     "it, or remove the import"),
+    ("def get_config(arg=''):\n  pass\n", "config file {f}: get_config() returned None (is its "
+     "return statement missing?), not a ConfigDict; " + _RULE),
+])
+@pytest.mark.parametrize("mode", [[], ["--config.train.steps=3"], ["eval"]])
+def test_a_config_file_that_fails_to_load_is_named_in_one_line(tmp_path, text, line, mode):
+  """ml_collections loads the file while absl parses the flags, before main's own handler."""
+  config = tmp_path / "mine.py"
+  config.write_text(text)
+  workdir = tmp_path / "run"
+  out = _run("lmssl.main", *mode, "--config", config, "--workdir", workdir)
+  assert _only_line(out) == "lmssl: error: " + line.format(f=config)
+  assert not workdir.exists()
+
+
+def test_an_exception_in_lmssl_code_a_config_file_calls_is_a_bug_in_lmssl(tmp_path):
+  """The file passed lmssl's config code a value it should have refused with a UserError."""
+  config = tmp_path / "mine.py"
+  config.write_text("from lmssl import config\n"
+                    "def get_config(arg=''):\n  return config.apply_variants(None, 'smoke', {})\n")
+  out = _run("lmssl.main", "--config", config, "--workdir", tmp_path / "run")
+  assert out.returncode == 1 and "Traceback" in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith("lmssl: this is a bug in lmssl (")
 
 
 def test_derive_out_naming_a_file(tmp_path):

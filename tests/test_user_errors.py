@@ -125,6 +125,18 @@ def test_derive_out_naming_a_file(tmp_path):
   assert out_file.read_text() == "mine"
 
 
+@pytest.mark.parametrize("key, value", [("train.batch_size", 0), ("train.batch_size", -1),
+                                        ("eval.batch_size", 0)])
+def test_a_batch_size_below_one_on_one_device(tmp_path, key, value):
+  """The tests' 8 forced devices hide it: on one, any size splits, so the fix is a size."""
+  workdir = tmp_path / "run"
+  out = _run("lmssl.main", *SMOKE, "--workdir", workdir, f"--config.{key}={value}",
+             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  assert _only_line(out) == (f"lmssl: error: {key}={value} must be at least 1 (sequences per "
+                             "step, over all devices); use e.g. 32")
+  assert not workdir.exists()
+
+
 def _hf_dir(path, config_text: str):
   path.mkdir()
   (path / "config.json").write_text(config_text)

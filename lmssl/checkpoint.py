@@ -30,6 +30,7 @@ def manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
         f"checkpoint was committed. {faults.WRITE_FIXES[errno.ENOTDIR].capitalize()}, then run "
         "the same command to resume")
   faults.quiet_refused_writes()
+  faults.quiet_metadata_reads()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=ckpt_cfg.keep,
       enable_async_checkpointing=ckpt_cfg.async_save,
@@ -191,6 +192,7 @@ def _state_metadata(mngr: ocp.CheckpointManager, step: int):
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
+  faults.quiet_metadata_reads()
   return ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(create=False),
       item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})

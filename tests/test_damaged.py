@@ -45,8 +45,10 @@ def _lmssl_lines(out):
 
 
 def _fails_in_one_line(out, line):
-  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
-  assert _lmssl_lines(out) == [line], out.stderr[-3000:]
+  """Exit 1 with `line` all of stderr (libraries' log lines too); stdout holds at most the
+  run's start lines."""
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [line], out.stderr[-3000:]
+  assert all(not s.startswith("lmssl:") for s in out.stdout.splitlines()), out.stdout
 
 
 def _truncate_state_data(step_dir, size):
@@ -96,6 +98,24 @@ def test_deleted_metadata_falls_back(run):
       f"lmssl: checkpoint {ckpts}/4 is damaged (state/_METADATA is missing): left in place "
       "(resuming the run moves it aside); using step 2, the newest intact checkpoint"]
   assert json.loads(out.stdout.strip().splitlines()[-1])["eval_loss"] > 0
+
+
+def test_truncated_checkpoint_metadata_is_said_in_lmssl_line_alone(run):
+  """Orbax logs its own error line when it lists a step whose _CHECKPOINT_METADATA does not
+  parse; lmssl names that damage itself, so stderr holds lmssl's line and nothing else."""
+  ckpts = run / "checkpoints"
+  os.truncate(ckpts / "4" / "_CHECKPOINT_METADATA", 20)
+  damage = (f"lmssl: checkpoint {ckpts}/4 is damaged (_CHECKPOINT_METADATA is not JSON: "
+            "Unterminated string starting at: line 1 column 20 (char 19)): ")
+  out = _eval(run)
+  assert out.returncode == 0 and out.stderr.strip().splitlines() == [
+      damage + "left in place (resuming the run moves it aside); using step 2, the newest "
+      "intact checkpoint"], out.stderr[-3000:]
+  assert len(out.stdout.strip().splitlines()) == 1  # the metrics
+  out = _run("lmssl.main", *SMOKE, "--workdir", str(run))
+  assert out.returncode == 0 and out.stderr.strip().splitlines() == [
+      damage + f"moved aside to {ckpts}/4.damaged; using step 2, the newest intact "
+      "checkpoint"], out.stderr[-3000:]
 
 
 def test_no_intact_checkpoint_stops_naming_the_directory(run):

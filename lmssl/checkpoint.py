@@ -212,16 +212,17 @@ def load_params(path: str, abstract_params, may_be_new) -> tuple[dict, list[str]
   ({key: array on the new sharding}, [keys left to the fresh init]) with `jax.tree_util.keystr`
   keys. Reads the newest intact checkpoint at `path` (see `faults.newest_intact`).
   """
-  values, fresh, _ = _load(path, abstract_params, may_be_new)
+  values, fresh, _, _ = _load(path, abstract_params, may_be_new)
   return values, fresh
 
 
-def load_run_params(workdir: str, path: str, abstract_params) -> tuple[dict, dict]:
-  """({key: array}, meta) of the newest intact checkpoint at `path` (the run in `workdir`, or
-  its best/), for eval and sample: a damaged newer one is passed over and left in place."""
-  values, _, meta = _load(path, abstract_params, lambda key: False,
-                          name=f"--workdir {workdir}")
-  return values, meta
+def load_run_params(workdir: str, path: str, abstract_params) -> tuple[dict, dict, str]:
+  """({key: array}, meta, its checkpoints/STEP directory) of the newest intact checkpoint at
+  `path` (the run in `workdir`, or its best/), for eval and sample: a damaged newer one is
+  passed over and left in place."""
+  values, _, meta, read = _load(path, abstract_params, lambda key: False,
+                                name=f"--workdir {workdir}")
+  return values, meta, read
 
 
 def _load(path: str, abstract_params, may_be_new, name: str = ""):
@@ -242,7 +243,7 @@ def _load(path: str, abstract_params, may_be_new, name: str = ""):
         meta=ocp.args.JsonRestore()))
     values = {jax.tree_util.keystr(p): v for p, v in
               jax.tree_util.tree_flatten_with_path(restored.state["params"])[0]}
-    return values, sorted(set(wanted) - take), restored.meta or {}
+    return values, sorted(set(wanted) - take), restored.meta or {}, f"{directory}/{step}"
 
   try:
     return faults.newest_intact(directory, steps, attempt, move_aside=False)[2]

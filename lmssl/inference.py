@@ -25,6 +25,12 @@ def inference_mesh():
 def load_run(workdir: str, best: bool = False, mesh=None):
   """(config, parameters) of the run in `workdir`: its latest checkpoint, or with `best` the
   best evaluation of a fine-tuning run. LoRA adapters stay separate (see `merged`)."""
+  return load_checkpoint(workdir, best, mesh)[:2]
+
+
+def load_checkpoint(workdir: str, best: bool = False, mesh=None):
+  """`load_run`'s (config, parameters), and the checkpoints/STEP directory they were read
+  from: the newest intact one, which is not the latest when that one is damaged."""
   cfg = config_lib.resolved(config_lib.load_run_config(workdir))  # read, never changed
   path = os.path.join(workdir, "best") if best else workdir
   if best and not os.path.isdir(path):
@@ -34,7 +40,7 @@ def load_run(workdir: str, best: bool = False, mesh=None):
   mesh = mesh or inference_mesh()
   abstract = steps.abstract_params(cfg, mesh)
   # The newest intact checkpoint; a damaged newer one is named and left in place.
-  values, meta = checkpoint.load_run_params(workdir, path, abstract)
+  values, meta, read = checkpoint.load_run_params(workdir, path, abstract)
   # A run's checkpoints store a digest of its tokenizer (train.py): another run's tokenizer in
   # its place would encode and decode with other pieces, so eval and sample refuse it too.
   if meta.get("tokenizer", _digest(tok)) != _digest(tok):
@@ -44,7 +50,7 @@ def load_run(workdir: str, best: bool = False, mesh=None):
         "in a new --workdir")
   params = jax.tree_util.tree_map_with_path(lambda p, x: values[jax.tree_util.keystr(p)],
                                             abstract)
-  return cfg, params
+  return cfg, params, read
 
 
 def _digest(tok) -> str:

@@ -87,6 +87,7 @@ def test_truncated_state_file_falls_back_and_resume_moves_it_aside(run):
              for p in damaged)
   out = _eval(run)  # the step 4 saved anew is intact
   assert out.returncode == 0 and not _lmssl_lines(out), out.stderr[-3000:]
+  assert json.loads(out.stdout)["checkpoint"] == f"{ckpts}/4"
 
 
 def test_deleted_metadata_falls_back(run):
@@ -97,7 +98,10 @@ def test_deleted_metadata_falls_back(run):
   assert _lmssl_lines(out) == [
       f"lmssl: checkpoint {ckpts}/4 is damaged (state/_METADATA is missing): left in place "
       "(resuming the run moves it aside); using step 2, the newest intact checkpoint"]
-  assert json.loads(out.stdout.strip().splitlines()[-1])["eval_loss"] > 0
+  evals = json.loads(out.stdout.strip().splitlines()[-1])
+  assert evals["eval_loss"] > 0
+  # The output names the checkpoint it evaluated, for scripts that read only that.
+  assert (evals["checkpoint"], evals["step"]) == (f"{ckpts}/2", 2)
 
 
 def test_truncated_checkpoint_metadata_is_said_in_lmssl_line_alone(run):
@@ -111,7 +115,8 @@ def test_truncated_checkpoint_metadata_is_said_in_lmssl_line_alone(run):
   assert out.returncode == 0 and out.stderr.strip().splitlines() == [
       damage + "left in place (resuming the run moves it aside); using step 2, the newest "
       "intact checkpoint"], out.stderr[-3000:]
-  assert len(out.stdout.strip().splitlines()) == 1  # the metrics
+  [metrics] = out.stdout.strip().splitlines()
+  assert json.loads(metrics)["step"] == 2
   out = _run("lmssl.main", *SMOKE, "--workdir", str(run))
   assert out.returncode == 0 and out.stderr.strip().splitlines() == [
       damage + f"moved aside to {ckpts}/4.damaged; using step 2, the newest intact "

@@ -28,7 +28,7 @@ from lmssl import sharding
 from lmssl import steps
 from lmssl import validation
 from lmssl import workdir_lock
-from lmssl.hf import folder as hf_folder
+from lmssl.hf import extra as hf_extra
 from lmssl.hf import tokenizer as tokenizer_lib
 from lmssl.hf import weights as hf
 
@@ -63,16 +63,21 @@ def _resolve_start(cfg):
 
 
 def _from_hf(path: str, read):
-  """read(the folder of init.params_from=hf:DIR), or one line on installing the hf extra."""
+  """read(the folder of init.params_from=hf:DIR), or one line on installing the hf extra, or
+  on what is wrong with the folder, naming the setting."""
   hf_dir = path[len("hf:"):]
   try:
     return read(hf_dir)
-  except hf_folder.MissingExtra as e:
+  except hf_extra.MissingExtra as e:
+    # A converted run's weights read without the extra; its tokenizer (the folder's) does not.
+    convert = (f", or convert the folder where it is installed (python -m lmssl.convert "
+               f"from-hf --hf_dir {hf_dir} --workdir RUN) and set init.params_from=RUN"
+               if e.module.split(".")[0] in ("torch", "safetensors") else "")
     raise errors.UserError(
-        f"init.params_from={path} reads HuggingFace weights, which needs the `hf` extra: "
-        f"{e.missing}; install it with {hf_folder.INSTALL_EXTRA}, or convert the folder where it is "
-        f"installed (python -m lmssl.convert from-hf --hf_dir {hf_dir} --workdir RUN) and set "
-        "init.params_from=RUN") from e
+        f"init.params_from={path} reads a HuggingFace model folder, which needs the `hf` "
+        f"extra: {e.missing}; install it with {hf_extra.INSTALL}{convert}") from e
+  except errors.UserError as e:
+    raise errors.UserError(f"init.params_from={path}: {e}") from None
 
 
 def _warm_start(state, path: str):

@@ -156,29 +156,54 @@ def test_hf_source_without_the_hf_extra(tmp_path):
   out = _run("lmssl.main", *SMOKE, "--workdir", workdir,
              f"--config.init.params_from=hf:{hf_dir}", pythonpath=[stubs])
   assert _last_line(out) == (
-      f"lmssl: error: init.params_from=hf:{hf_dir} reads HuggingFace weights, which needs the "
-      "`hf` extra: torch cannot be imported here (No module named 'torch'); install it with pip "
-      "install 'lmssl[hf]' (after `pip install torch` for your platform), or convert the folder "
-      f"where it is installed (python -m lmssl.convert from-hf --hf_dir {hf_dir} --workdir RUN) "
-      "and set init.params_from=RUN")
+      f"lmssl: error: init.params_from=hf:{hf_dir} reads a HuggingFace model folder, which needs "
+      "the `hf` extra: torch cannot be imported here (No module named 'torch'); install it with "
+      "pip install 'lmssl[hf]' (after `pip install torch` for your platform), or convert the "
+      f"folder where it is installed (python -m lmssl.convert from-hf --hf_dir {hf_dir} "
+      "--workdir RUN) and set init.params_from=RUN")
+  assert not workdir.exists()
+
+
+def test_hf_source_with_only_transformers_missing(tmp_path):
+  """torch and tokenizers import; transformers, which reads the folder's tokenizer, does not.
+  The run names that package at its start, before the workdir is made. A converted run would
+  need transformers too (for the same tokenizer), so that is not offered."""
+  stubs = tmp_path / "stubs"
+  stubs.mkdir()
+  (stubs / "transformers.py").write_text("raise ImportError(\"No module named 'transformers'\")\n")
+  hf_dir = _hf_dir(tmp_path / "bert", json.dumps({"model_type": "bert"}))
+  workdir = tmp_path / "run"
+  out = _run("lmssl.main", *SMOKE, "--workdir", workdir,
+             f"--config.init.params_from=hf:{hf_dir}", pythonpath=[stubs])
+  assert _only_line(out) == (
+      f"lmssl: error: init.params_from=hf:{hf_dir} reads a HuggingFace model folder, which needs "
+      "the `hf` extra: transformers cannot be imported here (No module named 'transformers'); "
+      "install it with pip install 'lmssl[hf]' (after `pip install torch` for your platform)")
   assert not workdir.exists()
 
 
 @pytest.mark.parametrize("config_text, last_line", [
-    ("{not json", "lmssl: error: {path} is not valid JSON (Expecting property name enclosed in "
-     "double quotes: line 1 column 2 (char 1)); it must be the model's HuggingFace config.json, "
-     "as save_pretrained writes it"),
-    ('{"hidden_size": 64, "vocab_size": 6}', "lmssl: error: {path} has no model_type (it holds "
+    ("{not json", "{path} is not valid JSON (Expecting property name enclosed in double quotes: "
+     "line 1 column 2 (char 1)); it must be the model's HuggingFace config.json, as "
+     "save_pretrained writes it"),
+    ('{"hidden_size": 64, "vocab_size": 6}', "{path} has no model_type (it holds "
      "['hidden_size', 'vocab_size']); it must be the model's HuggingFace config.json, with "
      "model_type one of ['bert', 'gpt2']"),
-    ("[1, 2]", "lmssl: error: {path} has no model_type (it holds a JSON list); it must be the "
-     "model's HuggingFace config.json, with model_type one of ['bert', 'gpt2']"),
+    ("[1, 2]", "{path} has no model_type (it holds a JSON list); it must be the model's "
+     "HuggingFace config.json, with model_type one of ['bert', 'gpt2']"),
+    # No config.json: named by the setting train takes, not convert's --hf_dir.
+    (None, "{dir} has no config.json, so it is not a local HuggingFace model folder (config.json "
+     "plus model.safetensors or pytorch_model.bin, as save_pretrained writes them); name such a "
+     "folder"),
 ])
 def test_an_invalid_hf_config_json(tmp_path, config_text, last_line):
-  hf_dir = _hf_dir(tmp_path / "bert", config_text)
+  hf_dir = _hf_dir(tmp_path / "bert", config_text or "{}")
+  if config_text is None:
+    (hf_dir / "config.json").unlink()
   workdir = tmp_path / "run"
   out = _run("lmssl.main", *SMOKE, "--workdir", workdir, f"--config.init.params_from=hf:{hf_dir}")
-  assert _last_line(out) == last_line.format(path=hf_dir / "config.json")
+  assert _last_line(out) == f"lmssl: error: init.params_from=hf:{hf_dir}: " + last_line.format(
+      path=hf_dir / "config.json", dir=hf_dir)
   assert not workdir.exists()
 
 

@@ -9,7 +9,6 @@ import ml_collections
 from lmssl import checkpoint
 from lmssl import config as config_lib
 from lmssl import errors
-from lmssl import files
 from lmssl import lora
 from lmssl import sample
 from lmssl import sharding
@@ -67,22 +66,8 @@ def merged(cfg, params):
 
 def tokenizer(cfg, workdir: str) -> tokenizer_lib.AnyTokenizer:
   """The tokenizer the run in `workdir` was trained with; a missing or damaged one is named
-  with the fix for eval and sample (which take no tokenizer setting)."""
-  path = config_lib.tokenizer_path(cfg, workdir)
-  try:
-    return tokenizer_lib.load(path)
-  except errors.UserError as e:
-    why = "is missing" if not files.at(path).exists() else f"cannot be read ({_cause(e)})"
-    raise errors.UserError(
-        f"tokenizer {path}, which the run in {workdir} was trained with, {why}; restore it "
-        "from a copy, or start over in a new --workdir") from None
-
-
-def _cause(e: BaseException) -> str:
-  """What the tokenizer library itself said, first line: sentencepiece's parse error."""
-  if e.__cause__ is not None:
-    return (str(e.__cause__).strip().splitlines() or [type(e.__cause__).__name__])[0]
-  return str(e).split("; ")[0]  # its own words, less the fix it gives for train
+  with the fix (eval and sample take no tokenizer setting)."""
+  return tokenizer_lib.load_of_run(config_lib.tokenizer_path(cfg, workdir), workdir)
 
 
 def generate_text(workdir: str, prompts: list[str], *, best: bool = False, **options) -> list[str]:

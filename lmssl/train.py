@@ -98,6 +98,15 @@ def _warm_start(state, path: str):
   return state.replace(params=params)
 
 
+def _check_own_tokenizer(cfg, workdir: str) -> None:
+  """A tokenizer.model this workdir's run trained, damaged, is told as that (restore it, or
+  start over), not as a data.tokenizer to set: data preparation would load it as a setting's.
+  A missing one is trained again, the same from the same text."""
+  own = config_lib.tokenizer_path(cfg, workdir)
+  if not cfg.task.kind and not cfg.data.tokenizer and files.at(own).exists():
+    tokenizer_lib.load_of_run(own, workdir)
+
+
 def _check_same_run(cfg, workdir: str) -> None:
   """Refuses a workdir that holds a run made with other run-defining settings, unless told."""
   if not files.at(os.path.join(workdir, "config.json")).exists():
@@ -208,6 +217,7 @@ def _train(cfg, workdir: str, until_step, init, mesh, best_key) -> dict:
   with preemption.stop_at_once(
       "during data preparation", "before any training step, so nothing was trained or saved; run "
       "the same command to start again (data finished preparing is reused)"):
+    _check_own_tokenizer(cfg, workdir)
     data = datasets.load(cfg, workdir)
     cfg = config_lib.resolved(cfg, data.changes)
     train_batches, eval_batches = datasets.batches(cfg, data, mesh)

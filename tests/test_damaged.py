@@ -146,14 +146,18 @@ def test_truncated_config_json_is_named_with_the_fix(run):
 
 
 def test_truncated_tokenizer_is_named_with_the_fix(run):
+  """One line for sample, eval and the resumed run, which must not suggest setting
+  data.tokenizer: the run cannot go on with another tokenizer."""
   os.truncate(run / "tokenizer.model", 100)
-  out = _sample(run)
-  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
-  [line] = _lmssl_lines(out)
-  assert line.startswith(f"lmssl: error: tokenizer {run}/tokenizer.model, which the run in "
-                         f"{run} was trained with, cannot be read (")
-  assert line.endswith("); restore it from a copy, or start over in a new --workdir")
-  assert "--config" not in line
+  for out in (_sample(run), _eval(run), _run("lmssl.main", *SMOKE, "--workdir", str(run))):
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-3000:]
+    [line] = _lmssl_lines(out)
+    assert line.startswith(f"lmssl: error: tokenizer {run}/tokenizer.model, which the run in "
+                           f"{run} was trained with, cannot be read (")
+    assert line.endswith("); restore it from a copy (the run cannot go on with another "
+                         "tokenizer), or start over in a new --workdir")
+    assert "--config" not in line
+  assert (run / "tokenizer.model").stat().st_size == 100
 
 
 def test_sample_refuses_another_runs_tokenizer(run, tokenizer_path):

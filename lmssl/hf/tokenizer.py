@@ -309,3 +309,24 @@ def load(path: str) -> AnyTokenizer:
   if files.at(path).is_dir() or os.path.basename(path) == "tokenizer.json":
     return HFTokenizer.load(path)
   return sp_tokenizer.Tokenizer.load(path)
+
+
+def load_of_run(path: str, workdir: str) -> AnyTokenizer:
+  """The tokenizer at `path` that the run in `workdir` was trained with. Missing or damaged, it
+  is named as that run's, with one fix for every command that reads the run (a resumed train,
+  eval, sample): none can go on with another tokenizer, so no setting is the way out."""
+  try:
+    return load(path)
+  except errors.UserError as e:
+    why = "is missing" if not files.at(path).exists() else f"cannot be read ({_cause(e)})"
+    raise errors.UserError(
+        f"tokenizer {path}, which the run in {workdir} was trained with, {why}; restore it from "
+        "a copy (the run cannot go on with another tokenizer), or start over in a new "
+        "--workdir") from None
+
+
+def _cause(e: BaseException) -> str:
+  """What the tokenizer library itself said, first line: sentencepiece's parse error."""
+  if e.__cause__ is not None:
+    return (str(e.__cause__).strip().splitlines() or [type(e.__cause__).__name__])[0]
+  return str(e).split("; ")[0]  # its own words, less the fix it gives for a setting

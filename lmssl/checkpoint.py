@@ -147,6 +147,11 @@ def _locate(path: str, name: str = "") -> tuple[str, list[int]]:
   return directory, steps[::-1]
 
 
+def committed_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints a run committed in `workdir`, oldest first."""
+  return _steps(os.path.join(files.absolute(workdir), "checkpoints"))
+
+
 def _steps(directory: str) -> list[int]:
   """The steps saved in a checkpoints directory (STEP/ subdirectories), oldest first."""
   listed = files.at(directory).iterdir() if files.at(directory).is_dir() else []

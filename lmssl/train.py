@@ -4,6 +4,7 @@ One loop serves pretraining (MLM, CLM, + NSP/SOP) and fine-tuning (a task head o
 pretrained backbone, optionally through LoRA adapters); they differ in data and heads only.
 """
 
+import contextlib
 import hashlib
 import os
 
@@ -121,6 +122,30 @@ def _check_same_run(cfg, workdir: str) -> None:
     metrics_lib.log(f"continuing {workdir} with changed settings: {'; '.join(changes)}")
 
 
+# What a run writes in its workdir (and lock.json, which its lock removes).
+_OUTPUTS = ("config.json", "tokenizer.model", "metrics.jsonl", "tensorboard", "checkpoints",
+            "best", "best.json")
+
+
+class _FreshRun:
+  """A run starting in a workdir with no run in it (no config.json, no checkpoint), and the
+  outputs the workdir lacked. Ending without a committed checkpoint, it removes those again
+  (`undo`): bad input writes nothing, and no config.json is left to refuse the next command's
+  settings for a run that never saved anything."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.new = [n for n in _OUTPUTS if not files.at(os.path.join(workdir, n)).exists()]
+    self.fresh = "config.json" in self.new and not checkpoint.committed_steps(workdir)
+
+  def undo(self) -> None:
+    if not self.fresh or checkpoint.committed_steps(self.workdir):
+      return
+    for name in self.new:
+      with contextlib.suppress(OSError):  # the run's own error is the one to report
+        files.remove(os.path.join(self.workdir, name))
+
+
 class _Settings:
   """workdir/config.json, the settings the workdir's checkpoints were made with: written at
   once by a run from step 0, and by a resumed one (whose settings may have changed, with
@@ -190,14 +215,23 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   # One run per workdir: process 0 holds its lock (workdir_lock.py) from before the settings
   # check (so it reads a config.json no other run is writing) until this run ends, however it
   # ends; when process 0 cannot take it, every process stops.
+  made = not files.at(workdir).exists()
   lock = distributed.process_0_first(
       lambda: workdir_lock.acquire(workdir) if jax.process_index() == 0 else None,
       "lock the workdir")
+  fresh = _FreshRun(workdir) if lock is not None else None  # listed once the lock is held
   try:
     return _train(cfg, workdir, until_step, init, mesh, best_key)
+  except BaseException:
+    if fresh is not None:
+      fresh.undo()
+    raise
   finally:
     if lock is not None:
       lock.release()
+      if made and not files.is_url(workdir):
+        with contextlib.suppress(OSError):  # left empty by a run that failed: not made at all
+          os.rmdir(workdir)
 
 
 def _train(cfg, workdir: str, until_step, init, mesh, best_key) -> dict:

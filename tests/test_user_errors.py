@@ -208,15 +208,24 @@ def test_an_invalid_hf_config_json(tmp_path, config_text, last_line):
 
 
 def test_metrics_jsonl_that_is_a_directory(tmp_path):
+  """The run fails before its first checkpoint, so it takes back what it wrote (config.json,
+  tokenizer.model, checkpoints/): once the directory is moved away, the workdir holds no run,
+  and a command with other settings starts one."""
   workdir = tmp_path / "run"
   (workdir / "metrics.jsonl").mkdir(parents=True)
-  out = _run("lmssl.main", *SMOKE, "--workdir", workdir, "--config.train.steps=1",
-             f"--config.data.cache_dir={tmp_path / 'cache'}")
+  args = [*SMOKE, "--workdir", workdir, "--config.train.steps=1",
+          f"--config.data.cache_dir={tmp_path / 'cache'}"]
+  out = _run("lmssl.main", *args)
   assert _last_line(out) == (
       f"lmssl: error: {workdir}/metrics.jsonl is a directory, but lmssl reads or writes a file "
       "of that name in the workdir; move the directory away (or use another --workdir) and run "
       "again")
+  assert os.listdir(workdir) == ["metrics.jsonl"]
   assert not any((workdir / "metrics.jsonl").iterdir())
+  (workdir / "metrics.jsonl").rmdir()
+  out = _run("lmssl.main", *args, "--config.seed=5")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads((workdir / "config.json").read_text())["seed"] == 5
 
 
 @pytest.mark.parametrize("source, suggestion", [

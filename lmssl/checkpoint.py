@@ -30,6 +30,7 @@ def manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
         f"checkpoint was committed. {faults.WRITE_FIXES[errno.ENOTDIR].capitalize()}, then run "
         "the same command to resume")
   faults.quiet_refused_writes()
+  faults.quiet_metadata_reads()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=ckpt_cfg.keep,
       enable_async_checkpointing=ckpt_cfg.async_save,
@@ -146,6 +147,11 @@ def _locate(path: str, name: str = "") -> tuple[str, list[int]]:
   return directory, steps[::-1]
 
 
+def committed_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints a run committed in `workdir`, oldest first."""
+  return _steps(os.path.join(files.absolute(workdir), "checkpoints"))
+
+
 def _steps(directory: str) -> list[int]:
   """The steps saved in a checkpoints directory (STEP/ subdirectories), oldest first."""
   listed = files.at(directory).iterdir() if files.at(directory).is_dir() else []
@@ -191,6 +197,7 @@ def _state_metadata(mngr: ocp.CheckpointManager, step: int):
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
+  faults.quiet_metadata_reads()
   return ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(create=False),
       item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
@@ -210,16 +217,17 @@ def load_params(path: str, abstract_params, may_be_new) -> tuple[dict, list[str]
   ({key: array on the new sharding}, [keys left to the fresh init]) with `jax.tree_util.keystr`
   keys. Reads the newest intact checkpoint at `path` (see `faults.newest_intact`).
   """
-  values, fresh, _ = _load(path, abstract_params, may_be_new)
+  values, fresh, _, _ = _load(path, abstract_params, may_be_new)
   return values, fresh
 
 
-def load_run_params(workdir: str, path: str, abstract_params) -> tuple[dict, dict]:
-  """({key: array}, meta) of the newest intact checkpoint at `path` (the run in `workdir`, or
-  its best/), for eval and sample: a damaged newer one is passed over and left in place."""
-  values, _, meta = _load(path, abstract_params, lambda key: False,
-                          name=f"--workdir {workdir}")
-  return values, meta
+def load_run_params(workdir: str, path: str, abstract_params) -> tuple[dict, dict, str]:
+  """({key: array}, meta, its checkpoints/STEP directory) of the newest intact checkpoint at
+  `path` (the run in `workdir`, or its best/), for eval and sample: a damaged newer one is
+  passed over and left in place."""
+  values, _, meta, read = _load(path, abstract_params, lambda key: False,
+                                name=f"--workdir {workdir}")
+  return values, meta, read
 
 
 def _load(path: str, abstract_params, may_be_new, name: str = ""):
@@ -240,7 +248,7 @@ def _load(path: str, abstract_params, may_be_new, name: str = ""):
         meta=ocp.args.JsonRestore()))
     values = {jax.tree_util.keystr(p): v for p, v in
               jax.tree_util.tree_flatten_with_path(restored.state["params"])[0]}
-    return values, sorted(set(wanted) - take), restored.meta or {}
+    return values, sorted(set(wanted) - take), restored.meta or {}, f"{directory}/{step}"
 
   try:
     return faults.newest_intact(directory, steps, attempt, move_aside=False)[2]

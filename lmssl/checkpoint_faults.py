@@ -151,6 +151,25 @@ def quiet_refused_writes() -> None:
   sys.unraisablehook = hook
 
 
+# Orbax's log records of a step's _CHECKPOINT_METADATA it could not read, written as it lists
+# a checkpoints directory (before lmssl reads any step).
+_METADATA_READS = ("Metadata file does not exist: ", "Failed to read Metadata file: ",
+                   "Failed to json parse Metadata file: ")
+
+
+def _not_a_metadata_read(record: py_logging.LogRecord) -> bool:
+  return not ("orbax" in record.pathname and record.getMessage().startswith(_METADATA_READS))
+
+
+def quiet_metadata_reads() -> None:
+  """Installs, once, a filter that drops Orbax's records of a checkpoint metadata file it could
+  not read: lmssl checks that file of every checkpoint it uses (`damage`) and names a damaged
+  one in its own line, so Orbax's line would only come before it, saying the same."""
+  absl_logger = py_logging.getLogger("absl")
+  if _not_a_metadata_read not in absl_logger.filters:
+    absl_logger.addFilter(_not_a_metadata_read)
+
+
 # The metadata files of a checkpoint Orbax committed, each JSON: a step directory lacking one,
 # or holding one that does not parse, is damaged.
 _METADATA_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "meta/metadata")

@@ -108,7 +108,7 @@ def evaluate_run(workdir: str, eval_source: str = "", best: bool = False) -> dic
   `eval_source` (a corpus for a pretraining run, a task file for a fine-tuning run). Writes
   nothing."""
   mesh = inference.inference_mesh()
-  cfg, params = inference.load_run(workdir, best, mesh)
+  cfg, params, read = inference.load_checkpoint(workdir, best, mesh)
   shards = sharding.batch_shards(mesh)
   changes = {"data.tokenizer": config_lib.tokenizer_path(cfg, workdir),
              "eval.batch_size": shards * max(1, cfg.eval.batch_size // shards)}
@@ -122,5 +122,6 @@ def evaluate_run(workdir: str, eval_source: str = "", best: bool = False) -> dic
     eval_fn = steps.compile_eval(cfg, jax.tree.map(lambda x: x.sharding, params), mesh)
     evals = run(eval_fn, params, eval_batches, mesh, cfg,
                 np.asarray(data.tokenizer.piece_bytes()))
-  return {"workdir": files.absolute(workdir), "data": data.where,
-          "checkpoint": "best" if best else "latest", **evals}
+  # The checkpoint read, by its step: the newest intact one, the latest only when undamaged.
+  return {"workdir": files.absolute(workdir), "data": data.where, "checkpoint": read,
+          "step": int(os.path.basename(read)), **evals}

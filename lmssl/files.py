@@ -43,3 +43,12 @@ def write_atomically(path: str, data: str | bytes) -> None:
     if tmp != target:
       tmp.unlink(missing_ok=True)
     raise
+
+
+def remove(path: str) -> None:
+  """Removes the file, or the directory and all it holds, at `path`, if there is one."""
+  target = at(path)
+  if target.is_dir():
+    target.rmtree()
+  elif target.exists():
+    target.unlink()

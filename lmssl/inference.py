@@ -9,7 +9,6 @@ import ml_collections
 from lmssl import checkpoint
 from lmssl import config as config_lib
 from lmssl import errors
-from lmssl import files
 from lmssl import lora
 from lmssl import sample
 from lmssl import sharding
@@ -25,6 +24,12 @@ def inference_mesh():
 def load_run(workdir: str, best: bool = False, mesh=None):
   """(config, parameters) of the run in `workdir`: its latest checkpoint, or with `best` the
   best evaluation of a fine-tuning run. LoRA adapters stay separate (see `merged`)."""
+  return load_checkpoint(workdir, best, mesh)[:2]
+
+
+def load_checkpoint(workdir: str, best: bool = False, mesh=None):
+  """`load_run`'s (config, parameters), and the checkpoints/STEP directory they were read
+  from: the newest intact one, which is not the latest when that one is damaged."""
   cfg = config_lib.resolved(config_lib.load_run_config(workdir))  # read, never changed
   path = os.path.join(workdir, "best") if best else workdir
   if best and not os.path.isdir(path):
@@ -34,7 +39,7 @@ def load_run(workdir: str, best: bool = False, mesh=None):
   mesh = mesh or inference_mesh()
   abstract = steps.abstract_params(cfg, mesh)
   # The newest intact checkpoint; a damaged newer one is named and left in place.
-  values, meta = checkpoint.load_run_params(workdir, path, abstract)
+  values, meta, read = checkpoint.load_run_params(workdir, path, abstract)
   # A run's checkpoints store a digest of its tokenizer (train.py): another run's tokenizer in
   # its place would encode and decode with other pieces, so eval and sample refuse it too.
   if meta.get("tokenizer", _digest(tok)) != _digest(tok):
@@ -44,7 +49,7 @@ def load_run(workdir: str, best: bool = False, mesh=None):
         "in a new --workdir")
   params = jax.tree_util.tree_map_with_path(lambda p, x: values[jax.tree_util.keystr(p)],
                                             abstract)
-  return cfg, params
+  return cfg, params, read
 
 
 def _digest(tok) -> str:
@@ -61,22 +66,8 @@ def merged(cfg, params):
 
 def tokenizer(cfg, workdir: str) -> tokenizer_lib.AnyTokenizer:
   """The tokenizer the run in `workdir` was trained with; a missing or damaged one is named
-  with the fix for eval and sample (which take no tokenizer setting)."""
-  path = config_lib.tokenizer_path(cfg, workdir)
-  try:
-    return tokenizer_lib.load(path)
-  except errors.UserError as e:
-    why = "is missing" if not files.at(path).exists() else f"cannot be read ({_cause(e)})"
-    raise errors.UserError(
-        f"tokenizer {path}, which the run in {workdir} was trained with, {why}; restore it "
-        "from a copy, or start over in a new --workdir") from None
-
-
-def _cause(e: BaseException) -> str:
-  """What the tokenizer library itself said, first line: sentencepiece's parse error."""
-  if e.__cause__ is not None:
-    return (str(e.__cause__).strip().splitlines() or [type(e.__cause__).__name__])[0]
-  return str(e).split("; ")[0]  # its own words, less the fix it gives for train
+  with the fix (eval and sample take no tokenizer setting)."""
+  return tokenizer_lib.load_of_run(config_lib.tokenizer_path(cfg, workdir), workdir)
 
 
 def generate_text(workdir: str, prompts: list[str], *, best: bool = False, **options) -> list[str]:

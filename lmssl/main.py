@@ -17,6 +17,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from lmssl import config_file
+
 MODES = ("train", "eval", "sample")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variants] (train).",
                                           lock_config=True)
@@ -140,31 +142,22 @@ def _path_mixup(e: OSError) -> str | None:
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, with these mistakes told in one line instead of a traceback: a
-  --config.KEY naming no setting, a config file (or variant) the config code refuses, and a
-  config file that is missing, unreadable or not valid Python."""
+  """absl's flag parsing, with these mistakes told in one line instead of a traceback: a config
+  file that cannot be loaded (config_file.py), a --config.KEY naming no setting, and a value
+  the config code refuses. Anything else raised here is lmssl's bug, and says so."""
   try:
-    parsed = flags.FLAGS(argv)
-  except SyntaxError as e:  # the config file (or one it imports) is not valid Python
-    sys.exit(f"lmssl: error: {_syntax(e, _config_file(argv))}")
-  except OSError as e:  # a --config.KEY=VALUE given for a config file that failed to load
-    if e.__cause__ is None:  # not ml_collections' report of the config file's own error
-      raise
-    sys.exit(f"lmssl: error: {_unloadable(e.__cause__, _config_file(argv))}")
-  except (KeyError, AttributeError, flags.UnrecognizedFlagError):  # a --config.KEY unknown
-    unknown = _unknown_setting(argv)
-    if unknown is None:
-      raise
-    sys.exit(f"lmssl: error: {unknown}")
-  except flags.Error as e:
+    return config_file.parse_flags(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, (KeyError, AttributeError, flags.UnrecognizedFlagError)):
+      unknown = _unknown_setting(argv)
+      if unknown is not None:
+        sys.exit(f"lmssl: error: {unknown}")
+    if not isinstance(e, flags.Error):
+      _bug(e)
     refused = _innermost_user_error(e)
     if refused is not None:  # the config code's own message, which absl wraps in its report
       sys.exit(f"lmssl: error: {refused}")
     sys.exit(f"lmssl: error: {e}\nPass --helpfull to see every flag.")
-  value = flags.FLAGS["config"].value  # ml_collections keeps a load error until first use
-  if type(value).__name__ == "_ErrorConfig":
-    sys.exit(f"lmssl: error: {_unloadable(vars(value)['_error'], _config_file(argv))}")
-  return parsed
 
 
 def _unknown_setting(argv) -> str | None:
@@ -198,36 +191,6 @@ def _innermost_user_error(e: BaseException):
       found = e
     e, seen = e.__cause__ or e.__context__, seen + 1
   return found
-
-
-_CONFIG_EXAMPLE = "e.g. --config configs/mlm_base.py:smoke (configs/ holds lmssl's own)"
-
-
-def _config_file(argv) -> str:
-  """The --config file named in `argv`, without its :variants."""
-  for i, arg in enumerate(argv):
-    name, eq, value = arg.lstrip("-").partition("=")
-    if name == "config" and arg.startswith("-"):
-      value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-      return value.split(":", 1)[0] or "FILE"
-  return "FILE"
-
-
-def _unloadable(error: Exception, path: str) -> str:
-  """Why the --config file could not be read, in one line."""
-  if isinstance(error, FileNotFoundError) or "No such file or directory" in str(error):
-    return (f"--config {path}: no such file (relative to {os.getcwd()}); give an existing "
-            f"config file, {_CONFIG_EXAMPLE}")
-  reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
-  return (f"--config {path} cannot be read ({reason}); give a config file, "
-          f"{_CONFIG_EXAMPLE}")
-
-
-def _syntax(e: SyntaxError, path: str) -> str:
-  where = f"{e.filename}, line {e.lineno}" if e.filename else "the config file"
-  text = f" at {e.text.strip()!r}" if e.text and e.text.strip() else ""
-  return (f"{where} is not valid Python: {e.msg}{text}; fix it there (--config {path} must be "
-          "a Python file defining get_config)")
 
 
 def run():

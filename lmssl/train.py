@@ -4,6 +4,7 @@ One loop serves pretraining (MLM, CLM, + NSP/SOP) and fine-tuning (a task head o
 pretrained backbone, optionally through LoRA adapters); they differ in data and heads only.
 """
 
+import contextlib
 import hashlib
 import os
 
@@ -28,7 +29,7 @@ from lmssl import sharding
 from lmssl import steps
 from lmssl import validation
 from lmssl import workdir_lock
-from lmssl.hf import folder as hf_folder
+from lmssl.hf import extra as hf_extra
 from lmssl.hf import tokenizer as tokenizer_lib
 from lmssl.hf import weights as hf
 
@@ -63,16 +64,21 @@ def _resolve_start(cfg):
 
 
 def _from_hf(path: str, read):
-  """read(the folder of init.params_from=hf:DIR), or one line on installing the hf extra."""
+  """read(the folder of init.params_from=hf:DIR), or one line on installing the hf extra, or
+  on what is wrong with the folder, naming the setting."""
   hf_dir = path[len("hf:"):]
   try:
     return read(hf_dir)
-  except hf_folder.MissingExtra as e:
+  except hf_extra.MissingExtra as e:
+    # A converted run's weights read without the extra; its tokenizer (the folder's) does not.
+    convert = (f", or convert the folder where it is installed (python -m lmssl.convert "
+               f"from-hf --hf_dir {hf_dir} --workdir RUN) and set init.params_from=RUN"
+               if e.module.split(".")[0] in ("torch", "safetensors") else "")
     raise errors.UserError(
-        f"init.params_from={path} reads HuggingFace weights, which needs the `hf` extra: "
-        f"{e.missing}; install it with {hf_folder.INSTALL_EXTRA}, or convert the folder where it is "
-        f"installed (python -m lmssl.convert from-hf --hf_dir {hf_dir} --workdir RUN) and set "
-        "init.params_from=RUN") from e
+        f"init.params_from={path} reads a HuggingFace model folder, which needs the `hf` "
+        f"extra: {e.missing}; install it with {hf_extra.INSTALL}{convert}") from e
+  except errors.UserError as e:
+    raise errors.UserError(f"init.params_from={path}: {e}") from None
 
 
 def _warm_start(state, path: str):
@@ -93,6 +99,15 @@ def _warm_start(state, path: str):
   return state.replace(params=params)
 
 
+def _check_own_tokenizer(cfg, workdir: str) -> None:
+  """A tokenizer.model this workdir's run trained, damaged, is told as that (restore it, or
+  start over), not as a data.tokenizer to set: data preparation would load it as a setting's.
+  A missing one is trained again, the same from the same text."""
+  own = config_lib.tokenizer_path(cfg, workdir)
+  if not cfg.task.kind and not cfg.data.tokenizer and files.at(own).exists():
+    tokenizer_lib.load_of_run(own, workdir)
+
+
 def _check_same_run(cfg, workdir: str) -> None:
   """Refuses a workdir that holds a run made with other run-defining settings, unless told."""
   if not files.at(os.path.join(workdir, "config.json")).exists():
@@ -105,6 +120,30 @@ def _check_same_run(cfg, workdir: str) -> None:
         "--config.checkpoint.allow_config_change=True to continue it with these")
   if changes:
     metrics_lib.log(f"continuing {workdir} with changed settings: {'; '.join(changes)}")
+
+
+# What a run writes in its workdir (and lock.json, which its lock removes).
+_OUTPUTS = ("config.json", "tokenizer.model", "metrics.jsonl", "tensorboard", "checkpoints",
+            "best", "best.json")
+
+
+class _FreshRun:
+  """A run starting in a workdir with no run in it (no config.json, no checkpoint), and the
+  outputs the workdir lacked. Ending without a committed checkpoint, it removes those again
+  (`undo`): bad input writes nothing, and no config.json is left to refuse the next command's
+  settings for a run that never saved anything."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.new = [n for n in _OUTPUTS if not files.at(os.path.join(workdir, n)).exists()]
+    self.fresh = "config.json" in self.new and not checkpoint.committed_steps(workdir)
+
+  def undo(self) -> None:
+    if not self.fresh or checkpoint.committed_steps(self.workdir):
+      return
+    for name in self.new:
+      with contextlib.suppress(OSError):  # the run's own error is the one to report
+        files.remove(os.path.join(self.workdir, name))
 
 
 class _Settings:
@@ -176,14 +215,23 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   # One run per workdir: process 0 holds its lock (workdir_lock.py) from before the settings
   # check (so it reads a config.json no other run is writing) until this run ends, however it
   # ends; when process 0 cannot take it, every process stops.
+  made = not files.at(workdir).exists()
   lock = distributed.process_0_first(
       lambda: workdir_lock.acquire(workdir) if jax.process_index() == 0 else None,
       "lock the workdir")
+  fresh = _FreshRun(workdir) if lock is not None else None  # listed once the lock is held
   try:
     return _train(cfg, workdir, until_step, init, mesh, best_key)
+  except BaseException:
+    if fresh is not None:
+      fresh.undo()
+    raise
   finally:
     if lock is not None:
       lock.release()
+      if made and not files.is_url(workdir):
+        with contextlib.suppress(OSError):  # left empty by a run that failed: not made at all
+          os.rmdir(workdir)
 
 
 def _train(cfg, workdir: str, until_step, init, mesh, best_key) -> dict:
@@ -203,6 +251,7 @@ def _train(cfg, workdir: str, until_step, init, mesh, best_key) -> dict:
   with preemption.stop_at_once(
       "during data preparation", "before any training step, so nothing was trained or saved; run "
       "the same command to start again (data finished preparing is reused)"):
+    _check_own_tokenizer(cfg, workdir)
     data = datasets.load(cfg, workdir)
     cfg = config_lib.resolved(cfg, data.changes)
     train_batches, eval_batches = datasets.batches(cfg, data, mesh)

@@ -143,9 +143,11 @@ def _run_lengths_and_batches(c: ml_collections.ConfigDict, batch_shards: int,
   _check(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be at least 1 "
          "(1: no gradient accumulation)")
   shards = max(batch_shards, process_count)
+  # On one shard any size splits: "a multiple of 1" would be no advice at all.
+  fix = f"a multiple of {shards}" if shards > 1 else "e.g. 32"
   for name, batch in (("train.batch_size", t.batch_size), ("eval.batch_size", c.eval.batch_size)):
     _check(batch >= 1, f"{name}={batch} must be at least 1 (sequences per step, over all "
-           f"devices); use a multiple of {shards}")
+           f"devices); use {fix}")
     _check(batch % shards == 0,
            f"{name}={batch} is not divisible by {shards} data shards (mesh data x fsdp, "
            f"and {process_count} processes); use a multiple of {shards}")

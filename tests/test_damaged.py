@@ -45,8 +45,10 @@ def _lmssl_lines(out):
 
 
 def _fails_in_one_line(out, line):
-  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
-  assert _lmssl_lines(out) == [line], out.stderr[-3000:]
+  """Exit 1 with `line` all of stderr (libraries' log lines too); stdout holds at most the
+  run's start lines."""
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [line], out.stderr[-3000:]
+  assert all(not s.startswith("lmssl:") for s in out.stdout.splitlines()), out.stdout
 
 
 def _truncate_state_data(step_dir, size):
@@ -85,6 +87,7 @@ def test_truncated_state_file_falls_back_and_resume_moves_it_aside(run):
              for p in damaged)
   out = _eval(run)  # the step 4 saved anew is intact
   assert out.returncode == 0 and not _lmssl_lines(out), out.stderr[-3000:]
+  assert json.loads(out.stdout)["checkpoint"] == f"{ckpts}/4"
 
 
 def test_deleted_metadata_falls_back(run):
@@ -95,7 +98,29 @@ def test_deleted_metadata_falls_back(run):
   assert _lmssl_lines(out) == [
       f"lmssl: checkpoint {ckpts}/4 is damaged (state/_METADATA is missing): left in place "
       "(resuming the run moves it aside); using step 2, the newest intact checkpoint"]
-  assert json.loads(out.stdout.strip().splitlines()[-1])["eval_loss"] > 0
+  evals = json.loads(out.stdout.strip().splitlines()[-1])
+  assert evals["eval_loss"] > 0
+  # The output names the checkpoint it evaluated, for scripts that read only that.
+  assert (evals["checkpoint"], evals["step"]) == (f"{ckpts}/2", 2)
+
+
+def test_truncated_checkpoint_metadata_is_said_in_lmssl_line_alone(run):
+  """Orbax logs its own error line when it lists a step whose _CHECKPOINT_METADATA does not
+  parse; lmssl names that damage itself, so stderr holds lmssl's line and nothing else."""
+  ckpts = run / "checkpoints"
+  os.truncate(ckpts / "4" / "_CHECKPOINT_METADATA", 20)
+  damage = (f"lmssl: checkpoint {ckpts}/4 is damaged (_CHECKPOINT_METADATA is not JSON: "
+            "Unterminated string starting at: line 1 column 20 (char 19)): ")
+  out = _eval(run)
+  assert out.returncode == 0 and out.stderr.strip().splitlines() == [
+      damage + "left in place (resuming the run moves it aside); using step 2, the newest "
+      "intact checkpoint"], out.stderr[-3000:]
+  [metrics] = out.stdout.strip().splitlines()
+  assert json.loads(metrics)["step"] == 2
+  out = _run("lmssl.main", *SMOKE, "--workdir", str(run))
+  assert out.returncode == 0 and out.stderr.strip().splitlines() == [
+      damage + f"moved aside to {ckpts}/4.damaged; using step 2, the newest intact "
+      "checkpoint"], out.stderr[-3000:]
 
 
 def test_no_intact_checkpoint_stops_naming_the_directory(run):
@@ -121,14 +146,18 @@ def test_truncated_config_json_is_named_with_the_fix(run):
 
 
 def test_truncated_tokenizer_is_named_with_the_fix(run):
+  """One line for sample, eval and the resumed run, which must not suggest setting
+  data.tokenizer: the run cannot go on with another tokenizer."""
   os.truncate(run / "tokenizer.model", 100)
-  out = _sample(run)
-  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
-  [line] = _lmssl_lines(out)
-  assert line.startswith(f"lmssl: error: tokenizer {run}/tokenizer.model, which the run in "
-                         f"{run} was trained with, cannot be read (")
-  assert line.endswith("); restore it from a copy, or start over in a new --workdir")
-  assert "--config" not in line
+  for out in (_sample(run), _eval(run), _run("lmssl.main", *SMOKE, "--workdir", str(run))):
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-3000:]
+    [line] = _lmssl_lines(out)
+    assert line.startswith(f"lmssl: error: tokenizer {run}/tokenizer.model, which the run in "
+                           f"{run} was trained with, cannot be read (")
+    assert line.endswith("); restore it from a copy (the run cannot go on with another "
+                         "tokenizer), or start over in a new --workdir")
+    assert "--config" not in line
+  assert (run / "tokenizer.model").stat().st_size == 100
 
 
 def test_sample_refuses_another_runs_tokenizer(run, tokenizer_path):

@@ -13,6 +13,9 @@ LAYERS = [
     # Leaves: no lmssl imports.
     {"errors", "files", "losses", "lora", "optimizer", "scores", "masks", "bench/hf_peer",
      "bench/process"},
+    # The --config file of every command that takes one (main, and data/prepare's); the `hf`
+    # extra's imports, told as missing by module.
+    {"config_file", "hf/extra"},
     # Services a run uses, and the data package (TensorFlow lives here); RoPE frequencies.
     {"sharding", "distributed", "preemption", "checkpoint_faults", "metrics", "workdir_lock",
      "data", "rope"},

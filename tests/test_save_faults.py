@@ -99,6 +99,12 @@ def _last_step(workdir) -> int:
     return max(json.loads(line)["step"] for line in f)
 
 
+def _last_logged_step(run) -> int:
+  """The last step the run printed: a fresh run that committed no checkpoint removes its
+  metrics.jsonl with the rest of what it wrote."""
+  return max(int(m[1]) for m in re.finditer(r"^step (\d+)/", run["stdout"], re.M))
+
+
 def _file_size_limit():
   # RLIMIT_FSIZE alone, as `ulimit -f 390`: SIGXFSZ keeps its default action (it kills the
   # process) unless lmssl ignores it. 400 kB holds the compilation cache entries and the run's
@@ -221,7 +227,9 @@ def test_a_file_size_limit_is_a_refused_write_not_a_kill_by_sigxfsz(runs):
   # not the save after it.
   failed = (committed[-1] if committed else 0) + 2
   assert line["step"] is None or int(line["step"]) == failed
-  assert _last_step(workdir) <= failed + 2
+  assert _last_logged_step(run) <= failed + 2
+  if not committed:  # a fresh run that saved nothing leaves no workdir (it made it)
+    assert not workdir.exists()
 
 
 def test_a_read_only_checkpoints_directory_stops_the_run_at_the_next_step(runs):
@@ -233,7 +241,9 @@ def test_a_read_only_checkpoints_directory_stops_the_run_at_the_next_step(runs):
   # The save of step 6 failed in the background: the run learned it at a step boundary
   # soon after, not at the save of step 12 (nor by hanging at exit on the writes waiting
   # for the directory that was never made).
-  assert 5 <= _last_step(workdir) < 12
+  assert 5 <= _last_logged_step(run) < 12
+  # Having saved nothing, the fresh run removed what it wrote; checkpoints/ was there before.
+  assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints"]
 
 
 def test_checkpoints_being_a_file_ends_the_run_at_once_saying_so(runs):

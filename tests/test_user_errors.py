@@ -16,8 +16,11 @@ from conftest import REPO
 SMOKE = ["--config", "configs/mlm_base.py:smoke"]
 
 
-def _run(module, *args, pythonpath=()):
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, pythonpath), str(REPO)])}
+def _run(module, *args, pythonpath=(), env=None):
+  """`python -m module args` from the repository; `env` sets variables (None: unsets one)."""
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, pythonpath), str(REPO)]),
+         **(env or {})}
+  env = {k: v for k, v in env.items() if v is not None}
   return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
                         capture_output=True, text=True, timeout=300, env=env)
 
@@ -25,6 +28,13 @@ def _run(module, *args, pythonpath=()):
 def _last_line(out, status=1) -> str:
   assert out.returncode == status and "Traceback" not in out.stderr, out.stderr[-3000:]
   return out.stderr.strip().splitlines()[-1]
+
+
+def _only_line(out, status=1) -> str:
+  """The one line a command printed, stdout and stderr together (library chatter included)."""
+  lines = (out.stdout + out.stderr).strip().splitlines()
+  assert out.returncode == status and len(lines) == 1, out.stdout[-2000:] + out.stderr[-3000:]
+  return lines[0]
 
 
 def test_a_workdir_that_is_a_file(tmp_path):
@@ -63,14 +73,68 @@ def test_a_config_file_that_is_missing_or_not_python(tmp_path, config, extra, la
   assert not workdir.exists()
 
 
+_RULE = ("a config file defines get_config(arg) returning a ConfigDict (see "
+         "configs/mlm_base.py)")
+
+
+@pytest.mark.parametrize("text, line", [
+    ("x = 1\n", "config file {f} has no get_config(); " + _RULE),
+    ("def get_config(arg=''):\n  return 1 / 0\n", "config file {f} raised ZeroDivisionError: "
+     "division by zero at line 2 ('return 1 / 0'); fix it there: " + _RULE),
+    # A ValueError, which absl wraps in its own flag error (with ml_collections' traceback).
+    ("def get_config(arg=''):\n  return int('ten')\n", "config file {f} raised ValueError: "
+     "invalid literal for int() with base 10: 'ten' at line 2 (\"return int('ten')\"); fix it "
+     "there: " + _RULE),
+    ("import nosuchmodule\n", "config file {f} imports module 'nosuchmodule' at line 1 ('import "
+     "nosuchmodule'), which cannot be imported here (No module named 'nosuchmodule'); install "
+     "it, or remove the import"),
+    ("def get_config(arg=''):\n  pass\n", "config file {f}: get_config() returned None (is its "
+     "return statement missing?), not a ConfigDict; " + _RULE),
+])
+@pytest.mark.parametrize("mode", [[], ["--config.train.steps=3"], ["eval"]])
+def test_a_config_file_that_fails_to_load_is_named_in_one_line(tmp_path, text, line, mode):
+  """ml_collections loads the file while absl parses the flags, before main's own handler."""
+  config = tmp_path / "mine.py"
+  config.write_text(text)
+  workdir = tmp_path / "run"
+  out = _run("lmssl.main", *mode, "--config", config, "--workdir", workdir)
+  assert _only_line(out) == "lmssl: error: " + line.format(f=config)
+  assert not workdir.exists()
+
+
+def test_an_exception_in_lmssl_code_a_config_file_calls_is_a_bug_in_lmssl(tmp_path):
+  """The file passed lmssl's config code a value it should have refused with a UserError."""
+  config = tmp_path / "mine.py"
+  config.write_text("from lmssl import config\n"
+                    "def get_config(arg=''):\n  return config.apply_variants(None, 'smoke', {})\n")
+  out = _run("lmssl.main", "--config", config, "--workdir", tmp_path / "run")
+  assert out.returncode == 1 and "Traceback" in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith("lmssl: this is a bug in lmssl (")
+
+
 def test_derive_out_naming_a_file(tmp_path):
   out_file = tmp_path / "order"
   out_file.write_text("mine")
-  out = _run("lmssl.data.derive", "--task", "order", "--source", "builtin", "--out", out_file)
-  assert _last_line(out) == (
+  # Without the tests' TF_CPP_MIN_LOG_LEVEL, as a user runs it: TensorFlow's start-up lines
+  # (a CPU feature notice through absl's pre-init logging) must not come before lmssl's.
+  out = _run("lmssl.data.derive", "--task", "order", "--source", "builtin", "--out", out_file,
+             env={"TF_CPP_MIN_LOG_LEVEL": None, "TF_ENABLE_ONEDNN_OPTS": None})
+  assert _only_line(out) == (
       f"lmssl: error: --out {out_file} is a file; it must be a directory (new or existing) for "
       "the train and dev files: choose another path, or move the file away")
   assert out_file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("key, value", [("train.batch_size", 0), ("train.batch_size", -1),
+                                        ("eval.batch_size", 0)])
+def test_a_batch_size_below_one_on_one_device(tmp_path, key, value):
+  """The tests' 8 forced devices hide it: on one, any size splits, so the fix is a size."""
+  workdir = tmp_path / "run"
+  out = _run("lmssl.main", *SMOKE, "--workdir", workdir, f"--config.{key}={value}",
+             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  assert _only_line(out) == (f"lmssl: error: {key}={value} must be at least 1 (sequences per "
+                             "step, over all devices); use e.g. 32")
+  assert not workdir.exists()
 
 
 def _hf_dir(path, config_text: str):
@@ -92,42 +156,76 @@ def test_hf_source_without_the_hf_extra(tmp_path):
   out = _run("lmssl.main", *SMOKE, "--workdir", workdir,
              f"--config.init.params_from=hf:{hf_dir}", pythonpath=[stubs])
   assert _last_line(out) == (
-      f"lmssl: error: init.params_from=hf:{hf_dir} reads HuggingFace weights, which needs the "
-      "`hf` extra: torch cannot be imported here (No module named 'torch'); install it with pip "
-      "install 'lmssl[hf]' (after `pip install torch` for your platform), or convert the folder "
-      f"where it is installed (python -m lmssl.convert from-hf --hf_dir {hf_dir} --workdir RUN) "
-      "and set init.params_from=RUN")
+      f"lmssl: error: init.params_from=hf:{hf_dir} reads a HuggingFace model folder, which needs "
+      "the `hf` extra: torch cannot be imported here (No module named 'torch'); install it with "
+      "pip install 'lmssl[hf]' (after `pip install torch` for your platform), or convert the "
+      f"folder where it is installed (python -m lmssl.convert from-hf --hf_dir {hf_dir} "
+      "--workdir RUN) and set init.params_from=RUN")
+  assert not workdir.exists()
+
+
+def test_hf_source_with_only_transformers_missing(tmp_path):
+  """torch and tokenizers import; transformers, which reads the folder's tokenizer, does not.
+  The run names that package at its start, before the workdir is made. A converted run would
+  need transformers too (for the same tokenizer), so that is not offered."""
+  stubs = tmp_path / "stubs"
+  stubs.mkdir()
+  (stubs / "transformers.py").write_text("raise ImportError(\"No module named 'transformers'\")\n")
+  hf_dir = _hf_dir(tmp_path / "bert", json.dumps({"model_type": "bert"}))
+  workdir = tmp_path / "run"
+  out = _run("lmssl.main", *SMOKE, "--workdir", workdir,
+             f"--config.init.params_from=hf:{hf_dir}", pythonpath=[stubs])
+  assert _only_line(out) == (
+      f"lmssl: error: init.params_from=hf:{hf_dir} reads a HuggingFace model folder, which needs "
+      "the `hf` extra: transformers cannot be imported here (No module named 'transformers'); "
+      "install it with pip install 'lmssl[hf]' (after `pip install torch` for your platform)")
   assert not workdir.exists()
 
 
 @pytest.mark.parametrize("config_text, last_line", [
-    ("{not json", "lmssl: error: {path} is not valid JSON (Expecting property name enclosed in "
-     "double quotes: line 1 column 2 (char 1)); it must be the model's HuggingFace config.json, "
-     "as save_pretrained writes it"),
-    ('{"hidden_size": 64, "vocab_size": 6}', "lmssl: error: {path} has no model_type (it holds "
+    ("{not json", "{path} is not valid JSON (Expecting property name enclosed in double quotes: "
+     "line 1 column 2 (char 1)); it must be the model's HuggingFace config.json, as "
+     "save_pretrained writes it"),
+    ('{"hidden_size": 64, "vocab_size": 6}', "{path} has no model_type (it holds "
      "['hidden_size', 'vocab_size']); it must be the model's HuggingFace config.json, with "
      "model_type one of ['bert', 'gpt2']"),
-    ("[1, 2]", "lmssl: error: {path} has no model_type (it holds a JSON list); it must be the "
-     "model's HuggingFace config.json, with model_type one of ['bert', 'gpt2']"),
+    ("[1, 2]", "{path} has no model_type (it holds a JSON list); it must be the model's "
+     "HuggingFace config.json, with model_type one of ['bert', 'gpt2']"),
+    # No config.json: named by the setting train takes, not convert's --hf_dir.
+    (None, "{dir} has no config.json, so it is not a local HuggingFace model folder (config.json "
+     "plus model.safetensors or pytorch_model.bin, as save_pretrained writes them); name such a "
+     "folder"),
 ])
 def test_an_invalid_hf_config_json(tmp_path, config_text, last_line):
-  hf_dir = _hf_dir(tmp_path / "bert", config_text)
+  hf_dir = _hf_dir(tmp_path / "bert", config_text or "{}")
+  if config_text is None:
+    (hf_dir / "config.json").unlink()
   workdir = tmp_path / "run"
   out = _run("lmssl.main", *SMOKE, "--workdir", workdir, f"--config.init.params_from=hf:{hf_dir}")
-  assert _last_line(out) == last_line.format(path=hf_dir / "config.json")
+  assert _last_line(out) == f"lmssl: error: init.params_from=hf:{hf_dir}: " + last_line.format(
+      path=hf_dir / "config.json", dir=hf_dir)
   assert not workdir.exists()
 
 
 def test_metrics_jsonl_that_is_a_directory(tmp_path):
+  """The run fails before its first checkpoint, so it takes back what it wrote (config.json,
+  tokenizer.model, checkpoints/): once the directory is moved away, the workdir holds no run,
+  and a command with other settings starts one."""
   workdir = tmp_path / "run"
   (workdir / "metrics.jsonl").mkdir(parents=True)
-  out = _run("lmssl.main", *SMOKE, "--workdir", workdir, "--config.train.steps=1",
-             f"--config.data.cache_dir={tmp_path / 'cache'}")
+  args = [*SMOKE, "--workdir", workdir, "--config.train.steps=1",
+          f"--config.data.cache_dir={tmp_path / 'cache'}"]
+  out = _run("lmssl.main", *args)
   assert _last_line(out) == (
       f"lmssl: error: {workdir}/metrics.jsonl is a directory, but lmssl reads or writes a file "
       "of that name in the workdir; move the directory away (or use another --workdir) and run "
       "again")
+  assert os.listdir(workdir) == ["metrics.jsonl"]
   assert not any((workdir / "metrics.jsonl").iterdir())
+  (workdir / "metrics.jsonl").rmdir()
+  out = _run("lmssl.main", *args, "--config.seed=5")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads((workdir / "config.json").read_text())["seed"] == 5
 
 
 @pytest.mark.parametrize("source, suggestion", [

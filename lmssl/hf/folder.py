@@ -4,13 +4,13 @@ a pickled pytorch_model.bin, whole or sharded by an index) and which tokenizer f
 torch and safetensors (the `hf` extra) are imported inside the functions that need them.
 """
 
-import importlib
 import json
 import os
 
 import numpy as np
 
 from lmssl import errors
+from lmssl.hf import extra as hf_extra
 from lmssl.hf import families
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -34,8 +34,9 @@ def read_dir(hf_dir: str) -> tuple[dict, dict]:
 def read_config(hf_dir: str) -> dict:
   """config.json of a local HF model folder, as a dict."""
   path = os.path.join(hf_dir, "config.json")
-  _check(os.path.isfile(path), f"{hf_dir} has no config.json: --hf_dir must be a local "
-         "HuggingFace model folder (config.json plus model.safetensors or pytorch_model.bin)")
+  _check(os.path.isfile(path), f"{hf_dir} has no config.json, so it is not a local HuggingFace "
+         "model folder (config.json plus model.safetensors or pytorch_model.bin, as "
+         "save_pretrained writes them); name such a folder")
   try:
     with open(path, encoding="utf-8") as f:
       hf_config = json.load(f)
@@ -67,7 +68,7 @@ def weight_files(hf_dir: str) -> list[str]:
 def tensor_names(path: str) -> list[str]:
   """The tensor names in weight file `path`, without reading the tensors."""
   if not path.endswith(".safetensors"):  # a pickle: mapped, not read
-    return list(extra("torch").load(path, map_location="cpu", weights_only=True, mmap=True))
+    return list(hf_extra.load("torch").load(path, map_location="cpu", weights_only=True, mmap=True))
   try:  # the header: its length (8 bytes, little-endian), then JSON naming every tensor
     with open(path, "rb") as f:
       header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
@@ -77,32 +78,11 @@ def tensor_names(path: str) -> list[str]:
                            "replace it with the model's own") from None
 
 
-INSTALL_EXTRA = "pip install 'lmssl[hf]' (after `pip install torch` for your platform)"
-
-
-class MissingExtra(errors.UserError):
-  """The `hf` extra (torch, safetensors, ...) cannot be imported here; `missing` says which
-  module and why."""
-
-  def __init__(self, missing: str):
-    super().__init__(f"HuggingFace files need the `hf` extra, and {missing}; install it: "
-                     f"{INSTALL_EXTRA}")
-    self.missing = missing
-
-
-def extra(module: str):
-  """`module` of the hf extra, imported; else MissingExtra, which says how to install it."""
-  try:
-    return importlib.import_module(module)
-  except ImportError as e:
-    raise MissingExtra(f"{module} cannot be imported here ({e})") from e
-
-
 def _read_shard(path: str) -> dict:
   # Through torch, which reads every dtype (numpy has no bfloat16); weights_only refuses code.
-  torch = extra("torch")
+  torch = hf_extra.load("torch")
   if path.endswith(".safetensors"):
-    tensors = extra("safetensors.torch").load_file(path)
+    tensors = hf_extra.load("safetensors.torch").load_file(path)
   else:
     tensors = torch.load(path, map_location="cpu", weights_only=True)
   return {k: v.to(torch.float32).numpy() for k, v in tensors.items()}
@@ -110,7 +90,7 @@ def _read_shard(path: str) -> dict:
 
 def write_dir(hf_dir: str, hf_config: dict, tensors: dict) -> None:
   """Writes config.json and model.safetensors (fp32) into `hf_dir`."""
-  save_file = extra("safetensors.numpy").save_file
+  save_file = hf_extra.load("safetensors.numpy").save_file
   os.makedirs(hf_dir, exist_ok=True)
   save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
             os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})

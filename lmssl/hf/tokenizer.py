@@ -24,6 +24,7 @@ import numpy as np
 from lmssl import errors
 from lmssl import files
 from lmssl.data import tokenizer as sp_tokenizer
+from lmssl.hf import extra as hf_extra
 
 ROLES = ("pad", "unk", "cls", "sep", "bos", "eos", "mask")
 # Roles of well-known special tokens, for a tokenizer.json that comes without config files.
@@ -38,17 +39,6 @@ _META_SPACE = "\u2581"  # "▁": sentencepiece's mark of a preceding space
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # sentencepiece byte fallback
 # "[unused0]", "[CLS]": BERT's pre-tokenizer splits off every "[", so text never yields these.
 _BRACKETED = re.compile(r"\[[^\[\]]+\]")
-
-
-def _extra(module: str):
-  """`module` of the hf extra; else a UserError that says how to install it."""
-  try:
-    import tokenizers  # pylint: disable=g-import-not-at-top,unused-import
-    import transformers  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise errors.UserError("a HuggingFace tokenizer needs the `tokenizers` package; install "
-                           "lmssl's hf extra: pip install 'lmssl[hf]'") from e
-  return {"tokenizers": tokenizers, "transformers": transformers}[module]
 
 
 def _read_json(path: str):
@@ -76,7 +66,8 @@ def _from_directory(directory: str):
   config = (_read_json(os.path.join(directory, "tokenizer_config.json"))
             if has("tokenizer_config.json") else {})
   named = "tokenizer_class" in config or has("config.json")
-  transformers = _extra("transformers")
+  hf_extra.load("tokenizers")  # under transformers' fast tokenizers, whose pipeline lmssl reads
+  transformers = hf_extra.load("transformers")
   cls = getattr(transformers, "AutoTokenizer" if named else found[0][1])
   tk = cls.from_pretrained(directory)
   if not tk.is_fast:
@@ -140,7 +131,7 @@ def _sentencepiece_proto():
 def _from_sentencepiece(model_bytes: bytes, path: str, cls_sep_template: bool):
   """A `tokenizers` Unigram model that tokenizes as the sentencepiece unigram model does: its
   pieces and scores, its precompiled normalizer, whitespace folding and "▁" word marks."""
-  tk_lib = _extra("tokenizers")
+  tk_lib = hf_extra.load("tokenizers")
   proto = _sentencepiece_proto().ModelProto()
   proto.ParseFromString(model_bytes)
   if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM:
@@ -232,7 +223,7 @@ class HFTokenizer:
     export; `cls_sep_template` makes transformers add [CLS] ... [SEP] as BERT inputs have."""
     tk = _from_sentencepiece(model_bytes, path, cls_sep_template)
     roles = dict(zip(("pad", "unk", "cls", "sep", "mask"), sp_tokenizer.RESERVED_PIECES))
-    fast = _extra("transformers").PreTrainedTokenizerFast(
+    fast = hf_extra.load("transformers").PreTrainedTokenizerFast(
         tokenizer_object=tk, **{f"{r}_token": t for r, t in roles.items()})
     return cls(fast, path)
 
@@ -281,7 +272,7 @@ class HFTokenizer:
       sizes = [1 if _BYTE_PIECE.fullmatch(p) else len(p.replace(_META_SPACE, " ").encode("utf-8"))
                for p in self._pieces]
     else:
-      alphabet = set(_extra("tokenizers").pre_tokenizers.ByteLevel.alphabet())
+      alphabet = set(hf_extra.load("tokenizers").pre_tokenizers.ByteLevel.alphabet())
       sizes = [sum(1 if c in alphabet else len(c.encode("utf-8")) for c in p)
                for p in self._pieces]
     return np.where(self.special, 0, np.array(sizes, dtype=np.int32)).astype(np.int32)
@@ -318,3 +309,24 @@ def load(path: str) -> AnyTokenizer:
   if files.at(path).is_dir() or os.path.basename(path) == "tokenizer.json":
     return HFTokenizer.load(path)
   return sp_tokenizer.Tokenizer.load(path)
+
+
+def load_of_run(path: str, workdir: str) -> AnyTokenizer:
+  """The tokenizer at `path` that the run in `workdir` was trained with. Missing or damaged, it
+  is named as that run's, with one fix for every command that reads the run (a resumed train,
+  eval, sample): none can go on with another tokenizer, so no setting is the way out."""
+  try:
+    return load(path)
+  except errors.UserError as e:
+    why = "is missing" if not files.at(path).exists() else f"cannot be read ({_cause(e)})"
+    raise errors.UserError(
+        f"tokenizer {path}, which the run in {workdir} was trained with, {why}; restore it from "
+        "a copy (the run cannot go on with another tokenizer), or start over in a new "
+        "--workdir") from None
+
+
+def _cause(e: BaseException) -> str:
+  """What the tokenizer library itself said, first line: sentencepiece's parse error."""
+  if e.__cause__ is not None:
+    return (str(e.__cause__).strip().splitlines() or [type(e.__cause__).__name__])[0]
+  return str(e).split("; ")[0]  # its own words, less the fix it gives for a setting

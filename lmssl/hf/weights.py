@@ -20,6 +20,7 @@ import numpy as np
 from lmssl import errors
 from lmssl import heads as heads_lib
 from lmssl import model as model_lib
+from lmssl.hf import extra as hf_extra
 from lmssl.hf import families
 from lmssl.hf import folder
 
@@ -237,7 +238,11 @@ def source_config(hf_dir: str) -> ml_collections.ConfigDict:
   """The lmssl config of a HF folder, from its config.json and the names of its tensors (no
   tensor is read): what a warm start from it adopts before it validates."""
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
-  folder.extra("torch")  # which reads the weights later: without it the run stops here, at its start
+  # What reads the weights (torch, safetensors) and the folder's tokenizer (transformers,
+  # tokenizers) later, before the workdir is touched: without it the run stops here, at its
+  # start, naming the module that is missing.
+  for module in ("torch", "safetensors", "transformers", "tokenizers"):
+    hf_extra.load(module)
   hf_config = folder.read_config(hf_dir)
   names = [n for shard in folder.weight_files(hf_dir) for n in folder.tensor_names(shard)]
   return _lmssl_config(hf_dir, hf_config, names)[0]

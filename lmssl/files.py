@@ -22,6 +22,17 @@ def at(path: str) -> epath.Path:
   return epath.Path(absolute(path))
 
 
+def file_in_the_way(path: str) -> str | None:
+  """`path`, or the first of its parents, when it is a file where a directory must be or go;
+  None otherwise (and for URLs, where no file stands in a directory's way)."""
+  if is_url(path):
+    return None
+  blocking = absolute(path)
+  while not os.path.exists(blocking) and os.path.dirname(blocking) != blocking:
+    blocking = os.path.dirname(blocking)
+  return blocking if os.path.isfile(blocking) else None
+
+
 def read_text(path: str) -> str:
   return at(path).read_text(encoding="utf-8")
 

@@ -254,6 +254,22 @@ def test_prepare_cli_says_bad_input_in_one_line(tmp_path):
                              f"directory; name its files with a glob, e.g. text:{tmp_path}/*.txt")
 
 
+def test_prepare_cli_says_a_bad_config_file_or_workdir_in_one_line(tmp_path):
+  config = tmp_path / "bad.py"
+  config.write_text("x = 1\n")
+  out = _run("lmssl.data.prepare", "--config", config, "--workdir", tmp_path / "run")
+  assert _only_line(out) == (f"lmssl: error: config file {config} has no get_config(); a config "
+                             "file defines get_config(arg) returning a ConfigDict (see "
+                             "configs/mlm_base.py)")
+  blocking = tmp_path / "file"
+  blocking.write_text("x")
+  out = _run("lmssl.data.prepare", *SMOKE, "--workdir", blocking / "run")
+  assert _only_line(out) == (f"lmssl: error: --workdir {blocking / 'run'} cannot be used: "
+                             f"{blocking} is a file, not a directory; give --workdir a new or "
+                             "existing directory, or move the file away")
+  assert not (tmp_path / "run").exists() and blocking.read_text() == "x"
+
+
 def test_rebuilding_invalid_prepared_data_says_it_rebuilds(tmp_path):
   args = [*SMOKE, "--workdir", tmp_path / "run", f"--config.data.cache_dir={tmp_path / 'c'}"]
   first = _run("lmssl.data.prepare", *args)

@@ -31,6 +31,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from lmssl import config_file
 from lmssl import errors
 from lmssl import files
 from lmssl.data import packed
@@ -369,6 +370,11 @@ def _main() -> None:
   def run(argv):
     data_cfg = config.value.data
     try:
+      in_the_way = files.file_in_the_way(workdir.value)
+      if in_the_way is not None:
+        raise errors.UserError(f"--workdir {workdir.value} cannot be used: {in_the_way} is a "
+                               "file, not a directory; give --workdir a new or existing "
+                               "directory, or move the file away")
       if not 0 <= shard_index.value < num_shards.value:
         raise errors.UserError(f"--shard_index {shard_index.value} must be in [0, --num_shards "
                                f"{num_shards.value})")
@@ -390,7 +396,13 @@ def _main() -> None:
           f"prepared part {shard_index.value} of {num_shards.value}; run without --num_shards "
           "(or start training) once all parts are done, to write the manifest")
 
-  app.run(run)
+  def parse(argv):  # a config file that cannot be loaded, or a bad flag: one line
+    try:
+      return config_file.parse_flags(argv)
+    except flags.Error as e:
+      raise SystemExit(f"lmssl: error: {e}") from None
+
+  app.run(run, flags_parser=parse)
 
 
 if __name__ == "__main__":

@@ -237,21 +237,13 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def meta() -> dict:
-  model = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+  model = next((line.split(":", 1)[1].strip() for line in process.read("/proc/cpuinfo").splitlines()
                 if line.startswith("model name")), platform.processor())
-  memory = next((int(line.split()[1]) * 1024 for line in _read("/proc/meminfo").splitlines()
+  memory = next((int(line.split()[1]) * 1024 for line in process.read("/proc/meminfo").splitlines()
                  if line.startswith("MemTotal:")), None)
   return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               cpu=model, cpu_count=os.cpu_count(), memory_bytes=memory,
               python=platform.python_version(), command=" ".join(sys.argv))
-
-
-def _read(path: str) -> str:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  except OSError:
-    return ""
 
 
 def _summary(row: dict) -> str:

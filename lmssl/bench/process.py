@@ -35,7 +35,7 @@ class _Sampler(threading.Thread):
     while not self.done.wait(self.every):
       rss = anon = 0
       for pid in _tree(self.pid):
-        status = dict(line.split(":", 1) for line in _read(f"/proc/{pid}/status").splitlines()
+        status = dict(line.split(":", 1) for line in read(f"/proc/{pid}/status").splitlines()
                       if ":" in line)
         rss += _kib(status.get("VmRSS"))
         anon += _kib(status.get("RssAnon"))
@@ -48,7 +48,7 @@ def _tree(pid: int) -> list[int]:
   while todo:
     out.append(todo.pop())
     for task in pathlib.Path(f"/proc/{out[-1]}/task").glob("*"):
-      todo.extend(int(c) for c in _read(str(task / "children")).split())
+      todo.extend(int(c) for c in read(str(task / "children")).split())
   return out
 
 
@@ -83,7 +83,8 @@ def spawn(argv: list[str], log: pathlib.Path, env: dict) -> Spawned:
                  sampler.rss, sampler.anon)
 
 
-def _read(path: str) -> str:
+def read(path: str) -> str:
+  """A text file's content, or "" when it cannot be read (a /proc entry of a process gone)."""
   try:
     with open(path, encoding="utf-8") as f:
       return f.read()

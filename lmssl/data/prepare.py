@@ -151,24 +151,19 @@ def _prepare(data_cfg, tokenizer, workers, part, runner) -> str | None:
     logging.info("Reusing prepared data %s", prepared_dir)
     return prepared_dir
   mine = jobs if part is None else jobs[part[0]::part[1]]
-  todo = [job for job in mine if shards.read_shard(job.directory) is None]
+  done = {job.key: shards.read_shard(job.directory) for job in mine}
+  todo = [job for job in mine if done[job.key] is None]
   for job in todo:
     if files.at(job.directory).exists():
       logging.warning("shard %s is unfinished or damaged; preparing it again", job.directory)
   logging.info("Preparing %d of %d shards (%d already prepared)", len(todo), len(mine),
                len(mine) - len(todo))
-  if todo:
-    (runner or functools.partial(shards.run_local, workers=workers))(todo, tokenizer)
+  if todo:  # a runner returns each job's shard.json content: nothing to read back
+    made = (runner or functools.partial(shards.run_local, workers=workers))(todo, tokenizer)
+    done.update(zip((job.key for job in todo), made))
   if part is not None:
     return None
-  metas = []
-  for job in jobs:
-    meta = shards.read_shard(job.directory)
-    if meta is None:
-      raise sources.DataError(f"shard {job.shard.describe()} was not prepared into "
-                              f"{job.directory}; run the prepare again")
-    metas.append(meta)
-  _write_manifest(prepared_dir, data_cfg, tokenizer, jobs, metas)
+  _write_manifest(prepared_dir, data_cfg, tokenizer, jobs, [done[job.key] for job in jobs])
   return prepared_dir
 
 

@@ -51,6 +51,9 @@ def _model_section() -> ml_collections.ConfigDict:
   m.norm = "post"  # "post" (BERT) or "pre" (GPT-2, adds a final norm)
   m.norm_type = "layernorm"  # "layernorm" or "rmsnorm" (scale only, no mean: Llama)
   m.embed_norm = False  # a pre-norm model that also normalizes its embeddings (ModernBERT)
+  # A pre-norm model whose first layer's attention takes the embedding norm's output as it is
+  # (ModernBERT: with embed_norm, its layer 0 has no attention norm).
+  m.skip_first_attn_norm = False
   m.ln_eps = 1e-12  # every norm's epsilon
   m.gelu = "erf"  # "erf" (exact, BERT) or "tanh" (GPT-2); also GeGLU's
   # "gelu" (BERT, GPT-2), or gated: "swiglu" (Llama), "geglu" (ModernBERT): wi_gate, wi_up, wo

@@ -100,9 +100,11 @@ def num_kv_heads(cfg) -> int:
 
 
 def layer_data(cfg) -> dict:
-  """What differs between layers, as arrays scanned with them: the attention window [N] and,
+  """What differs between layers, as arrays scanned with them: the attention window [N],
+  whether the attention norm applies [N] (not on layer 0 with `skip_first_attn_norm`) and,
   with RoPE, the inverse frequencies [N, K/2]."""
-  data = {"window": jnp.asarray(masks.layer_windows(cfg))}
+  data = {"window": jnp.asarray(masks.layer_windows(cfg)),
+          "attn_norm": jnp.arange(cfg.num_layers) >= int(cfg.skip_first_attn_norm)}
   if cfg.position == "rope":
     data["rope_freq"] = jnp.asarray(rope.layer_frequencies(cfg))
   return data
@@ -259,7 +261,10 @@ class Block(nn.Module):
     for name, sublayer in (("attn", Attention(cfg, name="attn")), ("mlp", Mlp(cfg, name="mlp"))):
       args = (mask, positions_BxL, layer, cache_index) if name == "attn" else ()
       if cfg.norm == "pre":
-        x_BxLxD = x_BxLxD + drop(sublayer(norm(cfg, f"{name}_norm")(x_BxLxD), *args))
+        h_BxLxD = norm(cfg, f"{name}_norm")(x_BxLxD)
+        if name == "attn" and cfg.skip_first_attn_norm:  # its scale stays, unused, on layer 0
+          h_BxLxD = jnp.where(layer["attn_norm"], h_BxLxD, x_BxLxD)
+        x_BxLxD = x_BxLxD + drop(sublayer(h_BxLxD, *args))
       else:
         x_BxLxD = norm(cfg, f"{name}_norm")(x_BxLxD + drop(sublayer(x_BxLxD, *args)))
       x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))

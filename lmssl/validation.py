@@ -174,6 +174,10 @@ def _architecture(c: ml_collections.ConfigDict) -> None:
   _check(not m.embed_norm or m.norm == "pre",
          "model.embed_norm adds an embedding norm to a pre-norm model; a post-norm model "
          "(model.norm='post') always has one: leave embed_norm False")
+  _check(not m.skip_first_attn_norm or (m.norm == "pre" and m.embed_norm),
+         "model.skip_first_attn_norm drops layer 0's attention norm in a pre-norm model whose "
+         "embeddings are normalized (ModernBERT); it needs model.norm='pre' and "
+         "model.embed_norm=True")
   _windows(c)
   _rope(m)
 

@@ -260,23 +260,30 @@ def test_converted_run_is_not_resumed_and_outputs_are_not_overwritten(hf_dirs, t
   assert not (tmp_path / "back").exists()
 
 
-@pytest.mark.parametrize("name,options", [
-    ("llama_base", "model.position='rope', model.norm_type='rmsnorm', model.mlp='swiglu', "
-     "model.use_bias=False, model.num_kv_heads=1"),
-    ("modernbert_base", "model.position='rope', model.embed_norm=True, model.mlp='geglu', "
-     "model.use_bias=False, model.attention_window=16"),
+@pytest.mark.parametrize("name,options,model_type", [
+    ("llama_base", {}, "llama"),
+    ("llama_base", {"qkv_bias": True}, "qwen2"),
+    ("llama_base", {"attention_window": 16}, "mistral"),
+    ("modernbert_base", {}, "modernbert"),
+    ("clm_base", {}, "gpt2"),
+    ("mlm_base", {}, "bert"),
 ])
-def test_architectures_without_a_bert_or_gpt2_counterpart_are_not_exported(name, options):
+def test_each_preset_exports_as_its_family(name, options, model_type):
   from lmssl.hf import families
-  with pytest.raises(errors.UserError) as e:
-    families.check_exportable(load_config(name))
-  assert str(e.value) == (f"{options}: no BERT/GPT-2 counterpart, and lmssl exports BERT and "
-                          "GPT-2 only; export a run with these options at their BERT/GPT-2 "
-                          "values")
+  c = load_config(name)
+  c.model.update(options)
+  assert families.check_exportable(c).model_type == model_type
+
+
+def test_a_model_of_no_family_is_refused_naming_the_closest():
+  from lmssl.hf import families
   gqa = load_config("clm_base")
   gqa.model.num_kv_heads = 1
-  with pytest.raises(errors.UserError, match=r"^model.num_kv_heads=1: no BERT/GPT-2"):
+  with pytest.raises(errors.UserError) as e:
     families.check_exportable(gqa)
+  assert str(e.value).startswith("this model matches no HuggingFace family lmssl exports (bert, "
+                                 "gpt2, llama, mistral, modernbert, qwen2); the closest: as "
+                                 "gpt2, model.num_kv_heads=1 do not fit")
 
 
 @pytest.mark.parametrize("config_name,architecture", [("mlm_base", "BertForMaskedLM"),

@@ -1,6 +1,8 @@
 """ModernBERT-style masked-LM pretraining (pre-norm encoder with bias-free LayerNorms, GeGLU,
 no biases, RoPE; every third layer global with theta 160000, the others a 128-position window
-with theta 10000; embedding and final norms; tied output with a bias; 30% masking).
+with theta 10000; embedding and final norms, and no attention norm on layer 0, which reads the
+normalized embeddings; tied output with a bias; 30% masking). Exports as ModernBertForMaskedLM
+(python -m lmssl.convert to-hf).
 
 Quickstart: python -m lmssl.main --config configs/modernbert_base.py:size=tiny \\
                 --workdir /tmp/lmssl_modernbert
@@ -45,6 +47,7 @@ def get_config(arg: str = ""):
   c.objective = "mlm"
   m = c.model
   m.norm, m.norm_type, m.embed_norm, m.ln_eps = "pre", "layernorm", True, 1e-5
+  m.skip_first_attn_norm = True
   m.mlp, m.gelu, m.use_bias = "geglu", "erf", False
   m.position, m.rope_theta, m.local_rope_theta = "rope", 160_000.0, 10_000.0
   m.attention_window, m.global_every = 128, 3

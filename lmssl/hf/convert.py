@@ -1,4 +1,5 @@
-"""python -m lmssl.convert {from-hf,to-hf,check}: HuggingFace BERT / GPT-2 <-> lmssl runs.
+"""python -m lmssl.convert {from-hf,to-hf,check}: HuggingFace models <-> lmssl runs (BERT,
+GPT-2, Llama, Mistral, Qwen2, ModernBERT).
 
   from-hf --hf_dir DIR --workdir OUT      a local HF folder -> an lmssl run directory (config.json,
                                           checkpoints/0 with the parameters, tokenizer/)
@@ -96,29 +97,11 @@ def from_hf(hf_dir: str, workdir: str) -> dict:
           "parameters": count, "tokenizer": cfg.data.tokenizer or None, "notes": notes}
 
 
-def _architecture(family: families.Family, cfg, params: dict) -> str:
-  heads = set(params) - {"transformer", "pooler"}
-  if family is families.GPT2:
-    if cfg.task.kind:
-      raise errors.UserError(f"a GPT-2 {cfg.task.kind} fine-tune does not export: HF's GPT-2 "
-                             "heads have no bias; export the pretrained causal LM instead")
-    return "GPT2LMHeadModel"  # also for an imported GPT2Model: a tied head adds no weights
-  if cfg.task.kind:
-    return ("BertForTokenClassification" if cfg.task.kind == "tokens"
-            else "BertForSequenceClassification")
-  if heads == {"mlm_head", "pair_head"}:
-    return "BertForPreTraining"
-  if "mlm_head" in heads:
-    return "BertForMaskedLM"
-  return "BertModel"
-
-
 def _special_ids(family: families.Family, tok) -> dict:
-  if tok is None:
-    return {}
-  if family is families.GPT2:
-    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
-  return {"pad_token_id": tok.pad_id}
+  """The special token ids config.json names: the tokenizer's, or none (not HF's defaults,
+  which may lie outside a small vocabulary) for a run without one."""
+  ids = {f"{role}_token_id": getattr(tok, f"{role}_id", None) for role in family.special_roles}
+  return {k: v for k, v in ids.items() if v is not None or tok is None}
 
 
 def to_hf(workdir: str, hf_dir: str, best: bool = False) -> dict:
@@ -128,11 +111,11 @@ def to_hf(workdir: str, hf_dir: str, best: bool = False) -> dict:
   params = checkpoint.read_params(os.path.join(workdir, "best") if best else workdir)
   cfg, params = inference.merged(cfg, params)
   params = jax.tree.map(np.asarray, params)
-  architecture = _architecture(family, cfg, params)
+  architecture = family.architecture(cfg, set(params) - {"transformer", "pooler"})
   tensors = weights.from_lmssl(family, params, base_only=architecture == family.base_model)
   tokenizer_path = config_lib.tokenizer_path(cfg, workdir)
   tok = tokenizer_lib.load(tokenizer_path) if os.path.exists(tokenizer_path) else None
-  hf_config = families.hf_config_for(cfg, architecture, _special_ids(family, tok))
+  hf_config = families.hf_config_for(cfg, family, architecture, _special_ids(family, tok))
   tmp = _fresh_output(hf_dir, "--hf_dir")
   try:
     folder.write_dir(tmp, hf_config, tensors)
@@ -153,7 +136,7 @@ def _export_tokenizer(tok, path: str, hf_dir: str, family: families.Family) -> l
     return _copy_tokenizer(path, hf_dir)
   try:
     tokenizer_lib.HFTokenizer.from_sentencepiece(
-        tok.model_bytes, path, cls_sep_template=family is families.BERT).save(hf_dir)
+        tok.model_bytes, path, cls_sep_template=family.encoder).save(hf_dir)
   except errors.UserError as e:  # a sentencepiece BPE model: hand over the model itself
     shutil.copyfile(path, os.path.join(hf_dir, "tokenizer.model"))
     return [f"tokenizer.model (sentencepiece, not converted: {e})"]
@@ -165,7 +148,7 @@ def _inputs(cfg, tok, texts, family):
   if tok is None:  # no tokenizer files: fixed pseudo-random ids
     rng = np.random.default_rng(0)
     rows = [list(rng.integers(0, cfg.model.vocab_size, size=n)) for n in (16, 11, 5)]
-  elif family is families.BERT:
+  elif family.encoder:
     rows = [[tok.cls_id, *tok.encode(t)[:cfg.data.seq_len - 2], tok.sep_id] for t in texts]
   else:
     rows = [tok.encode(t)[:cfg.data.seq_len] for t in texts]
@@ -201,7 +184,7 @@ def _hf_outputs(model, ids, real, family) -> dict:
   kwargs = dict(input_ids=torch.from_numpy(ids.astype(np.int64)),
                 attention_mask=torch.from_numpy(real.astype(np.int64)),
                 output_hidden_states=True)
-  if family is families.BERT:
+  if family is families.BERT:  # the one family with token types
     kwargs["token_type_ids"] = torch.zeros_like(kwargs["input_ids"])
   with torch.no_grad():
     out = model(**kwargs)

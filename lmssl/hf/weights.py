@@ -1,4 +1,5 @@
-"""HuggingFace BERT and GPT-2 checkpoints as lmssl configs and parameters, both ways.
+"""HuggingFace checkpoints (BERT, GPT-2, Llama, Mistral, Qwen2, ModernBERT) as lmssl configs and
+parameters, both ways.
 
 The families' name tables and config translation live in `families`. Every tensor of a
 checkpoint is mapped, checked as a tie, or named as a buffer; anything else stops the
@@ -134,6 +135,8 @@ def to_lmssl(family: families.Family, tensors: dict, shapes: dict, num_layers: i
     paths = (family.base | family.heads)[template]
     layered = "{i}" in template
     arrays = {i: a for i, (_, a) in per_layer.items()}
+    for i in family.absent.get(template, ()):  # an identity in HF: ones, which lmssl skips
+      arrays.setdefault(i, np.ones_like(next(iter(arrays.values()))))
     array = _stack(arrays, num_layers, template) if layered else arrays[None]
     if template in family.transposed:
       array = np.swapaxes(array, -1, -2)
@@ -165,7 +168,10 @@ def from_lmssl(family: families.Family, params: dict, base_only: bool) -> dict:
     array = np.concatenate([_as_hf_matrix(p, flat[p], layered) for p in parts], axis=-1)
     if template in family.transposed:
       array = np.swapaxes(array, -1, -2)
-    out.update(_unstack(array, full) if layered else {full: array})
+    tensors = _unstack(array, full) if layered else {full: array}
+    for i in family.absent.get(template, ()):
+      del tensors[full.format(i=i)]
+    out.update(tensors)
     used.update(parts)
   left = sorted(set(flat) - used)
   _check(not left, f"lmssl parameters with no {family.model_type} tensor: "
@@ -173,27 +179,9 @@ def from_lmssl(family: families.Family, params: dict, base_only: bool) -> dict:
   return out
 
 
-def present_heads(family: families.Family, hf_config: dict, tensors: dict) -> tuple:
+def present_heads(family: families.Family, hf_config: dict, tensors) -> tuple:
   """The lmssl heads a checkpoint's tensors carry (the config names the classifier kind)."""
-  names = set(tensors)
-  architecture = (hf_config.get("architectures") or [family.base_model])[0]
-  found = []
-  if family is families.BERT:
-    if any(n.startswith("cls.predictions.") for n in names):
-      found.append("mlm")
-    if any(n.startswith("cls.seq_relationship.") for n in names):
-      found.append("pair")
-    if any(n.startswith("classifier.") for n in names):
-      if architecture == "BertForTokenClassification":
-        found.append("tokens")
-      elif (hf_config.get("problem_type") == "regression"
-            or len(families.labels(hf_config)) == 1):
-        found.append("regression")
-      else:
-        found.append("classification")
-  elif any(n.startswith("lm_head.") for n in names) or architecture == "GPT2LMHeadModel":
-    found.append("clm")
-  return tuple(found)
+  return family.present_heads(hf_config, set(tensors))
 
 
 _HEAD_SCOPES = {"mlm": "mlm_head", "clm": "clm_head", "pair": "pair_head",
@@ -273,7 +261,8 @@ def convert(hf_dir: str) -> Converted:
 
 
 def load(hf_dir: str) -> tuple[ml_collections.ConfigDict, dict]:
-  """(lmssl config, params as nested dicts of numpy) of a local HF BERT or GPT-2 folder. The
+  """(lmssl config, params as nested dicts of numpy) of a local HF folder of a family lmssl
+  converts. The
   config's tokenizer is the folder's own (read through transformers' AutoTokenizer)."""
   converted = convert(hf_dir)
   return converted.config, converted.params

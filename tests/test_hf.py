@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
+import hf_models
 from conftest import load_config
 from lmssl import checkpoint
 from lmssl import config as config_lib
@@ -27,13 +28,7 @@ from lmssl.hf import tokenizer as tokenizer_lib
 from lmssl.hf import weights
 
 TOLERANCE = 1e-4
-_SUBJECTS = ["The river", "A small village", "The old castle", "Her second album", "The storm",
-             "This species", "The railway line", "His father", "The new bridge", "The team"]
-_VERBS = ["was built in", "reached the coast by", "was described in", "moved north after",
-          "won three titles in", "was renamed in", "grew quickly after"]
-_ENDS = ["1887.", "the autumn of 1923.", "the early 1970s, despite the war.",
-         "2004; it closed soon after.", "May, when prices rose by 12%.", "the Great Depression."]
-TEXTS = [f"{s} {v} {e}" for s in _SUBJECTS for v in _VERBS for e in _ENDS]
+TEXTS = hf_models.TEXTS
 
 
 def _json(path):
@@ -41,36 +36,7 @@ def _json(path):
     return json.load(f)
 
 
-def _randomize(model, seed: int):
-  """Every weight, bias and norm drawn at random, so no mapping hides behind zeros and ones."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=generator) * 0.1
-      norm_scale = name.endswith("weight") and ("LayerNorm" in name or ".ln_" in name)
-      p.copy_(noise + 1.0 if norm_scale else noise)
-  return model
-
-
-def _wordpiece(directory) -> int:
-  tok = tokenizers.BertWordPieceTokenizer(lowercase=True)
-  tok.train_from_iterator(TEXTS, vocab_size=300, min_frequency=1, show_progress=False,
-                          special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-  tok.save_model(str(directory))
-  (directory / "tokenizer_config.json").write_text(json.dumps(
-      {"do_lower_case": True, "tokenizer_class": "BertTokenizer"}))
-  return tok.get_vocab_size()
-
-
-def _byte_bpe(directory) -> int:
-  tok = tokenizers.ByteLevelBPETokenizer()
-  tok.train_from_iterator(TEXTS, vocab_size=400, min_frequency=1, show_progress=False,
-                          special_tokens=["<|endoftext|>"])
-  tok.save_model(str(directory))
-  (directory / "tokenizer_config.json").write_text(json.dumps(
-      {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
-       "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False}))
-  return tok.get_vocab_size()
+_randomize, _wordpiece, _byte_bpe = hf_models.randomize, hf_models.wordpiece, hf_models.byte_bpe
 
 
 @pytest.fixture(scope="module")

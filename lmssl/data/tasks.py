@@ -157,8 +157,10 @@ def _encode_words(examples: Sequence[task_files.Example], tokenizer: tok.AnyToke
   _check_room(seq_len, 3, "[CLS], [SEP] and one word")
   budget = seq_len - 2
   words = [w for e in examples for w in e.texts]
-  # A word of only e.g. zero-width characters encodes to nothing; [UNK] keeps its label a place.
-  pieces = [p or [tokenizer.unk_id] for p in (tokenizer.encode_batch(words) if words else [])]
+  # A word of only e.g. zero-width characters encodes to nothing; [UNK] keeps its label a place
+  # (a tokenizer without one is byte-level, where every word has bytes: padding never shows).
+  unk = tokenizer.unk_id if tokenizer.unk_id is not None else tokenizer.pad_id
+  pieces = [p or [unk] for p in (tokenizer.encode_batch(words) if words else [])]
   rows, label_rows, label_cols, label_ids = [], [], [], []
   dropped_words = dropped_sentences = offset = 0
   for row, example in enumerate(examples):

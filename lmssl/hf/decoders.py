@@ -112,7 +112,7 @@ def _family(model_type: str, prefix: str) -> family_lib.Family:
       base_model=f"{prefix}Model", lmssl_config=_config, hf_config=_hf_config,
       misfits=_misfits(model_type),
       architecture=family_lib.causal_lm_architecture(f"{prefix}ForCausalLM"),
-      present_heads=family_lib.causal_lm_heads, special_roles=("bos", "eos", "pad"))
+      present_heads=family_lib.causal_lm_heads, special_roles=("bos", "eos"))  # no pad: HF would stop training its row
 
 
 LLAMA, MISTRAL, QWEN2 = (_family(t, p) for t, p in (("llama", "Llama"), ("mistral", "Mistral"),

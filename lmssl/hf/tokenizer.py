@@ -88,18 +88,20 @@ def _file_tokens(directory: str, backend) -> set[str]:
 
 
 def _resolve_roles(names: dict, path: str) -> dict[str, str | None]:
-  """Every role's token string, following cls = bos, sep = eos, pad = eos where one is unnamed."""
+  """Every role's token string, following cls = bos, sep = eos, pad = eos where one is unnamed.
+  unk and mask may be absent (None): byte-level BPE (GPT-2, Llama 3) spells any text without
+  an unknown token, and only MLM needs a mask."""
   full = {role: names.get(role) for role in ROLES}
   full["cls"] = full["cls"] or full["bos"]
   full["bos"] = full["bos"] or full["cls"]
   full["sep"] = full["sep"] or full["eos"]
   full["eos"] = full["eos"] or full["sep"]
   full["pad"] = full["pad"] or full["eos"]
-  missing = [role for role in ROLES if role != "mask" and not full[role]]
+  missing = [role for role in ROLES if role not in ("unk", "mask") and not full[role]]
   if missing:
     raise errors.UserError(
         f"tokenizer {path} names no {'/'.join(missing)} token (found {names}); lmssl needs "
-        f"pad, unk, cls or bos and sep or eos: add e.g. \"unk_token\": \"[UNK]\" to its "
+        f"cls or bos, and sep or eos: add e.g. \"eos_token\": \"</s>\" to its "
         f"tokenizer_config.json")
   return full
 

@@ -255,6 +255,28 @@ def test_global_every_alternates_global_and_windowed_layers():
   np.testing.assert_array_equal(only_layer_1, np.arange(32) >= 28)  # positions 28..31
 
 
+def test_skip_first_attn_norm_feeds_layer_0_the_normalized_embeddings():
+  """ModernBERT's layer 0: its attention reads the embedding norm's output as it is. Its
+  attn_norm scale is kept (scanned layers share one tree) but neither changes the output nor
+  gets a gradient; layer 1's does both."""
+  cfg = _module_cfg("modernbert_base", num_layers=2)
+  assert cfg.skip_first_attn_norm
+  tokens = jnp.arange(10, 42)[None]
+  args = (tokens, jnp.ones_like(tokens), jnp.arange(32)[None])
+  params = _init_random(model_lib.Transformer(cfg), *args, causal=False, seed=3)
+  def loss(p):
+    return jnp.sum(model_lib.Transformer(cfg).apply({"params": p}, *args, causal=False)[0] ** 2)
+  grads = jax.grad(loss)(params)["layers"]["attn_norm"]["scale"]
+  assert float(jnp.abs(grads[0]).max()) == 0.0 and float(jnp.abs(grads[1]).max()) > 0.0
+  scaled = jax.tree.map(lambda x: x, params)
+  scaled["layers"]["attn_norm"]["scale"] = params["layers"]["attn_norm"]["scale"].at[0].mul(3.0)
+  np.testing.assert_array_equal(loss(scaled), loss(params))
+  plain = _module_cfg("modernbert_base", num_layers=2, skip_first_attn_norm=False)
+  with_norm = jnp.sum(model_lib.Transformer(plain).apply({"params": params}, *args,
+                                                         causal=False)[0] ** 2)
+  assert abs(float(with_norm) - float(loss(params))) > 1e-3
+
+
 def test_windowed_layers_take_their_own_rope_theta():
   cfg = _module_cfg("modernbert_base", num_layers=4)  # smoke: the window shrinks to 16
   np.testing.assert_array_equal(masks.layer_windows(cfg), [0, 16, 16, 0])

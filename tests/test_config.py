@@ -126,6 +126,9 @@ def test_variant_values_of_the_wrong_type_are_refused(arg, message):
      "qkv_bias=False"),
     (lambda c: setattr(c.model, "embed_norm", True),
      "a post-norm model .* always has one: leave embed_norm False"),
+    (lambda c: setattr(c.model, "skip_first_attn_norm", True),
+     "model.skip_first_attn_norm drops layer 0's attention norm .* it needs model.norm='pre' "
+     "and model.embed_norm=True"),
     (lambda c: setattr(c.model, "global_every", 3),
      "model.global_every=3 picks the global layers among windowed ones, but "
      "model.attention_window=0 makes every layer global"),

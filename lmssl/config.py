@@ -136,7 +136,8 @@ def _add_finetuning_sections(c: ml_collections.ConfigDict) -> None:
 
   # Start from another run's parameters (the backbone, and the MLM/CLM head where shapes
   # match): a pretraining workdir, one of its checkpoints/STEP directories, a fine-tuning
-  # run's best/, or hf:DIR (a local HuggingFace BERT/GPT-2 folder, converted in memory).
+  # run's best/, or hf:DIR (a local HuggingFace folder of a family lmssl converts, converted in
+  # memory).
   c.init = ml_collections.ConfigDict()
   c.init.params_from = ""
 

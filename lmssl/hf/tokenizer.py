@@ -7,9 +7,8 @@ names no tokenizer class (no tokenizer_class in tokenizer_config.json, no config
 by its files: BertTokenizer, GPT2Tokenizer, or tokenizer.json alone. Special ids keep the
 original's values; a role transformers leaves unnamed follows BERT/GPT-2 conventions: cls =
 bos, sep = eos, pad = eos; unk (byte-level BPE needs none) and mask may be absent (None).
-The adapter only adds what lmssl needs
-on top: those roles, and per-piece tables (special, word_start, piece_bytes) read off the fast
-tokenizer's pipeline.
+The adapter only adds what lmssl needs on top: those roles, and per-piece tables (special,
+word_start, piece_bytes) read off the fast tokenizer's pipeline.
 
 The `hf` extra (transformers, tokenizers) is imported only when a HuggingFace tokenizer is
 built, so lmssl loads sentencepiece `.model` files without it.

@@ -176,3 +176,18 @@ def test_warm_start_trains_and_exports(hf_dirs, tmp_path, name):
                                                                  tmp_path / "back"))
   moved = [k for k in start if not torch.equal(start[k], tuned[k])]
   assert len(moved) > len(start) // 2, moved
+
+
+def test_bare_untied_decoder_exports_bare(hf_dirs, tmp_path):
+  """A LlamaModel folder (no lm_head, untied) comes back as LlamaModel, not as a causal LM
+  whose output layer transformers would have to invent."""
+  bare = tmp_path / "bare"
+  transformers.LlamaForCausalLM.from_pretrained(hf_dirs["llama"]).model.save_pretrained(bare)
+  convert.from_hf(str(bare), str(tmp_path / "run"))
+  out = convert.to_hf(str(tmp_path / "run"), str(tmp_path / "back"))
+  assert out["architecture"] == "LlamaModel"
+  back, info = transformers.LlamaModel.from_pretrained(str(tmp_path / "back"),
+                                                       output_loading_info=True)
+  assert not any(info.values()), info
+  original = transformers.LlamaModel.from_pretrained(bare).state_dict()
+  assert all(torch.equal(original[k], back.state_dict()[k]) for k in original)

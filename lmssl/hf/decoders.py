@@ -111,7 +111,7 @@ def _family(model_type: str, prefix: str) -> family_lib.Family:
       buffers=("layers.{i}.self_attn.rotary_emb.inv_freq", "rotary_emb.inv_freq"),
       base_model=f"{prefix}Model", lmssl_config=_config, hf_config=_hf_config,
       misfits=_misfits(model_type),
-      architecture=family_lib.causal_lm_architecture(f"{prefix}ForCausalLM"),
+      architecture=family_lib.causal_lm_architecture(f"{prefix}ForCausalLM", f"{prefix}Model"),
       present_heads=family_lib.causal_lm_heads, special_roles=("bos", "eos"))  # no pad: HF would stop training its row
 
 

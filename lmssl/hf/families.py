@@ -151,7 +151,7 @@ def _gpt2_misfits(c) -> list[str]:
   return out + ([f"objective={c.objective!r}"] if c.objective != "clm" else [])
 
 
-_gpt2_architecture = family_lib.causal_lm_architecture("GPT2LMHeadModel")
+_gpt2_architecture = family_lib.causal_lm_architecture("GPT2LMHeadModel", "GPT2Model")
 _gpt2_heads = family_lib.causal_lm_heads
 
 

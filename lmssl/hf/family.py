@@ -104,13 +104,14 @@ def differing(m, wanted: dict) -> list[str]:
   return [f"model.{k}={m[k]!r}" for k, v in wanted.items() if m[k] != v]
 
 
-def causal_lm_architecture(name: str):
-  """A decoder family's export class: its causal LM (also for an imported bare model, as a
-  tied head adds no weights); fine-tunes do not export, their HF heads have no bias."""
+def causal_lm_architecture(name: str, base_model: str):
+  """A decoder family's export class: its causal LM, also for a bare model whose output is
+  tied (the head adds no weights); an untied bare model stays bare. Fine-tunes do not export:
+  the families' HF classification heads have no bias."""
   def architecture(c, heads: set) -> str:
     check(not c.task.kind, f"a {c.task.kind} fine-tune of a causal LM does not export: its "
-           "HF classification heads have no bias; export the pretrained causal LM instead")
-    return name
+          "HF classification heads have no bias; export the pretrained causal LM instead")
+    return name if "clm_head" in heads or c.model.tie_embeddings else base_model
   return architecture
 
 

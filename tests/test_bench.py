@@ -12,6 +12,7 @@ import pytest
 
 from conftest import CORPORA
 from conftest import REPO
+from lmssl import errors
 from lmssl import sharding
 from lmssl import steps
 from lmssl.bench import __main__ as cli
@@ -170,6 +171,17 @@ def test_bad_arguments_are_refused(capsys):
   with pytest.raises(SystemExit):
     cli.parse_args(["--task", "mlm", "--rounds", "0"])
   assert "--rounds=0 must be positive" in capsys.readouterr().err
+
+
+def test_parity_arguments(capsys):
+  with pytest.raises(SystemExit):
+    cli.parse_args(["--parity", "hf"])
+  assert "--parity needs --arch" in capsys.readouterr().err
+  assert cli.parse_args(["--parity", "hf", "--arch", "gpt2"]).steps == 50
+  assert cli.parse_args(["--task", "mlm"]).steps == 5
+  from lmssl.bench import parity
+  with pytest.raises(errors.UserError, match="known: \\['bert', 'gpt2'"):
+    parity.parity_config(parity.Settings(arch="t5"))
 
 
 def test_accelerator_suite_at_tiny_scale_without_tensorflow(tmp_path):

@@ -127,8 +127,8 @@ def export(cfg, params, tokenizer_path: str, out: str) -> dict:
 
 
 def decay_flags(family, params, base_only: bool) -> dict:
-  """{HF tensor name: decays}, from lmssl's decay mask through lmssl's weight tables; tied
-  tensors follow the tensor they are tied to."""
+  """{HF tensor name: decays}, from lmssl's decay mask sent through the exporter's weight
+  tables (tied names are added by `ties`)."""
   mask = optimizer_lib.decay_mask(params)
   ones = jax.tree.map(lambda d, x: np.full(np.shape(x), float(d), np.float32), mask, params)
   flags = {}

@@ -184,6 +184,24 @@ def test_parity_arguments(capsys):
     parity.parity_config(parity.Settings(arch="t5"))
 
 
+def test_parity_masks_are_lmssl_masks_per_hf_layer_type():
+  """A windowed model (ModernBERT's config) hands HF one mask per layer type: the global
+  layers' sees the whole document, the windowed layers' only keys within window // 2."""
+  import numpy as np
+  from lmssl.bench import parity
+  from lmssl.configs import modernbert_base
+  cfg = modernbert_base.get_config("size=tiny,smoke")
+  segments = np.array([[1] * 40 + [2] * 20 + [0] * 4])
+  masks = parity.hf_mask(cfg, segments, causal=False)
+  full, local = masks["full_attention"][0, 0], masks["sliding_attention"][0, 0]
+  half = cfg.model.attention_window // 2
+  assert full[0, 39] and not full[0, 40] and not full[0, 63]
+  assert local[0, half] and not local[0, half + 1] and local[20, 20 - half]
+  assert not (local & ~full).any()
+  causal = parity.hf_mask(parity.parity_config(parity.Settings(arch="gpt2")), segments, True)
+  assert causal[0, 0, 6, 5] and not causal[0, 0, 5, 6] and not causal[0, 0, 45, 35]
+
+
 def test_accelerator_suite_at_tiny_scale_without_tensorflow(tmp_path):
   """`--suite accelerator --scale tiny` on the CPU, as an accelerator host runs it: in a
   process where importing TensorFlow fails, with the peer, writing one JSON file."""

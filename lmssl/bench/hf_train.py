@@ -78,7 +78,8 @@ def clip_(params: list, max_norm: float) -> tuple[float, bool]:
 def train(model: nn.Module, batches: list, *, lrs: list, decays: dict, b1: float, b2: float,
           eps: float, weight_decay: float, grad_clip: float) -> dict:
   """One step per batch (a dict of numpy arrays: input_ids, position_ids, optional
-  token_type_ids, allowed [B, 1, L, L], loss positions, targets, weights), at lrs[i].
+  token_type_ids, allowed [B, 1, L, L] or {HF layer type: that}, loss positions, targets,
+  weights), at lrs[i].
   Returns the losses, gradient norms, clipped steps, seconds and final tensors."""
   opt = torch.optim.AdamW(param_groups(model, decays, weight_decay), lr=0.0, betas=(b1, b2),
                           eps=eps, foreach=False)
@@ -88,8 +89,10 @@ def train(model: nn.Module, batches: list, *, lrs: list, decays: dict, b1: float
   for batch, lr in zip(batches, lrs):
     inputs = {k: torch.from_numpy(np.array(batch[k], np.int64))
               for k in ("input_ids", "position_ids", "token_type_ids") if k in batch}
-    logits = model(**inputs, attention_mask=additive_mask(batch["allowed"]),
-                   use_cache=False).logits
+    allowed = batch["allowed"]  # one mask, or {layer type: mask}
+    mask = ({k: additive_mask(v) for k, v in allowed.items()} if isinstance(allowed, dict)
+            else additive_mask(allowed))
+    logits = model(**inputs, attention_mask=mask, use_cache=False).logits
     value = loss(logits, *(torch.from_numpy(np.array(batch[k], t)) for k, t in (
         ("positions", np.int64), ("targets", np.int64), ("weights", np.float32))))
     value.backward()

@@ -146,11 +146,23 @@ def ties(family, flags: dict, base_only: bool) -> dict:
   return {k: v for k, v in out.items() if k not in flags and v in flags}
 
 
+def hf_mask(cfg, segment_ids_BxL, causal: bool):
+  """What attention may see, [B, 1, L, L] bool, as lmssl's own `masks.Mask` writes it out. A
+  model with windowed layers gets one per transformers layer type (a dict, as ModernBERT
+  takes it): its global layers' and its windowed layers'."""
+  mask = masks.Mask.packed(segment_ids_BxL, causal)
+  windows = [w for w in masks.distinct_windows(cfg.model) if w]
+  if not windows:
+    return np.asarray(mask.dense())
+  (window,) = windows  # model.attention_window: one per model
+  return {"full_attention": np.asarray(mask.dense()),
+          "sliding_attention": np.asarray(mask.replace(windows=(window,), window=window).dense())}
+
+
 def hf_batches(cfg, host: list) -> list:
   """lmssl's batches as the HF model takes them, with what lmssl's loss reads: the output
   positions (MLM's masked ones; CLM's all), targets and weights, from `losses`."""
   (head,) = heads.heads_for(cfg)
-  causal = cfg.objective == "clm"
   out = []
   for b in host:
     targets, weights_ = (np.asarray(x) for x in losses.targets_and_weights(b, head))
@@ -159,7 +171,7 @@ def hf_batches(cfg, host: list) -> list:
                  else np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
     item = dict(input_ids=ids, position_ids=b["positions"], positions=positions,
                 targets=targets, weights=weights_,
-                allowed=np.asarray(masks.Mask.packed(b["segment_ids"], causal).dense()))
+                allowed=hf_mask(cfg, b["segment_ids"], cfg.objective == "clm"))
     if cfg.model.type_vocab_size:
       item["token_type_ids"] = b.get("token_types", np.zeros_like(ids))
     out.append(item)

@@ -40,6 +40,7 @@ from lmssl import optimizer as optimizer_lib
 from lmssl import sharding
 from lmssl import steps as steps_lib
 from lmssl.hf import convert
+from lmssl.hf import extra as hf_extra
 from lmssl.hf import families
 from lmssl.hf import weights
 
@@ -226,6 +227,8 @@ def hf_run(cfg, host: list, initial: dict, workdir: str) -> dict:
 
 def run(s: Settings) -> dict:
   """Both curves, their per-step relative differences, clipping, and the final parameters'."""
+  for module in ("torch", "transformers", "safetensors", "tokenizers"):
+    hf_extra.load(module)  # before any training: a missing one is told in one line
   start = time.perf_counter()
   workdir = os.path.expanduser(s.workdir)
   cfg, host, initial, ours = lmssl_run(parity_config(s), workdir)

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import CORPORA
 from conftest import REPO
+from lmssl import errors
 from lmssl import sharding
 from lmssl import steps
 from lmssl.bench import __main__ as cli
@@ -170,6 +171,35 @@ def test_bad_arguments_are_refused(capsys):
   with pytest.raises(SystemExit):
     cli.parse_args(["--task", "mlm", "--rounds", "0"])
   assert "--rounds=0 must be positive" in capsys.readouterr().err
+
+
+def test_parity_arguments(capsys):
+  with pytest.raises(SystemExit):
+    cli.parse_args(["--parity", "hf"])
+  assert "--parity needs --arch" in capsys.readouterr().err
+  assert cli.parse_args(["--parity", "hf", "--arch", "gpt2"]).steps == 50
+  assert cli.parse_args(["--task", "mlm"]).steps == 5
+  from lmssl.bench import parity
+  with pytest.raises(errors.UserError, match="known: \\['bert', 'gpt2'"):
+    parity.parity_config(parity.Settings(arch="t5"))
+
+
+def test_parity_masks_are_lmssl_masks_per_hf_layer_type():
+  """A windowed model (ModernBERT's config) hands HF one mask per layer type: the global
+  layers' sees the whole document, the windowed layers' only keys within window // 2."""
+  import numpy as np
+  from lmssl.bench import parity
+  from lmssl.configs import modernbert_base
+  cfg = modernbert_base.get_config("size=tiny,smoke")
+  segments = np.array([[1] * 40 + [2] * 20 + [0] * 4])
+  masks = parity.hf_mask(cfg, segments, causal=False)
+  full, local = masks["full_attention"][0, 0], masks["sliding_attention"][0, 0]
+  half = cfg.model.attention_window // 2
+  assert full[0, 39] and not full[0, 40] and not full[0, 63]
+  assert local[0, half] and not local[0, half + 1] and local[20, 20 - half]
+  assert not (local & ~full).any()
+  causal = parity.hf_mask(parity.parity_config(parity.Settings(arch="gpt2")), segments, True)
+  assert causal[0, 0, 6, 5] and not causal[0, 0, 5, 6] and not causal[0, 0, 45, 35]
 
 
 def test_accelerator_suite_at_tiny_scale_without_tensorflow(tmp_path):

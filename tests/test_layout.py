@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lmssl"
 LAYERS = [
     # Leaves: no lmssl imports.
     {"errors", "files", "losses", "lora", "optimizer", "scores", "masks", "bench/hf_peer",
-     "bench/process"},
+     "bench/hf_train", "bench/process"},
     # The --config file of every command that takes one (main, and data/prepare's); the `hf`
     # extra's imports, told as missing by module.
     {"config_file", "hf/extra"},
@@ -31,7 +31,7 @@ LAYERS = [
     # A run's pieces: its data on a mesh, its trained parameters read back.
     {"datasets", "inference"},
     {"evaluate", "hf/convert", "bench/parts", "bench/corpus"},
-    {"train", "convert", "bench/step", "bench/data"},
+    {"train", "convert", "bench/step", "bench/data", "bench/parity"},
     # Entry points.
     {"main", "bench/suite"},
     {"bench/__main__"},
@@ -40,9 +40,9 @@ PACKAGES = {"hf", "bench"}  # their files are units, and their __init__ imports 
 # Packages of the optional `hf` extra: imported only under lmssl/hf/, inside functions, so
 # lmssl imports and trains without them.
 EXTRA = {"torch", "transformers", "safetensors", "tokenizers"}
-# The benchmark's PyTorch peer exists for the extra: it imports it at the top, and is itself
+# The benchmark's PyTorch peers exist for the extra: it imports it at the top, and is itself
 # imported only inside functions.
-EXTRA_FILES = {"bench/hf_peer"}
+EXTRA_FILES = {"bench/hf_peer", "bench/hf_train"}
 # Prepare's Apache Beam runner, the one module of the optional `beam` extra.
 BEAM_FILE = "data/beam_prepare.py"
 

@@ -3,6 +3,7 @@
   python -m lmssl.bench --task mlm|clm [--peer hf] [--json] [--pipeline]
       [--compile_layers 2,24] [--remat_budget_gib 4]
   python -m lmssl.bench --data 0.1,1,3 [--data_dir DIR] [--json] [--out FILE]
+  python -m lmssl.bench --parity hf --arch bert|gpt2 [--steps 50] [--json]
 
 The step is timed whole (forward, backward, clipped AdamW update) on batches already on the
 device, after warm-up; with `--peer hf`, BertForMaskedLM (15% of positions labelled) or
@@ -24,6 +25,10 @@ this file: step.py (the timed step and the peer), parts.py (pipeline, compile, r
 `--data` measures the data path instead, per corpus size in gigabytes: preparing (one process,
 all cores, Beam), bytes per token on disk, a short training run's start and memory, and the
 pipeline against the step (data.py, on corpora that corpus.py makes from WikiText-2).
+
+`--parity hf` trains a tiny model in lmssl and, from the same exported weights and on the same
+batches, in HuggingFace PyTorch, and compares the loss at every step and the final parameters
+(parity.py; hf_train.py is the PyTorch side).
 """
 
 import argparse
@@ -99,6 +104,10 @@ def parse_args(argv):
   p.add_argument("--out", default="", help="the JSON file of --suite (default "
                  "bench_accelerator.json) or --data (default: none)")
   p.add_argument("--peer", default="", choices=("", "hf"), help="also time this peer")
+  p.add_argument("--parity", default="", choices=("", "hf"),
+                 help="train step by step beside this peer and compare losses and parameters")
+  p.add_argument("--arch", default="", help="--parity's architecture: bert or gpt2 "
+                 "(lmssl/bench/parity.py ARCHITECTURES)")
   p.add_argument("--json", action="store_true", help="one JSON object per line per measurement")
   p.add_argument("--size", default="mini", choices=list(config_lib.SIZES),
                  help="model shape (mini: 4 layers, d_model 256, 4 heads, MLP 1024)")
@@ -111,15 +120,16 @@ def parse_args(argv):
   p.add_argument("--dropout", type=float, default=0.0)
   p.add_argument("--attention", default="auto", choices=list(attention.IMPLEMENTATIONS))
   p.add_argument("--loss_chunks", type=int, default=0, help="train.loss_chunks (CLM)")
-  p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+  p.add_argument("--steps", type=int, default=0,
+                 help="timed steps per round (0: 5); with --parity, steps trained (0: 50)")
   p.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
   p.add_argument("--no_step", action="store_true", help="skip the train-step timing")
   p.add_argument("--pipeline", action="store_true", help="also time the input pipeline alone")
   p.add_argument("--data_source", default="builtin", help="--pipeline's corpus (data.source)")
   p.add_argument("--tokenizer", default="", help="--pipeline's tokenizer (default: trained)")
-  p.add_argument("--workdir", default="", help="--pipeline's tokenizer and prepared data "
-                 "(default ~/.cache/lmssl/bench)")
+  p.add_argument("--workdir", default="", help="--pipeline's and --parity's tokenizer and "
+                 "prepared data (default ~/.cache/lmssl/bench, ~/.cache/lmssl/parity)")
   p.add_argument("--compile_layers", default="", help="e.g. 2,24: compile time per depth")
   p.add_argument("--remat_budget_gib", type=float, default=0.0,
                  help="largest batch within this memory under each --remat_policies")
@@ -140,8 +150,11 @@ def parse_args(argv):
   p.add_argument("--data_steps", type=int, default=20,
                  help="steps of the training run (0: no training run or pipeline)")
   args = p.parse_args(argv)
-  if not args.task and not args.suite and not args.data:
-    p.error("--task is required (or --suite accelerator, or --data SIZES)")
+  if args.parity and not args.arch:
+    p.error("--parity needs --arch, e.g. --arch bert")
+  if not args.task and not args.suite and not args.data and not args.parity:
+    p.error("--task is required (or --suite accelerator, --data SIZES, or --parity hf)")
+  args.steps = args.steps or (50 if args.parity else 5)
   if args.suite and not args.out:
     args.out = "bench_accelerator.json"
   if args.data:
@@ -174,6 +187,12 @@ def run(args) -> list[dict]:
   if args.suite:
     from lmssl.bench import suite  # only --suite needs it
     return suite.run(args, functools.partial(_report, args, []))
+  if args.parity:
+    from lmssl.bench import parity  # TensorFlow (the data pipeline) and the hf extra
+    result = parity.run(parity.Settings(arch=args.arch, steps=args.steps,
+                                        workdir=args.workdir or parity.Settings.workdir))
+    print(json.dumps(result) if args.json else parity.text(result), flush=True)
+    return [result]
   if args.data:
     from lmssl.bench import data  # only --data needs it
     settings = data.Settings(

@@ -3,7 +3,7 @@
   python -m lmssl.bench --task mlm|clm [--peer hf] [--json] [--pipeline]
       [--compile_layers 2,24] [--remat_budget_gib 4]
   python -m lmssl.bench --data 0.1,1,3 [--data_dir DIR] [--json] [--out FILE]
-  python -m lmssl.bench --parity hf --arch bert|gpt2 [--steps 50] [--json]
+  python -m lmssl.bench --parity hf --arch bert|gpt2|llama|modernbert [--steps 50] [--json]
 
 The step is timed whole (forward, backward, clipped AdamW update) on batches already on the
 device, after warm-up; with `--peer hf`, BertForMaskedLM (15% of positions labelled) or
@@ -106,7 +106,7 @@ def parse_args(argv):
   p.add_argument("--peer", default="", choices=("", "hf"), help="also time this peer")
   p.add_argument("--parity", default="", choices=("", "hf"),
                  help="train step by step beside this peer and compare losses and parameters")
-  p.add_argument("--arch", default="", help="--parity's architecture: bert or gpt2 "
+  p.add_argument("--arch", default="", help="--parity's architecture: bert, gpt2, llama or modernbert "
                  "(lmssl/bench/parity.py ARCHITECTURES)")
   p.add_argument("--json", action="store_true", help="one JSON object per line per measurement")
   p.add_argument("--size", default="mini", choices=list(config_lib.SIZES),

@@ -1,5 +1,5 @@
 """Training parity with HuggingFace PyTorch, step by step: `python -m lmssl.bench --parity hf
---arch bert|gpt2 [--steps 50] [--json]`.
+--arch bert|gpt2|llama|modernbert [--steps 50] [--json]`.
 
 A tiny float32 model of the architecture's config trains for `steps` steps on batches of
 lmssl's own data pipeline (a trained tokenizer, prepared packed rows with segment ids and
@@ -46,7 +46,11 @@ from lmssl.hf import weights
 
 # --arch -> (the lmssl config in lmssl/configs/ whose smoke shape trains, the global-norm clip:
 # below the gradient norm of some of the steps, so that clipping really happens).
-ARCHITECTURES = {"bert": ("mlm_base", 1.5), "gpt2": ("clm_base", 1.5)}
+ARCHITECTURES = {"bert": ("mlm_base", 1.5), "gpt2": ("clm_base", 1.5),
+                 "llama": ("llama_base", 1.5), "modernbert": ("modernbert_base", 1.5)}
+# Weight decay of at least this, so that it moves a decaying tensor beyond PARAM_RTOL within the
+# run (ModernBERT's own 1e-5 would move it by 2.5e-7: a decay missing on one side would pass).
+MIN_WEIGHT_DECAY = 0.01
 LOSS_RTOL = 1e-4  # every step's |lmssl - HF| / |HF|
 # Each final tensor's max |lmssl - HF| over its max |lmssl|. float32 training of this length
 # lands near 1e-6; weight decay alone moves a decaying tensor by weight_decay * sum(lr)
@@ -72,7 +76,8 @@ class Settings:
 
 def parity_config(s: Settings) -> ml_collections.ConfigDict:
   """The architecture's config at its smoke shape (2 layers, d_model 64, 500-piece vocabulary),
-  float32, no dropout, no sentence pairs, warmup then the config's decay, its weight decay."""
+  float32, no dropout, no sentence pairs, warmup then the config's decay, its weight decay (at
+  least MIN_WEIGHT_DECAY)."""
   if s.arch not in ARCHITECTURES:
     raise errors.UserError(f"--arch {s.arch!r} is not known; known: {sorted(ARCHITECTURES)}")
   config_name, grad_clip = ARCHITECTURES[s.arch]
@@ -83,6 +88,7 @@ def parity_config(s: Settings) -> ml_collections.ConfigDict:
   c.data.cache_dir = os.path.join(os.path.expanduser(s.workdir), "cache")
   c.train.steps, c.train.batch_size, c.train.warmup_steps = s.steps, s.batch, s.warmup
   c.train.lr, c.train.grad_clip = s.lr, s.grad_clip or grad_clip
+  c.train.weight_decay = max(c.train.weight_decay, MIN_WEIGHT_DECAY)
   c.checkpoint.async_save = False
   return c
 

@@ -40,9 +40,14 @@ def peak_flops_per_device(configured: float) -> float | None:
 
 
 def train_flops_per_sequence(model_cfg, objective: str, seq_len: int, max_predictions: int):
-  """Matmul FLOPs of forward + backward (3x forward) for one sequence; attention counted full."""
+  """Matmul FLOPs of forward + backward (3x forward) for one sequence; attention counted full.
+  Keys and values project to `num_kv_heads` heads; gated MLPs (SwiGLU, GeGLU) have two input
+  projections."""
   m = model_cfg
-  per_layer = 2 * seq_len * (4 * m.d_model ** 2 + 2 * m.d_model * m.mlp_dim)
+  kv_dim = (m.num_kv_heads or m.num_heads) * (m.d_model // m.num_heads)
+  mlp_matrices = 2 if m.mlp == "gelu" else 3
+  per_layer = 2 * seq_len * (2 * m.d_model ** 2 + 2 * m.d_model * kv_dim
+                             + mlp_matrices * m.d_model * m.mlp_dim)
   per_layer += 2 * 2 * seq_len * seq_len * m.d_model
   if objective == "mlm":
     head = 2 * max_predictions * (m.d_model ** 2 + m.d_model * m.vocab_size)

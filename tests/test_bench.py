@@ -109,11 +109,12 @@ def test_flops_per_step_as_counted_by_hand(task, predictions, flops):
   assert bench_step.flops_per_step(cfg, predictions) == flops
 
 
-@pytest.mark.parametrize("task", ["clm", "mlm"])
-def test_flops_per_step_as_xla_counts_them(task):
+@pytest.mark.parametrize("task, arch", [("clm", ""), ("mlm", ""), ("clm", "llama")])
+def test_flops_per_step_as_xla_counts_them(task, arch):
   """XLA's count for the step's program before optimization: the matmuls, and a little more
   for the elementwise work and the update. One layer, as XLA counts a scan's body once."""
-  cfg = bench_step.bench_config(task, size="tiny", layers=1, vocab=300, batch=8, seq=32)
+  cfg = bench_step.bench_config(task, arch=arch, size="tiny", layers=1, vocab=300, batch=8,
+                                seq=32)
   mesh = parts.mesh_for(cfg)
   with jax.set_mesh(mesh):
     state, shardings = parts.abstract_state(cfg, mesh)
@@ -167,10 +168,32 @@ def test_hf_peer_side_by_side(capsys):
       ours["tokens_per_s"] / theirs["tokens_per_s"])
 
 
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None
+                    or importlib.util.find_spec("torch") is None,
+                    reason="the HuggingFace peer needs the hf extra (torch, transformers)")
+def test_llama_beside_hf_llama_of_the_same_shape(capsys):
+  """`--arch llama`: configs/llama_base.py's decoder (tiny: 2 x 128, 4 heads on 2 key/value
+  heads, SwiGLU 384) beside LlamaForCausalLM, the same parameters counted on both sides."""
+  peak, ours, theirs, ratio = _run(capsys, "--task", "clm", "--arch", "llama", "--peer", "hf")
+  assert [r["arch"] for r in (ours, theirs, ratio)] == ["llama"] * 3
+  # Embedding and output 2 x 300 x 128; per layer q, o 128^2 each, k, v 128 x 64 each,
+  # SwiGLU 3 x 128 x 384, two RMSNorm scales; the final norm.
+  params = 2 * 300 * 128 + 2 * (2 * 128 ** 2 + 2 * 128 * 64 + 3 * 128 * 384 + 2 * 128) + 128
+  assert ours["params"] == theirs["params"] == params
+  assert theirs["attention"] == "sdpa"
+  flops = 3 * 256 * (2 * (2 * 2 * 128 ** 2 + 2 * 2 * 128 * 64 + 2 * 3 * 128 * 384
+                          + 2 * 2 * 32 * 128) + 2 * 128 * 300)
+  _check_step_row(ours, flops, peak["peak_flops_per_s"])
+  _check_step_row(theirs, flops, peak["peak_flops_per_s"])
+
+
 def test_bad_arguments_are_refused(capsys):
   with pytest.raises(SystemExit):
     cli.parse_args(["--task", "mlm", "--rounds", "0"])
   assert "--rounds=0 must be positive" in capsys.readouterr().err
+  with pytest.raises(errors.UserError, match="--arch llama trains clm, not --task "
+                     "mlm; use --task clm, or --arch bert for mlm"):
+    bench_step.bench_config("mlm", arch="llama")
 
 
 def test_parity_arguments(capsys):

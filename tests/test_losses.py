@@ -25,6 +25,21 @@ def test_cross_entropy_is_minus_log_softmax_of_the_target_by_hand():
   assert float(sums["correct_sum"]) == 1.0  # row 1 predicts 2, not 1
 
 
+def test_hits_are_argmax_hits_and_a_tie_counts():
+  """Hits come from the max logsumexp takes, not argmax: on untied logits they are argmax's;
+  a target tied for the largest logit counts (argmax would pick the first of the tie)."""
+  logits = _logits((4, 16, 50))
+  rng = np.random.default_rng(2)
+  targets = jnp.where(jnp.asarray(rng.random((4, 16)) < 0.5), jnp.argmax(logits, -1),
+                      jnp.asarray(rng.integers(0, 50, (4, 16))))
+  weights = jnp.asarray(rng.random((4, 16)), jnp.float32)
+  expected = jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
+  sums = losses.loss_sums(logits, targets, weights)
+  np.testing.assert_allclose(sums["correct_sum"], expected, rtol=1e-6)
+  tied = losses.loss_sums(jnp.array([[[1.0, 3.0, 3.0]]]), jnp.array([[2]]), jnp.ones((1, 1)))
+  assert float(tied["correct_sum"]) == 1.0
+
+
 def test_regression_loss_is_weighted_squared_error():
   sums = losses.loss_sums(jnp.array([1.0, 2.0, 5.0]), jnp.array([0.0, 4.0, 0.0]),
                           jnp.array([1.0, 0.5, 0.0]), "regression")

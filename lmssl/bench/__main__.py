@@ -1,16 +1,18 @@
 """Throughput of lmssl's train step, side by side with the HuggingFace PyTorch peer.
 
-  python -m lmssl.bench --task mlm|clm [--peer hf] [--json] [--pipeline]
+  python -m lmssl.bench --task mlm|clm [--arch llama] [--peer hf] [--json] [--pipeline]
       [--compile_layers 2,24] [--remat_budget_gib 4]
   python -m lmssl.bench --data 0.1,1,3 [--data_dir DIR] [--json] [--out FILE]
   python -m lmssl.bench --parity hf --arch bert|gpt2|llama|modernbert [--steps 50] [--json]
 
 The step is timed whole (forward, backward, clipped AdamW update) on batches already on the
-device, after warm-up; with `--peer hf`, BertForMaskedLM (15% of positions labelled) or
-GPT2LMHeadModel of the same shape, dtype and optimizer runs in a child process, and the two
-take turns, round by round, so the machine's drift touches both alike. The defaults are the
-reference CPU shapes: 4 layers, d_model 256, 4 heads, MLP 1024, vocabulary 32000; MLM 32 x 128,
-CLM 16 x 256; float32.
+device, after warm-up; with `--peer hf`, BertForMaskedLM (15% of positions labelled),
+GPT2LMHeadModel or, with `--arch llama`, LlamaForCausalLM of the same shape, dtype and optimizer
+runs in a child process, and the two take turns, round by round, so the machine's drift touches
+both alike. The defaults are the reference CPU shapes: 4 layers, d_model 256, 4 heads, MLP 1024,
+vocabulary 32000; MLM 32 x 128, CLM 16 x 256; float32. `--arch llama` takes its shape from
+configs/llama_base.py at `--size` (mini: the same 4 x 256 with 4 heads on 2 key/value heads,
+SwiGLU 768, RMSNorm, RoPE, no biases, untied output embedding).
 
 Also, on request: the input pipeline alone (`--pipeline`: real tf.data batches from prepared,
 tokenized data, put on the device), compile time against depth (`--compile_layers`), and the
@@ -43,16 +45,18 @@ from lmssl import errors
 from lmssl import model as model_lib
 from lmssl.bench import parts
 from lmssl.bench import step
+from lmssl.configs import llama_base
 
 COLUMNS = {
     "peak": [("peak_source", "{}"), ("peak_flops_per_s", "{:.3g}"),
              ("matmul_flops_per_s", "{:.3g}")],
-    "train_step": [("model", "{}"), ("impl", "{}"), ("attention", "{}"),
+    "train_step": [("model", "{}"), ("arch", "{}"), ("impl", "{}"), ("params", "{:,}"),
+                   ("attention", "{}"),
                    ("fused_attention", "{}"), ("device", "{}"), ("batch", "{}"), ("seq", "{}"),
                    ("tokens_per_s", "{:,.0f}"), ("step_time_s", "{:.3f}"),
                    ("flops_per_s", "{:.3g}"), ("mfu", "{:.1%}"), ("compile_s", "{:.1f}"),
                    ("peak_memory_bytes", "MiB")],
-    "ratio": [("model", "{}"), ("impl", "{}"), ("task", "{}"), ("seq", "{}"),
+    "ratio": [("model", "{}"), ("arch", "{}"), ("impl", "{}"), ("task", "{}"), ("seq", "{}"),
               ("tokens_per_s_ratio", "{:.2f}x")],
     "attention": [("impl", "{}"), ("causal", "{}"), ("batch", "{}"), ("seq", "{}"),
                   ("heads", "{}"), ("dtype", "{}"), ("segments", "{}"),
@@ -109,8 +113,13 @@ def parse_args(argv):
   p.add_argument("--arch", default="", help="--parity's architecture: bert, gpt2, llama or modernbert "
                  "(lmssl/bench/parity.py ARCHITECTURES)")
   p.add_argument("--json", action="store_true", help="one JSON object per line per measurement")
-  p.add_argument("--size", default="mini", choices=list(config_lib.SIZES),
-                 help="model shape (mini: 4 layers, d_model 256, 4 heads, MLP 1024)")
+  p.add_argument("--arch", default="", choices=("", *step.ARCHS),
+                 help="the architecture (default: the task's classic one, bert for mlm, gpt2 "
+                 "for clm); llama: configs/llama_base.py's decoder, with --task clm")
+  p.add_argument("--size", default="mini", choices=list(dict.fromkeys(
+                     [*config_lib.SIZES, *llama_base.SIZES])),
+                 help="model shape, a row of the architecture's size table (mini: 4 layers, "
+                 "d_model 256, 4 heads, MLP 1024)")
   p.add_argument("--layers", type=int, default=0, help="layers (0: the size's)")
   p.add_argument("--vocab", type=int, default=32000)
   p.add_argument("--batch", type=int, default=0, help="0: MLM 32, CLM 16")
@@ -203,9 +212,9 @@ def run(args) -> list[dict]:
     return data.run(settings, functools.partial(_report, args, []), args.out)
   rows = []
   report = functools.partial(_report, args, rows)
-  cfg = step.bench_config(args.task, size=args.size, layers=args.layers, vocab=args.vocab,
-                          batch=args.batch, seq=args.seq, dtype=args.dtype, remat=args.remat,
-                          dropout=args.dropout, attention=args.attention,
+  cfg = step.bench_config(args.task, arch=args.arch, size=args.size, layers=args.layers,
+                          vocab=args.vocab, batch=args.batch, seq=args.seq, dtype=args.dtype,
+                          remat=args.remat, dropout=args.dropout, attention=args.attention,
                           loss_chunks=args.loss_chunks)
   matmul = step.matmul_rate()
   peak, source = step.device_peak(matmul)

@@ -1,5 +1,6 @@
 """The HuggingFace PyTorch peer that `lmssl.bench --peer hf` times side by side with lmssl's JAX
-train step: BertForMaskedLM or GPT2LMHeadModel trained as HF's Trainer trains them. It runs in
+train step: BertForMaskedLM, GPT2LMHeadModel or LlamaForCausalLM (by `--arch`) trained as HF's
+Trainer trains them. It runs in
 its own process, so its threads and memory are its own; `serve` answers the parent's messages.
 """
 
@@ -34,6 +35,8 @@ def build_model(s: dict) -> nn.Module:
         hidden_dropout_prob=s["dropout"], attention_probs_dropout_prob=0.0, hidden_act="gelu",
         layer_norm_eps=1e-12)
     return transformers.BertForMaskedLM(config)
+  if s["arch"] == "llama":
+    return transformers.LlamaForCausalLM(llama_config(s))
   if s["task"] == "clm":
     # GPT-2's default bos/eos (50256) lie outside a smaller vocabulary and only draw warnings.
     config = transformers.GPT2Config(
@@ -44,6 +47,20 @@ def build_model(s: dict) -> nn.Module:
         eos_token_id=None)
     return transformers.GPT2LMHeadModel(config)
   raise ValueError(f"unknown task {s['task']!r}: expected 'mlm' or 'clm'")
+
+
+def llama_config(s: dict) -> transformers.LlamaConfig:
+  """lmssl's Llama shape (configs/llama_base.py): untied output embedding, no biases."""
+  if s["dropout"]:
+    raise ValueError(f"dropout {s['dropout']}: HF Llama has attention dropout only; use 0")
+  return transformers.LlamaConfig(
+      vocab_size=s["vocab_size"], hidden_size=s["d_model"], intermediate_size=s["mlp_dim"],
+      num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"],
+      num_key_value_heads=s["num_kv_heads"], hidden_act="silu",
+      max_position_embeddings=max(2048, s["seq_len"]), rms_norm_eps=s["ln_eps"],
+      rope_parameters=dict(rope_type="default", rope_theta=s["rope_theta"]),
+      tie_word_embeddings=False, attention_bias=False, mlp_bias=False, attention_dropout=0.0,
+      use_cache=False, bos_token_id=None, eos_token_id=None)
 
 
 def make_batch(s: dict, gen: torch.Generator) -> dict:
@@ -61,13 +78,14 @@ def make_batch(s: dict, gen: torch.Generator) -> dict:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-  """Trainer's split: no decay for biases or anything inside a LayerNorm (BERT's LayerNorm.*,
-  GPT-2's ln_1/ln_2/ln_f, both weight and bias)."""
+  """Trainer's split: no decay for biases or anything inside a norm (BERT's LayerNorm.*,
+  GPT-2's ln_1/ln_2/ln_f, both weight and bias; Llama's RMSNorms, named *norm)."""
   norm_params = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm)
                  for p in m.parameters()}
   decay, no_decay = [], []
   for name, p in model.named_parameters():
-    (no_decay if "bias" in name or id(p) in norm_params else decay).append(p)
+    no = "bias" in name or "norm" in name or id(p) in norm_params
+    (no_decay if no else decay).append(p)
   return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
@@ -83,8 +101,8 @@ class Peer:
     self.opt = torch.optim.AdamW(
         param_groups(self.model, s["weight_decay"]), lr=s["lr"], betas=(s["b1"], s["b2"]),
         eps=s["eps"])
-    self.sched = transformers.get_linear_schedule_with_warmup(
-        self.opt, s["warmup_steps"], s["total_steps"])
+    self.sched = transformers.get_scheduler(  # "linear" or "cosine", as lmssl's
+        s["schedule"], self.opt, s["warmup_steps"], s["total_steps"])
     self.grad_clip = s["grad_clip"]
     self.bf16 = s["dtype"] == "bfloat16"
     gen = torch.Generator().manual_seed(s["seed"])

@@ -29,13 +29,28 @@ from lmssl.bench import parts
 
 # task: (batch, seq_len) of the reference CPU comparison.
 SHAPES = {"mlm": (32, 128), "clm": (16, 256)}
+# --arch: (the objective it trains, its config under lmssl/configs/); the first of a task's
+# is that task's default. The peer builds the HuggingFace model of the same name.
+ARCHS = {"bert": ("mlm", "mlm_base"), "gpt2": ("clm", "clm_base"),
+         "llama": ("clm", "llama_base")}
 
 
-def bench_config(task: str, *, size="mini", layers=0, vocab=32000, batch=0, seq=0,
+def arch_for(task: str, arch: str = "") -> str:
+  """`arch`, or the task's classic one when empty; a UserError if it does not train `task`."""
+  default = next(a for a, (t, _) in ARCHS.items() if t == task)
+  if arch and ARCHS[arch][0] != task:
+    raise errors.UserError(f"--arch {arch} trains {ARCHS[arch][0]}, not --task {task}; use "
+                           f"--task {ARCHS[arch][0]}, or --arch {default} for {task}")
+  return arch or default
+
+
+def bench_config(task: str, *, arch="", size="mini", layers=0, vocab=32000, batch=0, seq=0,
                  dtype="float32", remat="none", dropout=0.0, attention="auto", loss_chunks=0):
-  """The task's base config at `size`, with the benchmark's shape (0: the reference one).
-  Imported by name from the package, so an installed lmssl benchmarks from any directory."""
-  c = importlib.import_module(f"lmssl.configs.{task}_base").get_config(f"size={size}")
+  """The architecture's base config at `size` (its own size table), with the benchmark's
+  shape (0: the reference one). Imported by name from the package, so an installed lmssl
+  benchmarks from any directory."""
+  module = ARCHS[arch_for(task, arch)][1]
+  c = importlib.import_module(f"lmssl.configs.{module}").get_config(f"size={size}")
   m = c.model
   m.num_layers = layers or m.num_layers
   m.vocab_size, m.dtype, m.remat, m.dropout, m.attention = vocab, dtype, remat, dropout, attention
@@ -45,6 +60,15 @@ def bench_config(task: str, *, size="mini", layers=0, vocab=32000, batch=0, seq=
   c.data.max_predictions = math.ceil(c.data.mask_rate * c.data.seq_len)
   c.eval.batch_size = c.train.batch_size
   return config_lib.resolved(c)  # read from here on, as a run reads its own
+
+
+def arch_of(cfg) -> str:
+  """The --arch a resolved bench config was made for: Llama's options (RMSNorm, SwiGLU, RoPE)
+  tell it apart from GPT-2's, so the peer builds the model lmssl built."""
+  m = cfg.model
+  if (m.norm_type, m.mlp, m.position) == ("rmsnorm", "swiglu", "rope"):
+    return arch_for(cfg.objective, "llama")
+  return arch_for(cfg.objective)
 
 
 def synthetic_batches(cfg, count: int, seed: int = 0, packed: bool = False) -> list[dict]:
@@ -126,6 +150,7 @@ class Lmssl:
       self.batches = [sharding.global_batch(b, self.mesh)
                       for b in synthetic_batches(cfg, 4, packed=packed)]
     self.steps_run = 0
+    self.params = sum(x.size for x in jax.tree.leaves(self.state.params))
 
   def run(self, n: int) -> float:
     start = time.perf_counter()
@@ -158,10 +183,12 @@ class Peer:
                              "--index-url https://download.pytorch.org/whl/cpu)")
     m, t = cfg.model, cfg.train
     settings = dict(
-        task=cfg.objective, num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
-        mlp_dim=m.mlp_dim, vocab_size=m.vocab_size, batch=t.batch_size, seq_len=cfg.data.seq_len,
-        dtype=m.dtype, dropout=m.dropout, mask_rate=cfg.data.mask_rate, lr=t.lr, b1=t.b1,
-        b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+        task=cfg.objective, arch=arch_of(cfg), num_layers=m.num_layers, d_model=m.d_model,
+        num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads, mlp_dim=m.mlp_dim,
+        vocab_size=m.vocab_size, ln_eps=m.ln_eps, rope_theta=m.rope_theta,
+        batch=t.batch_size, seq_len=cfg.data.seq_len, dtype=m.dtype, dropout=m.dropout,
+        mask_rate=cfg.data.mask_rate, lr=t.lr, b1=t.b1, b2=t.b2, eps=t.eps,
+        weight_decay=t.weight_decay, grad_clip=t.grad_clip, schedule=t.schedule,
         warmup_steps=t.warmup_steps, total_steps=t.steps, seed=cfg.seed, threads=None)
     from lmssl.bench import hf_peer  # imports torch: only with --peer hf
     context = multiprocessing.get_context("spawn")
@@ -169,6 +196,7 @@ class Peer:
     self._process = context.Process(target=hf_peer.serve, args=(child, settings), daemon=True)
     self._process.start()
     self.info = self._ask("info")
+    self.params = self.info["params"]
 
   def _ask(self, *message):
     self._conn.send(message)
@@ -219,8 +247,9 @@ def step_rows(cfg, args, peak: float, peak_source: str, packed: bool = False) ->
       step_s = statistics.median(times[name])
       memory, memory_source = runner.memory()
       rows.append(dict(
-          measurement="train_step", impl=name, task=cfg.objective, batch=cfg.train.batch_size,
-          seq=seq, layers=cfg.model.num_layers, d_model=cfg.model.d_model,
+          measurement="train_step", impl=name, task=cfg.objective, arch=arch_of(cfg),
+          params=runner.params, batch=cfg.train.batch_size, seq=seq,
+          layers=cfg.model.num_layers, d_model=cfg.model.d_model,
           vocab=cfg.model.vocab_size, dtype=cfg.model.dtype, remat=cfg.model.remat,
           tokens_per_s=cfg.train.batch_size * seq / step_s, step_time_s=step_s,
           rounds_step_time_s=times[name], flops_per_s=flops[name] / step_s,
@@ -234,7 +263,7 @@ def step_rows(cfg, args, peak: float, peak_source: str, packed: bool = False) ->
       runner.close()
   if args.peer:
     rows.append(dict(measurement="ratio", impl=f"lmssl/{args.peer}", task=cfg.objective,
-                     batch=cfg.train.batch_size, seq=seq,
+                     arch=arch_of(cfg), batch=cfg.train.batch_size, seq=seq,
                      tokens_per_s_ratio=rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]))
   return rows
 

@@ -202,8 +202,13 @@ def test_parity_arguments(capsys):
   assert "--parity needs --arch" in capsys.readouterr().err
   assert cli.parse_args(["--parity", "hf", "--arch", "gpt2"]).steps == 50
   assert cli.parse_args(["--task", "mlm"]).steps == 5
+  assert cli.parse_args(["--parity", "hf", "--arch", "modernbert"]).arch == "modernbert"
+  with pytest.raises(SystemExit):
+    cli.parse_args(["--task", "mlm", "--arch", "modernbert"])
+  assert "--arch 'modernbert' is not known with --task; known: bert, gpt2, llama" in (
+      capsys.readouterr().err)
   from lmssl.bench import parity
-  with pytest.raises(errors.UserError, match="known: \\['bert', 'gpt2'"):
+  with pytest.raises(errors.UserError, match="known: \\['bert', 'gpt2', 'llama', 'modernbert'\\]"):
     parity.parity_config(parity.Settings(arch="t5"))
 
 

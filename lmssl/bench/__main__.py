@@ -110,12 +110,11 @@ def parse_args(argv):
   p.add_argument("--peer", default="", choices=("", "hf"), help="also time this peer")
   p.add_argument("--parity", default="", choices=("", "hf"),
                  help="train step by step beside this peer and compare losses and parameters")
-  p.add_argument("--arch", default="", help="--parity's architecture: bert, gpt2, llama or modernbert "
-                 "(lmssl/bench/parity.py ARCHITECTURES)")
   p.add_argument("--json", action="store_true", help="one JSON object per line per measurement")
-  p.add_argument("--arch", default="", choices=("", *step.ARCHS),
-                 help="the architecture (default: the task's classic one, bert for mlm, gpt2 "
-                 "for clm); llama: configs/llama_base.py's decoder, with --task clm")
+  p.add_argument("--arch", default="",
+                 help="the architecture. With --task: bert, gpt2 or llama (default: the task's "
+                 "classic one, bert for mlm, gpt2 for clm; llama: configs/llama_base.py's "
+                 "decoder, with --task clm). With --parity: bert, gpt2, llama or modernbert")
   p.add_argument("--size", default="mini", choices=list(dict.fromkeys(
                      [*config_lib.SIZES, *llama_base.SIZES])),
                  help="model shape, a row of the architecture's size table (mini: 4 layers, "
@@ -161,6 +160,8 @@ def parse_args(argv):
   args = p.parse_args(argv)
   if args.parity and not args.arch:
     p.error("--parity needs --arch, e.g. --arch bert")
+  if not args.parity and args.arch not in ("", *step.ARCHS):  # --parity's are parity.py's
+    p.error(f"--arch {args.arch!r} is not known with --task; known: {', '.join(step.ARCHS)}")
   if not args.task and not args.suite and not args.data and not args.parity:
     p.error("--task is required (or --suite accelerator, --data SIZES, or --parity hf)")
   args.steps = args.steps or (50 if args.parity else 5)

@@ -19,12 +19,12 @@ _BASE = {
     "layers.{i}.post_attention_layernorm.weight": _L + "mlp_norm/scale",
     "norm.weight": "transformer/final_norm/scale",
 }
-for _hf, _ours in _PROJECTIONS.items():
-  for _kind in ("weight", "bias"):
-    _BASE[f"layers.{{i}}.self_attn.{_hf}.{_kind}"] = _L + f"attn/{_ours}/{_kind.replace('weight', 'kernel')}"
-for _hf, _ours in _MLP.items():
-  for _kind in ("weight", "bias"):
-    _BASE[f"layers.{{i}}.mlp.{_hf}.{_kind}"] = _L + f"mlp/{_ours}/{_kind.replace('weight', 'kernel')}"
+_LEAVES = {"weight": "kernel", "bias": "bias"}
+for _scope, _names in (("self_attn", _PROJECTIONS), ("mlp", _MLP)):
+  for _hf, _ours in _names.items():
+    for _kind, _leaf in _LEAVES.items():
+      _BASE[f"layers.{{i}}.{_scope}.{_hf}.{_kind}"] = (
+          _L + f"{'attn' if _scope == 'self_attn' else 'mlp'}/{_ours}/{_leaf}")
 
 # Every lmssl model option at the value these families have; the rest is read off the config.
 _SHAPE = {"norm": "pre", "norm_type": "rmsnorm", "mlp": "swiglu", "position": "rope",
@@ -112,7 +112,8 @@ def _family(model_type: str, prefix: str) -> family_lib.Family:
       base_model=f"{prefix}Model", lmssl_config=_config, hf_config=_hf_config,
       misfits=_misfits(model_type),
       architecture=family_lib.causal_lm_architecture(f"{prefix}ForCausalLM", f"{prefix}Model"),
-      present_heads=family_lib.causal_lm_heads, special_roles=("bos", "eos"))  # no pad: HF would stop training its row
+      # No pad id: the tokenizers name none, and HF would stop training the row it names.
+      present_heads=family_lib.causal_lm_heads, special_roles=("bos", "eos"))
 
 
 LLAMA, MISTRAL, QWEN2 = (_family(t, p) for t, p in (("llama", "Llama"), ("mistral", "Mistral"),

@@ -14,11 +14,12 @@ LAYERS = [
     {"errors", "files", "losses", "lora", "optimizer", "scores", "masks", "bench/hf_peer",
      "bench/hf_train", "bench/process"},
     # The --config file of every command that takes one (main, and data/prepare's); the `hf`
-    # extra's imports, told as missing by module.
-    {"config_file", "hf/extra"},
-    # Services a run uses, and the data package (TensorFlow lives here); RoPE frequencies.
+    # extra's imports, told as missing by module; what a HuggingFace family is.
+    {"config_file", "hf/extra", "hf/family"},
+    # Services a run uses, and the data package (TensorFlow lives here); RoPE frequencies; the
+    # HuggingFace families beyond BERT and GPT-2.
     {"sharding", "distributed", "preemption", "checkpoint_faults", "metrics", "workdir_lock",
-     "data", "rope"},
+     "data", "rope", "hf/decoders", "hf/modernbert"},
     # Attention kernels; tokenizer loading by path (lmssl's own or a HuggingFace folder).
     {"attention", "checkpoint", "hf/tokenizer"},
     {"model"},

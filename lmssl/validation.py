@@ -194,10 +194,14 @@ def _windows(c: ml_collections.ConfigDict) -> None:
          "global_every=0")
   _check(m.global_every != 1, "model.global_every=1 makes every layer global, so "
          "model.attention_window has no effect; use global_every >= 2, or attention_window=0")
-  _check(not m.attention_window or masks.has_effect(m.attention_window, seq_len, causal),
-         f"model.attention_window={m.attention_window} has no effect on rows of data.seq_len="
-         f"{seq_len}: every {kind} query already sees its whole row within it; use a window "
-         f"below {seq_len if causal else 2 * (seq_len - 1)}, or 0 for global attention")
+  # The model's context: rows it trains on, or its max_len (HF's max_position_embeddings),
+  # where generation and longer rows later reach.
+  context = max(seq_len, m.max_len)
+  _check(not m.attention_window or masks.has_effect(m.attention_window, context, causal),
+         f"model.attention_window={m.attention_window} has no effect within data.seq_len="
+         f"{seq_len} or model.max_len={m.max_len}: every {kind} query already sees its whole "
+         f"row within it; use a window below {context if causal else 2 * (context - 1)}, or 0 "
+         "for global attention")
   _check(not m.attention_window or m.attention == "auto"
          or kind in attention.WINDOWS[m.attention],
          f"model.attention={m.attention!r} takes no {kind} sliding window "

@@ -136,10 +136,10 @@ def test_variant_values_of_the_wrong_type_are_refused(arg, message):
      "model.global_every=1 makes every layer global"),
     (lambda c: setattr(c.model, "attention_window", -8),
      "model.attention_window=-8 and model.global_every=0 must be 0 .off. or positive"),
-    (lambda c: setattr(c.model, "attention_window", 254),
-     "model.attention_window=254 has no effect on rows of data.seq_len=128: every "
-     "bidirectional query already sees its whole row within it; use a window below 254, or 0 "
-     "for global attention"),
+    (lambda c: setattr(c.model, "attention_window", 1022),
+     "model.attention_window=1022 has no effect within data.seq_len=128 or model.max_len=512: "
+     "every bidirectional query already sees its whole row within it; use a window below "
+     "1022, or 0 for global attention"),
     (lambda c: setattr(c.model, "rope_scaling", "llama3"),
      r"model.rope_scaling='llama3' set RoPE options, but model.position='learned'; set "
      r"--config.model.position=rope"),
@@ -198,10 +198,10 @@ _SHORT = "is too short: {} needs at least {} positions; use a longer seq_len (12
      "model.dtype='float12' is not known; use one of ['float32', 'bfloat16', 'float16']"),
     ("clm_base", "model.param_dtype", "int8",
      "model.param_dtype='int8' is not known; use one of ['float32', 'bfloat16', 'float16']"),
-    ("llama_base", "model.attention_window", 256,
-     "model.attention_window=256 has no effect on rows of data.seq_len=256: every causal "
-     "query already sees its whole row within it; use a window below 256, or 0 for global "
-     "attention"),
+    ("llama_base", "model.attention_window", 512,
+     "model.attention_window=512 has no effect within data.seq_len=256 or model.max_len=512: "
+     "every causal query already sees its whole row within it; use a window below 512, or 0 "
+     "for global attention"),
 ])
 def test_settings_that_cannot_train_are_refused_with_the_rule(name, key, value, message):
   cfg = load_config(name, "size=tiny")

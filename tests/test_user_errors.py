@@ -188,9 +188,10 @@ def test_hf_source_with_only_transformers_missing(tmp_path):
      "save_pretrained writes it"),
     ('{"hidden_size": 64, "vocab_size": 6}', "{path} has no model_type (it holds "
      "['hidden_size', 'vocab_size']); it must be the model's HuggingFace config.json, with "
-     "model_type one of ['bert', 'gpt2']"),
+     "model_type one of ['bert', 'gpt2', 'llama', 'mistral', 'modernbert', 'qwen2']"),
     ("[1, 2]", "{path} has no model_type (it holds a JSON list); it must be the model's "
-     "HuggingFace config.json, with model_type one of ['bert', 'gpt2']"),
+     "HuggingFace config.json, with model_type one of ['bert', 'gpt2', 'llama', 'mistral', "
+     "'modernbert', 'qwen2']"),
     # No config.json: named by the setting train takes, not convert's --hf_dir.
     (None, "{dir} has no config.json, so it is not a local HuggingFace model folder (config.json "
      "plus model.safetensors or pytorch_model.bin, as save_pretrained writes them); name such a "

@@ -61,8 +61,8 @@ def _config(c, hf_config: dict, heads: tuple) -> None:
   if model_type == "qwen2" and hf_config.get("use_sliding_window"):
     _check(False, "use_sliding_window=true: Qwen2 windows only layers from max_window_layers "
            "on, which lmssl's windows (every layer, or all but every k-th) cannot express")
-  # A window no row reaches changes nothing; keeping it would only fail validation.
-  if window and masks.has_effect(window, c.data.seq_len, causal=True):
+  # A window as long as the model's context changes nothing (Mistral then is Llama).
+  if window and masks.has_effect(window, max(c.data.seq_len, m.max_len), causal=True):
     m.attention_window = window
   c.objective = "clm"
 

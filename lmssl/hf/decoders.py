@@ -106,7 +106,8 @@ def _family(model_type: str, prefix: str) -> family_lib.Family:
   return family_lib.Family(
       model_type=model_type, base_prefix="model.", base=dict(_BASE),
       heads={"lm_head.weight": "clm_head/kernel/kernel"},  # only when not tied
-      transposed=frozenset([t for t in _BASE if t.endswith("proj.weight")] + ["lm_head.weight"]),
+      # lm_head.weight is [V, D] in both (lmssl's untied output kernel is).
+      transposed=frozenset(t for t in _BASE if t.endswith("proj.weight")),
       tied={"lm_head.weight": "embed_tokens.weight"},
       buffers=("layers.{i}.self_attn.rotary_emb.inv_freq", "rotary_emb.inv_freq"),
       base_model=f"{prefix}Model", lmssl_config=_config, hf_config=_hf_config,

@@ -244,7 +244,7 @@ GPT2 = Family(
         "ln_f.bias": "transformer/final_norm/bias",
     },
     heads={"lm_head.weight": "clm_head/kernel/kernel"},  # only when not tied to wte
-    transposed=frozenset({"lm_head.weight"}),
+    transposed=frozenset(),  # lmssl's untied output kernel is [V, D], as lm_head.weight
     tied={"lm_head.weight": "wte.weight"},
     buffers=("h.{i}.attn.bias", "h.{i}.attn.masked_bias"),
     base_model="GPT2Model",

@@ -262,7 +262,7 @@ def convert(hf_dir: str) -> Converted:
 
 def load(hf_dir: str) -> tuple[ml_collections.ConfigDict, dict]:
   """(lmssl config, params as nested dicts of numpy) of a local HF folder of a family lmssl
-  converts. The
-  config's tokenizer is the folder's own (read through transformers' AutoTokenizer)."""
+  converts. The config's tokenizer is the folder's own (read through transformers'
+  AutoTokenizer)."""
   converted = convert(hf_dir)
   return converted.config, converted.params

@@ -3,7 +3,8 @@ attention, RoPE with theta 500000, no biases, untied output embedding: Llama 3's
 
 Quickstart: python -m lmssl.main --config configs/llama_base.py:size=tiny --workdir /tmp/lmssl_llama
   then: python -m lmssl.main sample --workdir /tmp/lmssl_llama --prompt "The"
-  600 steps of 16 x 256; its time and eval_loss on 2 CPU cores are not measured yet.
+  600 steps of 16 x 256: 6.3 min on 2 CPU cores from an empty cache (~7,300 train tokens/s),
+  eval_loss 4.70, perplexity 110, 1.62 bits/byte.
 Smoke: python -m lmssl.main --config configs/llama_base.py:smoke --workdir /tmp/lmssl_llama_smoke
   27 s on 2 CPU cores with the built-in corpus already prepared; eval_loss ~6.19 after 4 steps
   (500-piece vocabulary: ln 500 = 6.21).

@@ -29,7 +29,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from lmssl import checkpoint
 from lmssl import config as config_lib
 from lmssl import datasets
 from lmssl import errors
@@ -123,13 +122,8 @@ def export(cfg, params, tokenizer_path: str, out: str) -> dict:
   """`params` as a run directory (config.json, checkpoints/0) exported by `to_hf` into
   out/hf; returns to_hf's summary."""
   run_dir = os.path.join(out, "run")
-  run_cfg = config_lib.resolved(cfg, {"data.tokenizer": tokenizer_path})
-  mngr = checkpoint.manager(run_dir, ml_collections.ConfigDict(dict(keep=1, async_save=False)))
-  checkpoint.save(mngr, 0, {"params": params}, {"params_only": True})
-  checkpoint.wait(mngr)
-  checkpoint.close(mngr)
-  with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config_lib.to_json(run_cfg))
+  convert.write_run(run_dir, config_lib.resolved(cfg, {"data.tokenizer": tokenizer_path}),
+                    params, {})
   return convert.to_hf(run_dir, os.path.join(out, "hf"))
 
 
@@ -148,8 +142,7 @@ def decay_flags(family, params, base_only: bool) -> dict:
 
 def ties(family, flags: dict, base_only: bool) -> dict:
   """{tied HF tensor: the one it is tied to}, for the ties the exported model has."""
-  prefix = "" if base_only else family.base_prefix
-  out = {k: prefix + v if v in family.base else v for k, v in family.tied.items()}
+  out = weights.tied_names(family, "" if base_only else family.base_prefix)
   return {k: v for k, v in out.items() if k not in flags and v in flags}
 
 

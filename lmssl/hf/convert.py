@@ -68,6 +68,17 @@ def _copy_tokenizer(source_dir: str, target_dir: str) -> list[str]:
   return names
 
 
+def write_run(directory: str, cfg, params, metadata: dict) -> None:
+  """A run directory of parameters only (config.json, checkpoints/0), which `eval`, `sample`,
+  `init.params_from` and `to_hf` read and training does not resume."""
+  mngr = checkpoint.manager(directory, ml_collections.ConfigDict(dict(keep=1, async_save=False)))
+  checkpoint.save(mngr, 0, {"params": params}, {"params_only": True, **metadata})
+  checkpoint.wait(mngr)
+  checkpoint.close(mngr)
+  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config_lib.to_json(cfg))
+
+
 def from_hf(hf_dir: str, workdir: str) -> dict:
   """Converts the HF folder into a new lmssl run directory; returns a summary."""
   tmp = _fresh_output(workdir, "--workdir")
@@ -81,13 +92,7 @@ def from_hf(hf_dir: str, workdir: str) -> dict:
     else:
       notes.append(f"{hf_dir} has no tokenizer files: set --config.data.tokenizer when using "
                    "this run")
-    mngr = checkpoint.manager(tmp, ml_collections.ConfigDict(dict(keep=1, async_save=False)))
-    checkpoint.save(mngr, 0, {"params": params}, {"params_only": True,
-                                                   "converted_from": os.path.abspath(hf_dir)})
-    checkpoint.wait(mngr)
-    mngr.close()
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config_lib.to_json(cfg))
+    write_run(tmp, cfg, params, {"converted_from": os.path.abspath(hf_dir)})
     _publish(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -30,16 +30,17 @@ class Family:
   tied: dict  # tensor -> the tensor it must equal (not stored by lmssl)
   buffers: tuple  # tensors that are not weights (masks, position ids, RoPE frequencies)
   base_model: str  # the HF class of the bare model, whose tensors carry no prefix
-  # hf config.json, heads present -> the lmssl config computing that model
-  lmssl_config: Callable = None
-  # lmssl config, architecture, special ids -> config.json
-  hf_config: Callable = None
+  # (lmssl base config, hf config.json, heads present): sets the model and objective computing
+  # that model
+  lmssl_config: Callable
+  # lmssl config -> this family's own keys of config.json
+  hf_config: Callable
   # lmssl config -> the reasons it does not fit this family ([] when it does)
-  misfits: Callable = None
+  misfits: Callable
   # lmssl config, heads (module names in params) -> the HF class to export as
-  architecture: Callable = None
+  architecture: Callable
   # hf config.json, tensor names -> the lmssl heads those tensors carry
-  present_heads: Callable = None
+  present_heads: Callable
   # Per-layer tensors some layers lack in HF (an identity there): template -> those layers. lmssl
   # keeps the parameter on every layer (scanned layers share one tree); such layers hold ones.
   absent: dict = dataclasses.field(default_factory=dict)
@@ -47,20 +48,6 @@ class Family:
   special_roles: tuple = ()
   # A bidirectional encoder whose inputs open with [CLS] and close with [SEP] (else a decoder).
   encoder: bool = False
-
-
-def rope_settings(hf_config: dict, theta_key: str = "rope_theta",
-                  default_theta: float = 10000.0) -> tuple[float, dict]:
-  """(theta, scaling) of a config.json in either form transformers writes: `rope_parameters`
-  (transformers 5), or `rope_theta` beside `rope_scaling` (before)."""
-  params = hf_config.get("rope_parameters")
-  if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
-    params = params["full_attention"]  # per layer type (ModernBERT): its global layers'
-  if not isinstance(params, dict):
-    params = dict(hf_config.get("rope_scaling") or {})
-    params.setdefault("rope_theta", hf_config.get(theta_key, default_theta))
-  theta = float(params.get("rope_theta", hf_config.get(theta_key, default_theta)))
-  return theta, params
 
 
 # HF rope_type -> (lmssl model.rope_scaling, {lmssl field: HF key}).
@@ -73,9 +60,14 @@ _ROPE_TYPES = {
 }
 
 
-def set_rope(m, hf_config: dict, **kwargs) -> None:
-  """Sets lmssl's RoPE fields of model config `m` from a config.json."""
-  theta, params = rope_settings(hf_config, **kwargs)
+def set_rope(m, hf_config: dict) -> None:
+  """Sets lmssl's RoPE fields of model config `m` from a config.json in either form
+  transformers writes: `rope_parameters` (transformers 5), or `rope_theta` beside
+  `rope_scaling` (before)."""
+  params = hf_config.get("rope_parameters")
+  if not isinstance(params, dict):
+    params = dict(hf_config.get("rope_scaling") or {})
+  theta = float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
   kind = params.get("rope_type", params.get("type", "default"))
   check(kind in _ROPE_TYPES, f"rope_type {kind!r} is not supported; lmssl computes "
         f"{sorted(_ROPE_TYPES)} RoPE")

@@ -91,6 +91,11 @@ def _named(family: families.Family, prefix: str):
     yield template, template, paths
 
 
+def tied_names(family: families.Family, prefix: str) -> dict:
+  """{head tensor: the (base or head) tensor it equals}, base names under `prefix`."""
+  return {k: (prefix + v if v in family.base else v) for k, v in family.tied.items()}
+
+
 def to_lmssl(family: families.Family, tensors: dict, shapes: dict, num_layers: int,
              tied: bool = True) -> tuple[dict, list[str]]:
   """HF tensors -> (lmssl params as nested dicts of numpy, notes on what was not copied).
@@ -99,8 +104,7 @@ def to_lmssl(family: families.Family, tensors: dict, shapes: dict, num_layers: i
   """
   prefix = family.base_prefix if any(k.startswith(family.base_prefix) for k in tensors) else ""
   entries = [(_pattern(full), t, p) for full, t, p in _named(family, prefix)]
-  # Tied tensors are head tensors equal to another (base or head) tensor.
-  ties = {k: (prefix + v if v in family.base else v) for k, v in family.tied.items()}
+  ties = tied_names(family, prefix)
   buffers = [_pattern(prefix + b) for b in family.buffers]
   groups, notes, unmapped, tie_checks = {}, [], [], []
   for name, array in tensors.items():
@@ -179,11 +183,6 @@ def from_lmssl(family: families.Family, params: dict, base_only: bool) -> dict:
   return out
 
 
-def present_heads(family: families.Family, hf_config: dict, tensors) -> tuple:
-  """The lmssl heads a checkpoint's tensors carry (the config names the classifier kind)."""
-  return family.present_heads(hf_config, set(tensors))
-
-
 _HEAD_SCOPES = {"mlm": "mlm_head", "clm": "clm_head", "pair": "pair_head",
                 "classification": "task_head", "regression": "task_head", "tokens": "task_head"}
 
@@ -239,7 +238,7 @@ def source_config(hf_dir: str) -> ml_collections.ConfigDict:
 def _lmssl_config(hf_dir: str, hf_config: dict, names) -> tuple[ml_collections.ConfigDict,
                                                                  tuple]:
   """(the lmssl config, the heads) of a HF folder whose checkpoint holds tensors `names`."""
-  heads = present_heads(families.family_of(hf_config), hf_config, names)
+  heads = families.family_of(hf_config).present_heads(hf_config, set(names))
   c = families.lmssl_config(hf_config, heads)
   if folder.tokenizer_files(hf_dir):
     c.data.tokenizer = hf_dir

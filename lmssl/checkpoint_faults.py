@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import threading
+import time
 import warnings
 
 from absl import logging
@@ -62,7 +63,9 @@ def refused(e: BaseException) -> tuple[int, str] | None:
         (c for c, words in _WRITE_TEXTS if any(w in text for w in words)), None)
     if code is not None:
       paths = re.findall(r'"(/[^"]*)"', text) or re.findall(r"'(/[^']*)'", text)
-      return code, os.strerror(code) + (f" ({paths[-1]})" if paths else "")
+      # A path quoted inside an escaped message keeps the escape: "/.../d/\\"
+      where = " ({})".format(paths[-1].rstrip("\\")) if paths else ""
+      return code, os.strerror(code) + where
   return None
 
 
@@ -86,6 +89,22 @@ def writes(mngr: ocp.CheckpointManager):
         f"could not write a checkpoint in {mngr.directory}: {refusal[1]}; {kept}. "
         f"{WRITE_FIXES[refusal[0]].capitalize()}, then run the same command to resume"
     ) from None
+
+
+def remove_after_late_writes(path: str, quiet_s: float = 1.0, limit_s: float = 10.0) -> None:
+  """Removes the checkpoints directory `path` of a run that committed none, and again what a
+  failed save's late writes put back. TensorStore's writes are not cancelled with the save
+  (Orbax reports the first that failed while the others are still in flight), and each one
+  that lands makes its directories anew. Done once `path` stayed absent for `quiet_s`, or
+  after `limit_s`."""
+  deadline, gone_since = time.monotonic() + limit_s, time.monotonic()
+  while time.monotonic() < deadline:
+    if files.at(path).exists():
+      files.remove(path)
+      gone_since = time.monotonic()
+    elif time.monotonic() - gone_since >= quiet_s:
+      return
+    time.sleep(0.05)
 
 
 def _release_waiting_writes() -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from lmssl import attention
 from lmssl import checkpoint
+from lmssl import checkpoint_faults
 from lmssl import config as config_lib
 from lmssl import datasets
 from lmssl import distributed
@@ -142,8 +143,12 @@ class _FreshRun:
     if not self.fresh or checkpoint.committed_steps(self.workdir):
       return
     for name in self.new:
+      path = os.path.join(self.workdir, name)
       with contextlib.suppress(OSError):  # the run's own error is the one to report
-        files.remove(os.path.join(self.workdir, name))
+        if name == "checkpoints":  # where a failed save's writes may still land
+          checkpoint_faults.remove_after_late_writes(path)
+        else:
+          files.remove(path)
 
 
 class _Settings:

@@ -65,16 +65,17 @@ def prepare_data(data_cfg, workdir: str):
 
 
 def batches(cfg, data: RunData, mesh, full_eval: bool = False):
-  """(a factory of this host's train batches for steps [start, end), this host's fixed list of
-  eval batches). Each host reads the rows of each batch that its devices in `mesh` hold. Task
-  evals, and all evals with `full_eval`, cover every example once; else pretraining evals read
-  eval.steps batches."""
+  """(a factory of this host's train batches for steps [start, end), this host's eval batches,
+  the same in each pass). Each host reads the rows of each batch that its devices in `mesh`
+  hold. Task evals, and all evals with `full_eval`, cover every example once; else pretraining
+  evals read eval.steps batches."""
   eval_arrays, eval_steps = data.eval, cfg.eval.steps
+  streamed = full_eval and isinstance(eval_arrays, packed.PackedRows)
   if full_eval or data.objective == "task":  # pad to whole batches with rows that weigh nothing
-    if isinstance(eval_arrays, packed.PackedRows):  # all of it, so read it once, here
-      eval_arrays = eval_arrays.to_arrays()
-    eval_arrays = tasks.pad_rows(dict(eval_arrays), cfg.eval.batch_size)
-    eval_steps = len(next(iter(eval_arrays.values()))) // cfg.eval.batch_size
+    eval_arrays = (eval_arrays.padded(cfg.eval.batch_size) if streamed else
+                   tasks.pad_rows(dict(eval_arrays), cfg.eval.batch_size))
+    eval_steps = (eval_arrays.num_rows if streamed else
+                  len(next(iter(eval_arrays.values())))) // cfg.eval.batch_size
   common = dict(objective=data.objective, seed=cfg.seed, data_cfg=cfg.data,
                 tokenizer=data.tokenizer)
 
@@ -85,9 +86,23 @@ def batches(cfg, data: RunData, mesh, full_eval: bool = False):
         num_steps=end_step - start_step, **common)
     return pipeline.iterate(ds)
 
-  # The eval set is the same rows and masks every time: read it once, reuse it each evaluation.
-  eval_batches = list(pipeline.iterate(pipeline.make_dataset(
-      eval_arrays, global_batch=cfg.eval.batch_size, start_step=0, shuffle=False,
-      host_rows=sharding.host_rows(mesh, cfg.eval.batch_size), num_steps=eval_steps,
-      **common)))
-  return train_batches, eval_batches
+  def eval_batches():
+    return pipeline.iterate(pipeline.make_dataset(
+        eval_arrays, global_batch=cfg.eval.batch_size, start_step=0, shuffle=False,
+        host_rows=sharding.host_rows(mesh, cfg.eval.batch_size), num_steps=eval_steps,
+        **common))
+
+  # The eval set is the same rows and masks every time. eval.steps batches, or a task's
+  # examples, are read once and kept for each evaluation; all of a prepared split is read
+  # from its shards as each pass needs it, so a host's memory does not grow with the split.
+  return train_batches, _EachPass(eval_batches) if streamed else list(eval_batches())
+
+
+class _EachPass:
+  """Batches made anew by `make()` for each pass over them."""
+
+  def __init__(self, make):
+    self._make = make
+
+  def __iter__(self):
+    return iter(self._make())

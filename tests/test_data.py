@@ -374,6 +374,39 @@ def test_prepare_caches_by_content(paragraphs, tmp_path):
     prepare.load_prepared(out, "validation")
 
 
+def test_a_full_pass_over_prepared_rows_streams_what_padding_in_memory_gives(paragraphs,
+                                                                            tmp_path):
+  """The `eval` command's pass over a whole prepared split reads its rows from the shards, with
+  rows of padding up to whole batches: the same batches and masks as the split read into
+  memory and padded there, on every host, without holding the split."""
+  from lmssl.data import tasks
+  corpus = write(tmp_path / "corpus.txt", "\n\n".join(paragraphs[:600]))
+  cfg = data_cfg(source=f"text:{corpus}", vocab_size=400, seq_len=64, val_fraction=0.2,
+                 cache_dir=str(tmp_path / "cache"))
+  tokenizer_path, out = prepare.prepare(cfg, None, str(tmp_path / "work"))
+  tokenizer = tok.Tokenizer.load(tokenizer_path)
+  rows = prepare.load_prepared(out, "validation")
+  batch = 8 if rows.num_rows % 8 else 6  # some padding, whatever the split's size
+  padded = rows.padded(batch)
+  assert padded.num_rows % batch == 0 and rows.num_rows < padded.num_rows < rows.num_rows + batch
+  tokens, segments = padded.read(np.arange(rows.num_rows, padded.num_rows))
+  assert not segments.any() and (tokens == tokenizer.pad_id).all()  # weigh nothing
+  in_memory = tasks.pad_rows(rows.to_arrays(), batch)
+  steps = padded.num_rows // batch
+  for host_rows in (None, [1, 3, 5]):
+    for objective in ("mlm", "clm"):
+      args = dict(steps=steps, cfg=cfg, objective=objective, shuffle=False, global_batch=batch,
+                  host_rows=host_rows)
+      streamed = _stack(batches(padded, tokenizer, **args))
+      kept = _stack(batches(in_memory, tokenizer, **args))
+      assert sorted(streamed) == sorted(kept)
+      for key in kept:
+        if key != "input_ids":  # in memory, padding rows hold id 0, not the pad id
+          np.testing.assert_array_equal(streamed[key], kept[key], err_msg=key)
+      np.testing.assert_array_equal(
+          np.where(streamed["segment_ids"] > 0, streamed["input_ids"], 0), kept["input_ids"])
+
+
 def test_tfds_source_reads_the_named_feature():
   tfds = pytest.importorskip("tensorflow_datasets")
   cfg = config.base_config().data

@@ -9,6 +9,7 @@ split with a few small reads: memory-mapped files on a local disk, ranged reads 
 """
 
 import bisect
+import copy
 import json
 import os
 from typing import Iterable, Sequence
@@ -115,6 +116,13 @@ class PackedRows:
   def shape(self) -> tuple[int, int]:
     return (self.num_rows, self.seq_len)
 
+  def padded(self, multiple: int) -> "PackedRows":
+    """These rows, then rows of padding only (segment 0: they weigh nothing) up to a multiple
+    of `multiple` rows, so that whole batches cover every row: a full evaluation."""
+    out = copy.copy(self)
+    out.num_rows = -(-self.num_rows // multiple) * multiple
+    return out
+
   def to_arrays(self) -> dict[str, np.ndarray]:
     """{"tokens", "segment_ids"} of every row, in memory: for small splits only."""
     tokens, segment_ids = self.read(np.arange(self.num_rows))
@@ -126,7 +134,8 @@ class PackedRows:
     tokens = np.full((len(rows), self.seq_len), self.pad_id, dtype=np.int32)
     segments = np.zeros((len(rows), self.seq_len), dtype=np.int32)
     for i, row in enumerate(rows):
-      self._fill(int(row) * self.seq_len, tokens[i], segments[i])
+      if row * self.seq_len < self.total:  # else a row of `padded`'s padding
+        self._fill(int(row) * self.seq_len, tokens[i], segments[i])
     return tokens, segments
 
   def _fill(self, position: int, tokens_L: np.ndarray, segments_L: np.ndarray) -> None:

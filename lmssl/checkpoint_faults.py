@@ -112,6 +112,9 @@ def _release_waiting_writes() -> None:
   (each write waits for its directory to be created: when that failed, they would wait out
   Orbax's timeout, and the process could not exit). Cancelled, they end without writing.
   In-process signals only: a multi-process run's are left to Orbax."""
+  # The failed save's coroutines that never started (these, or ones Orbax dropped itself)
+  # would each print Python's "never awaited" warning, after lmssl's line, as they are freed.
+  warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
   try:
     from orbax.checkpoint._src.futures import future as ocp_future
     from orbax.checkpoint._src.futures import signaling_client
@@ -122,8 +125,6 @@ def _release_waiting_writes() -> None:
       # pylint: disable-next=protected-access
       if not isinstance(thread, ocp_future._SignalingThread) or not thread.is_alive():
         continue
-      # Its coroutines are dropped unstarted: Python's "never awaited" warnings are not news.
-      warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
       thread._cancelled = True  # pylint: disable=protected-access
       for s in thread._receive_signals:  # pylint: disable=protected-access
         key = ocp_future.AwaitableSignalsContract.get_unique_awaitable_singal_key(

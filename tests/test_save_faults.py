@@ -120,7 +120,7 @@ def _assert_one_line_exit(run, expected: str) -> None:
   assert not run["hung"], f"the run hung ({TIMEOUT} s):\n{run['stderr'][-3000:]}"
   assert run["rc"] == 1, run["stderr"][-3000:]
   assert "Traceback" not in run["stderr"], run["stderr"][-6000:]
-  assert re.fullmatch(expected, _last_line(run)), _last_line(run)
+  assert re.fullmatch(expected, _last_line(run)), run["stderr"][-3000:]
 
 
 @pytest.fixture(scope="module")

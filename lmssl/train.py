@@ -14,7 +14,6 @@ import numpy as np
 
 from lmssl import attention
 from lmssl import checkpoint
-from lmssl import checkpoint_faults
 from lmssl import config as config_lib
 from lmssl import datasets
 from lmssl import distributed
@@ -27,179 +26,10 @@ from lmssl import metrics as metrics_lib
 from lmssl import optimizer as optimizer_lib
 from lmssl import preemption
 from lmssl import sharding
+from lmssl import start
 from lmssl import steps
 from lmssl import validation
 from lmssl import workdir_lock
-from lmssl.hf import extra as hf_extra
-from lmssl.hf import tokenizer as tokenizer_lib
-from lmssl.hf import weights as hf
-
-
-def _resolve_start(cfg):
-  """Phase 1a: the config with the architecture and tokenizer of init.params_from adopted
-  (read from the source's config alone: its weights are read at phase 4, once the run is
-  known to be valid), and that source's path or None."""
-  path, given = cfg.init.params_from, cfg.data.tokenizer
-  if not path:
-    return config_lib.resolved(cfg), None
-  if path.startswith("hf:"):
-    hf_dir = path[len("hf:"):]
-    source = _from_hf(path, hf.source_config)
-    if not source.data.tokenizer:
-      raise errors.UserError(f"init.params_from={path}: the folder has no tokenizer files "
-                             "(tokenizer.json, vocab.txt, or vocab.json + merges.txt); add the "
-                             "model's tokenizer files to it")
-    cfg = config_lib.resolved(cfg, config_lib.source_changes(source, hf_dir))
-  else:
-    source_workdir = checkpoint.run_dir(path)
-    cfg = config_lib.resolved(cfg, config_lib.source_changes(
-        config_lib.load_run_config(source_workdir), source_workdir))
-  theirs = cfg.data.tokenizer
-  if given and given != theirs and (tokenizer_lib.load(given).fingerprint !=
-                                    tokenizer_lib.load(theirs).fingerprint):
-    raise errors.UserError(
-        f"data.tokenizer={given} is not the tokenizer the parameters in "
-        f"init.params_from={path} were trained with ({theirs}); leave data.tokenizer empty "
-        "to use that one")
-  return cfg, path
-
-
-def _from_hf(path: str, read):
-  """read(the folder of init.params_from=hf:DIR), or one line on installing the hf extra, or
-  on what is wrong with the folder, naming the setting."""
-  hf_dir = path[len("hf:"):]
-  try:
-    return read(hf_dir)
-  except hf_extra.MissingExtra as e:
-    # A converted run's weights read without the extra; its tokenizer (the folder's) does not.
-    convert = (f", or convert the folder where it is installed (python -m lmssl.convert "
-               f"from-hf --hf_dir {hf_dir} --workdir RUN) and set init.params_from=RUN"
-               if e.module.split(".")[0] in ("torch", "safetensors") else "")
-    raise errors.UserError(
-        f"init.params_from={path} reads a HuggingFace model folder, which needs the `hf` "
-        f"extra: {e.missing}; install it with {hf_extra.INSTALL}{convert}") from e
-  except errors.UserError as e:
-    raise errors.UserError(f"init.params_from={path}: {e}") from None
-
-
-def _warm_start(state, path: str):
-  """The state with another run's (or a HF model's, converted now) parameters: the backbone
-  must fit exactly; heads and adapters the source lacks (or shapes differently) keep their
-  fresh init."""
-  def may_be_new(key):
-    return not key.startswith("['transformer']") or lora_lib.is_adapter(key)
-  if path.startswith("hf:"):
-    values, fresh = checkpoint.place_params(_from_hf(path, hf.load)[1], state.params,
-                                            may_be_new, path)
-  else:
-    values, fresh = checkpoint.load_params(path, state.params, may_be_new)
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, x: values.get(jax.tree_util.keystr(p), x), state.params)
-  if fresh:
-    metrics_lib.log(f"initialized fresh: {', '.join(fresh)}")
-  return state.replace(params=params)
-
-
-def _check_own_tokenizer(cfg, workdir: str) -> None:
-  """A tokenizer.model this workdir's run trained, damaged, is told as that (restore it, or
-  start over), not as a data.tokenizer to set: data preparation would load it as a setting's.
-  A missing one is trained again, the same from the same text."""
-  own = config_lib.tokenizer_path(cfg, workdir)
-  if not cfg.task.kind and not cfg.data.tokenizer and files.at(own).exists():
-    tokenizer_lib.load_of_run(own, workdir)
-
-
-def _check_same_run(cfg, workdir: str) -> None:
-  """Refuses a workdir that holds a run made with other run-defining settings, unless told."""
-  if not files.at(os.path.join(workdir, "config.json")).exists():
-    return
-  changes = config_lib.run_changes(config_lib.load_run_config(workdir), cfg)
-  if changes and not cfg.checkpoint.allow_config_change:
-    raise errors.UserError(
-        f"workdir {workdir} holds a run with other settings ({errors.first(changes, 6)}); "
-        "use a new --workdir, resume with that run's settings (its config.json), or set "
-        "--config.checkpoint.allow_config_change=True to continue it with these")
-  if changes:
-    metrics_lib.log(f"continuing {workdir} with changed settings: {'; '.join(changes)}")
-
-
-# What a run writes in its workdir (and lock.json, which its lock removes).
-_OUTPUTS = ("config.json", "tokenizer.model", "metrics.jsonl", "tensorboard", "checkpoints",
-            "best", "best.json")
-
-
-class _FreshRun:
-  """A run starting in a workdir with no run in it (no config.json, no checkpoint), and the
-  outputs the workdir lacked. Ending without a committed checkpoint, it removes those again
-  (`undo`): bad input writes nothing, and no config.json is left to refuse the next command's
-  settings for a run that never saved anything."""
-
-  def __init__(self, workdir: str):
-    self.workdir = workdir
-    self.new = [n for n in _OUTPUTS if not files.at(os.path.join(workdir, n)).exists()]
-    self.fresh = "config.json" in self.new and not checkpoint.committed_steps(workdir)
-
-  def undo(self) -> None:
-    if not self.fresh or checkpoint.committed_steps(self.workdir):
-      return
-    for name in self.new:
-      path = os.path.join(self.workdir, name)
-      with contextlib.suppress(OSError):  # the run's own error is the one to report
-        if name == "checkpoints":  # where a failed save's writes may still land
-          checkpoint_faults.remove_after_late_writes(path)
-        else:
-          files.remove(path)
-
-
-class _Settings:
-  """workdir/config.json, the settings the workdir's checkpoints were made with: written at
-  once by a run from step 0, and by a resumed one (whose settings may have changed, with
-  checkpoint.allow_config_change) with its first checkpoint, so that one failing before then
-  leaves the workdir's settings, and the command that made them, as they were."""
-
-  def __init__(self, cfg, workdir: str, start: int):
-    self.cfg, self.path, self.pending = cfg, os.path.join(workdir, "config.json"), True
-    if start == 0:
-      self.saved()
-
-  def saved(self, result=None):
-    """Call after each checkpoint is saved (passes `result` through)."""
-    if self.pending and jax.process_index() == 0:
-      files.write_atomically(self.path, config_lib.to_json(self.cfg))
-    self.pending = False
-    return result
-
-
-def _restore(ckpt, abstract, init, cfg, mesh, workdir: str, meta: dict, tok):
-  """The state to start from, laid out as `abstract` (shapes and shardings), in this order of
-  precedence:
-    1) the workdir's latest checkpoint: resume this run exactly (state, step, data order);
-    2) init.params_from: another run's parameters (backbone + matching heads), new
-       optimizer, step 0 (fine-tuning);
-    3) neither: a fresh init, to train from scratch.
-  Only one state is ever in memory: a resumed run reads into `abstract`, not over a fresh
-  init. `meta` is what this run stores beside each checkpoint; a resumed one must agree."""
-  def check(saved):  # checked before the state, whose shapes follow the tokenizer's
-    if saved.get("seed", meta["seed"]) != meta["seed"]:
-      raise errors.UserError(f"workdir {workdir} was trained with seed {saved['seed']}, not "
-                             f"{meta['seed']}; use the same seed to resume or a new workdir")
-    if saved.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
-      raise errors.UserError(
-          f"tokenizer {tok.path} is not the one the checkpoints in {ckpt.directory} were "
-          "trained with (its pieces differ); resume with that run's tokenizer, or train this "
-          "one in a new --workdir")
-
-  # The newest intact checkpoint; a damaged one after it is moved aside (checkpoint.restore).
-  restored = checkpoint.restore(ckpt, abstract, check=check)
-  if restored is not None:
-    state, _ = restored
-    metrics_lib.log(f"resumed from step {int(state.step)} in {ckpt.directory}")
-    return state
-  state, _ = steps.create_state(cfg, mesh, abstract)
-  if init is not None:
-    state = _warm_start(state, init)
-    metrics_lib.log(f"parameters from {init}")
-  return state
 
 
 def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict:
@@ -212,7 +42,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   # 1. The config, with a warm start's architecture and tokenizer, checked against the mesh
   #    before anything is written.
   checkpoint.ignore_sigxfsz()  # a file over `ulimit -f` is a refused write, reported as one
-  cfg, init = _resolve_start(cfg)
+  cfg, init = start.resolve(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   validation.validate(cfg, batch_shards=sharding.batch_shards(mesh),
                       process_count=jax.process_count())
@@ -224,7 +54,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
   lock = distributed.process_0_first(
       lambda: workdir_lock.acquire(workdir) if jax.process_index() == 0 else None,
       "lock the workdir")
-  fresh = _FreshRun(workdir) if lock is not None else None  # listed once the lock is held
+  fresh = start.FreshRun(workdir) if lock is not None else None  # listed once the lock is held
   try:
     return _train(cfg, workdir, until_step, init, mesh, best_key)
   except BaseException:
@@ -241,7 +71,7 @@ def train_and_evaluate(cfg, workdir: str, until_step: int | None = None) -> dict
 
 def _train(cfg, workdir: str, until_step, init, mesh, best_key) -> dict:
   """train_and_evaluate's run, once this run owns the workdir."""
-  _check_same_run(cfg, workdir)
+  start.check_same_run(cfg, workdir)
   files.at(workdir).mkdir(parents=True, exist_ok=True)
   metrics_lib.log_all(
       f"{jax.local_device_count()} local / {jax.device_count()} global devices "
@@ -256,7 +86,7 @@ def _train(cfg, workdir: str, until_step, init, mesh, best_key) -> dict:
   with preemption.stop_at_once(
       "during data preparation", "before any training step, so nothing was trained or saved; run "
       "the same command to start again (data finished preparing is reused)"):
-    _check_own_tokenizer(cfg, workdir)
+    start.check_own_tokenizer(cfg, workdir)
     data = datasets.load(cfg, workdir)
     cfg = config_lib.resolved(cfg, data.changes)
     train_batches, eval_batches = datasets.batches(cfg, data, mesh)
@@ -271,10 +101,10 @@ def _train(cfg, workdir: str, until_step, init, mesh, best_key) -> dict:
                     f"{'+'.join(heads.heads_for(cfg))}; {total:,} parameters, {trainable:,} "
                     "trainable")
 
-    # 4. Restore (see _restore for the order of precedence).
+    # 4. Restore (see start.restore for the order of precedence).
     ckpt = checkpoint.manager(workdir, cfg.checkpoint)
     meta = {"seed": cfg.seed, "tokenizer": hashlib.sha256(data.tokenizer.fingerprint).hexdigest()}
-    state = _restore(ckpt, abstract, init, cfg, mesh, workdir, meta, data.tokenizer)
+    state = start.restore(ckpt, abstract, init, cfg, mesh, workdir, meta, data.tokenizer)
 
     # 5. Loop.
     best = evaluate_lib.Best(workdir, *best_key) if best_key else None
@@ -295,18 +125,18 @@ def _train_loop(cfg, workdir, until_step, state, step_fn, train_batches, evaluat
                 best, mesh):
   """Phase 5: the loop from the restored step, with the run's outputs opened and closed around
   it; (state, last metrics). A stop request ends it early, saved, as errors.Stopped."""
-  start = int(state.step)
+  first = int(state.step)
   end = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
-  settings = _Settings(cfg, workdir, start)  # once the workdir's checkpoints fit it
-  writer = metrics_lib.Writer(workdir, start)
+  settings = start.Settings(cfg, workdir, first)  # once the workdir's checkpoints fit it
+  writer = metrics_lib.Writer(workdir, first)
   # SIGTERM or Ctrl-C from here on saves the step in flight and stops (preemption.py).
   with preemption.Watch() as watch:
     try:
       # A background save that failed stops the run at the next step (one process: with
       # several, each learns of it at its next save, at the same step as the others).
-      state, last = _loop(cfg, state, step_fn, train_batches(start, end), evaluate,
+      state, last = _loop(cfg, state, step_fn, train_batches(first, end), evaluate,
                           lambda step, st: settings.saved(checkpoint.save(ckpt, step, st, meta)),
-                          writer, mesh, start, end, watch.requested,
+                          writer, mesh, first, end, watch.requested,
                           check_saves=(lambda: checkpoint.check(ckpt))
                           if jax.process_count() == 1 else None)
     finally:  # a run that stops early still commits the checkpoints it started

@@ -21,6 +21,7 @@ from lmssl import heads
 from lmssl import inference
 from lmssl import sample
 from lmssl import sharding
+from lmssl import start
 from lmssl import steps
 from lmssl import train
 from lmssl.data import derive
@@ -77,13 +78,13 @@ def test_warm_start_on_another_mesh_restores_backbone_and_inits_heads(pretrained
   cfg.init.params_from = pretrained
   cfg.task.labels = "original,shuffled"
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
-  cfg, init = train._resolve_start(cfg)  # adopts the source's architecture and tokenizer
+  cfg, init = start.resolve(cfg)  # adopts the source's architecture and tokenizer
   assert cfg.model.d_model == 64 and cfg.data.tokenizer.endswith("wiki.model")
   mesh = sharding.make_mesh(cfg.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     fresh, _ = steps.create_state(cfg, mesh)
     fresh_heads = _leaves(fresh.params, "task_head")
-    state = train._warm_start(fresh, init)
+    state = start.warm_start(fresh, init)
   want, got = _leaves(source), _leaves(state.params)
   assert got.keys() == want.keys() and len(got) > 10
   for key in want:

@@ -21,6 +21,7 @@ from lmssl import config as config_lib
 from lmssl import errors
 from lmssl import inference
 from lmssl import sample
+from lmssl import start
 from lmssl import train
 from lmssl.hf import convert
 from lmssl.hf import folder
@@ -175,7 +176,7 @@ def test_hf_warm_start_resolves_the_config_reading_no_tensor(hf_dirs, tmp_path, 
   monkeypatch.setattr(folder, "_read_shard", refuse)
   cfg = load_config("cls_finetune", "smoke")
   cfg.init.params_from = f"hf:{hf_dirs[name]}"
-  resolved, source = train._resolve_start(cfg)
+  resolved, source = start.resolve(cfg)
   assert source == cfg.init.params_from and cfg.model.d_model != 64
   assert (resolved.objective, resolved.model.d_model, resolved.data.tokenizer) == (
       objective, 64, hf_dirs[name])

@@ -29,8 +29,9 @@ LAYERS = [
     # HuggingFace folders read and written; their weights mapped in and out.
     {"hf/folder"},
     {"hf/weights"},
-    # A run's pieces: its data on a mesh, its trained parameters read back.
-    {"datasets", "inference"},
+    # A run's pieces: its data on a mesh, where it starts from, its trained parameters read
+    # back.
+    {"datasets", "inference", "start"},
     {"evaluate", "hf/convert", "bench/parts", "bench/corpus"},
     {"train", "convert", "bench/step", "bench/data", "bench/parity"},
     # Entry points.

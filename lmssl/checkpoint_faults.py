@@ -96,7 +96,10 @@ def remove_after_late_writes(path: str, quiet_s: float = 1.0, limit_s: float = 1
   failed save's late writes put back. TensorStore's writes are not cancelled with the save
   (Orbax reports the first that failed while the others are still in flight), and each one
   that lands makes its directories anew. Done once `path` stayed absent for `quiet_s`, or
-  after `limit_s`."""
+  after `limit_s`; at once when `path` is missing or empty (no save began: none in flight)."""
+  if not files.at(path).exists() or not any(files.at(path).iterdir()):
+    files.remove(path)
+    return
   deadline, gone_since = time.monotonic() + limit_s, time.monotonic()
   while time.monotonic() < deadline:
     if files.at(path).exists():

@@ -165,3 +165,40 @@ def test_targets_judge_every_size_and_the_ends():
       "time to first step, largest corpus <= 1.5x smallest": ("not met", "0.1 GB: 20.0 s, "
                                                                "3 GB: 31.0 s"),
   }
+
+
+def test_the_sampled_process_tree_is_the_spawned_one_and_never_a_reused_pid():
+  """The benchmark's memory of a command sums /proc over it and its descendants. A pid read
+  from a children list counts only while it is that parent's process: the pid of a child
+  that exited may already be another process's, or a thread's (threads share the numbers)."""
+  import subprocess
+  import threading
+  import time
+  import signal
+  shell = subprocess.Popen(["bash", "-c", "sleep 30 & sleep 30 & wait"], start_new_session=True)
+  try:
+    for _ in range(100):  # until both sleeps are there
+      tree = process.tree_status(shell.pid, os.getpid())
+      if len(tree) == 3:
+        break
+      time.sleep(0.05)
+    assert sorted(s["Name"].strip() for s in tree) == ["bash", "sleep", "sleep"]
+    assert all(int(s["VmRSS"].split()[0]) > 0 for s in tree)
+    # The same pid as another parent's child is not this tree (a pid reused elsewhere).
+    assert process.tree_status(shell.pid, 1) == []
+  finally:
+    os.killpg(shell.pid, signal.SIGKILL)
+    shell.wait()
+  # A thread's id names a /proc entry with its process's memory, but it is no child process.
+  seen, release = threading.Event(), threading.Event()
+  tid = []
+  worker = threading.Thread(target=lambda: (tid.append(threading.get_native_id()), seen.set(),
+                                            release.wait()))
+  worker.start()
+  seen.wait()
+  try:
+    assert process.tree_status(os.getpid(), os.getppid()) != []
+    assert process.tree_status(tid[0], os.getppid()) == []
+  finally:
+    release.set()
+    worker.join()

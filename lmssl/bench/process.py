@@ -33,22 +33,28 @@ class _Sampler(threading.Thread):
 
   def run(self) -> None:
     while not self.done.wait(self.every):
-      rss = anon = 0
-      for pid in _tree(self.pid):
-        status = dict(line.split(":", 1) for line in read(f"/proc/{pid}/status").splitlines()
-                      if ":" in line)
-        rss += _kib(status.get("VmRSS"))
-        anon += _kib(status.get("RssAnon"))
+      tree = tree_status(self.pid, os.getpid())
+      rss = sum(_kib(status.get("VmRSS")) for status in tree)
+      anon = sum(_kib(status.get("RssAnon")) for status in tree)
       self.rss, self.anon = max(self.rss, rss), max(self.anon, anon)
 
 
-def _tree(pid: int) -> list[int]:
-  """`pid` and its descendants, from /proc's per-thread lists of children."""
-  out, todo = [], [pid]
+def tree_status(pid: int, parent: int) -> list[dict]:
+  """The /proc status fields of `pid`, a child of `parent`, and of its descendants. A listed
+  process counts only while it is still that child (its Tgid is its pid, its PPid the parent):
+  once it exits and is reaped, its pid may be reused at once by any process or thread on the
+  machine (pid_max is 32,768 on this VM, and threads draw from the same numbers), whose memory
+  is not the tree's."""
+  out, todo = [], [(pid, parent)]
   while todo:
-    out.append(todo.pop())
-    for task in pathlib.Path(f"/proc/{out[-1]}/task").glob("*"):
-      todo.extend(int(c) for c in read(str(task / "children")).split())
+    pid, parent = todo.pop()
+    status = dict(line.split(":", 1) for line in read(f"/proc/{pid}/status").splitlines()
+                  if ":" in line)
+    if status.get("Tgid", "").strip() != str(pid) or status.get("PPid", "").strip() != str(parent):
+      continue
+    out.append(status)
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+      todo.extend((int(c), pid) for c in read(str(task / "children")).split())
   return out
 
 

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import pathlib
+import sys
 
 import pytest
 
@@ -177,9 +178,9 @@ def test_the_sampled_process_tree_is_the_spawned_one_and_never_a_reused_pid():
   import signal
   shell = subprocess.Popen(["bash", "-c", "sleep 30 & sleep 30 & wait"], start_new_session=True)
   try:
-    for _ in range(100):  # until both sleeps are there
+    for _ in range(200):  # until both sleeps are there (forked, then exec'd)
       tree = process.tree_status(shell.pid, os.getpid())
-      if len(tree) == 3:
+      if sorted(s["Name"].strip() for s in tree) == ["bash", "sleep", "sleep"]:
         break
       time.sleep(0.05)
     assert sorted(s["Name"].strip() for s in tree) == ["bash", "sleep", "sleep"]
@@ -202,3 +203,17 @@ def test_the_sampled_process_tree_is_the_spawned_one_and_never_a_reused_pid():
   finally:
     release.set()
     worker.join()
+
+
+def test_a_commands_peak_memory_is_its_own_not_that_of_the_process_that_started_it(tmp_path):
+  """Linux keeps a process's RSS high-water mark across exec, so a command forked straight from
+  a large process would report that process's RSS as its own peak."""
+  import numpy as np
+  ballast = np.ones(2 ** 30 // 8)  # 1 GiB, touched: this process is large
+  done = process.spawn([sys.executable, "-c", "import numpy; print(numpy.ones(10 ** 7).sum())"],
+                       tmp_path / "log", dict(os.environ))
+  assert done.lines[-1][1] == "10000000.0"
+  # Python and numpy plus the 80 MB array: well under the GiB of the process that spawned it.
+  assert 80e6 < done.peak_rss_bytes < 400e6 and ballast[-1] == 1
+  with pytest.raises(RuntimeError, match="exited with 3"):
+    process.spawn([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log", {})

@@ -4,11 +4,31 @@ the peak of the RSS and of the anonymous memory summed over it and its descendan
 """
 
 import dataclasses
+import json
 import os
 import pathlib
 import subprocess
+import sys
 import threading
 import time
+
+# A child's ru_maxrss counts the RSS of the process it was forked from, as it was at the fork:
+# Linux keeps the high-water mark across exec. Forked from the benchmark (which holds JAX) or a
+# test worker (gigabytes), a command would report that as its own peak. So a small launcher
+# forks it instead, waits for it, and writes its wait status and rusage to a pipe (argv[1]).
+_LAUNCHER = """
+import json, os, sys
+fd = int(sys.argv[1])
+pid = os.fork()
+if pid == 0:
+  os.close(fd)
+  try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+  finally:
+    os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+os.write(fd, json.dumps([status, usage.ru_maxrss, usage.ru_utime + usage.ru_stime]).encode())
+"""
 
 
 @dataclasses.dataclass
@@ -33,7 +53,7 @@ class _Sampler(threading.Thread):
 
   def run(self) -> None:
     while not self.done.wait(self.every):
-      tree = tree_status(self.pid, os.getpid())
+      tree = tree_status(self.pid, os.getpid())[1:]  # the launcher's descendants
       rss = sum(_kib(status.get("VmRSS")) for status in tree)
       anon = sum(_kib(status.get("RssAnon")) for status in tree)
       self.rss, self.anon = max(self.rss, rss), max(self.anon, anon)
@@ -66,8 +86,11 @@ def spawn(argv: list[str], log: pathlib.Path, env: dict) -> Spawned:
   """Runs `argv` with `env` to its end, its output timed line by line into `log` (stdout and
   stderr merged); fails with the log's tail if it fails."""
   start, lines = time.perf_counter(), []
-  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                          text=True, errors="replace")
+  read_fd, write_fd = os.pipe()
+  proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(write_fd), *argv],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                          errors="replace", pass_fds=(write_fd,))
+  os.close(write_fd)
   sampler = _Sampler(proc.pid)
   sampler.start()
   with open(log, "w", encoding="utf-8") as f:
@@ -75,18 +98,19 @@ def spawn(argv: list[str], log: pathlib.Path, env: dict) -> Spawned:
     for line in proc.stdout:
       lines.append((time.perf_counter() - start, line.rstrip("\n")))
       f.write(f"[{lines[-1][0]:9.2f}s] {line}")
-  _, status, usage = os.wait4(proc.pid, 0)
+  proc.wait()
   sampler.done.set()
   sampler.join()
-  proc.returncode = os.waitstatus_to_exitcode(status)
+  with os.fdopen(read_fd, encoding="utf-8") as f:
+    status, maxrss_kib, cpu_s = json.loads(f.read() or "[32512, 0, 0]")  # 32512: exit 127
+  returncode = os.waitstatus_to_exitcode(status)
   seconds = time.perf_counter() - start
-  if proc.returncode:
+  if returncode:
     tail = "\n".join(line for _, line in lines[-15:])
-    raise RuntimeError(f"{' '.join(argv[:3])} exited with {proc.returncode}; the log is "
+    raise RuntimeError(f"{' '.join(argv[:3])} exited with {returncode}; the log is "
                        f"{log}:\n{tail}")
   # Linux counts ru_maxrss in KiB.
-  return Spawned(seconds, lines, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime,
-                 sampler.rss, sampler.anon)
+  return Spawned(seconds, lines, maxrss_kib * 1024, cpu_s, sampler.rss, sampler.anon)
 
 
 def read(path: str) -> str:

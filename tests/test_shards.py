@@ -187,6 +187,22 @@ def test_a_bad_file_stops_prepare_in_one_line_and_leaves_nothing_half_written(
   assert not list(cache.glob("prepared/*/meta.json"))  # and no manifest
 
 
+def test_a_stopped_writes_temporary_files_are_all_discarded(tmp_path):
+  """A worker stopped mid-shard leaves its splits' `*.tmp-*` files, or, stopped while writing
+  shard.json, `.shard.json.tmp-PID` (files.write_atomically): both go; finished files stay."""
+  directory = tmp_path / "shard"
+  directory.mkdir()
+  for name in ("train.tokens.tmp-0a1b", "train.ends.tmp-0a1b", ".shard.json.tmp-4242"):
+    (directory / name).write_bytes(b"partial")
+  (directory / "validation.tokens").write_bytes(b"done")
+  shards.discard_unfinished(str(directory))
+  assert sorted(p.name for p in directory.iterdir()) == ["validation.tokens"]
+  (directory / "validation.tokens").unlink()
+  (directory / ".shard.json.tmp-4242").write_bytes(b"partial")
+  shards.discard_unfinished(str(directory))  # nothing else in it: the directory goes too
+  assert not directory.exists()
+
+
 def test_tokenizer_sample_is_seeded_and_drawn_from_every_shard(tmp_path, paragraphs):
   cfg = data_cfg(corpus(tmp_path, paragraphs), tmp_path / "cache")
   inputs = sources.list_shards(cfg.source, cfg)

@@ -176,7 +176,9 @@ def discard_unfinished(directory: str) -> None:
   path = files.at(directory)
   if not path.exists():
     return
-  for stale in path.glob("*.tmp-*"):
+  # The splits' files are `SPLIT.NAME.tmp-*`; shard.json's (files.write_atomically) is
+  # `.shard.json.tmp-*`, which a `*` glob does not match.
+  for stale in [*path.glob("*.tmp-*"), *path.glob(".*.tmp-*")]:
     stale.unlink(missing_ok=True)
   if not any(path.iterdir()):
     path.rmdir()

@@ -42,8 +42,8 @@ PACKAGES = {"hf", "bench"}  # their files are units, and their __init__ imports 
 # Packages of the optional `hf` extra: imported only under lmssl/hf/, inside functions, so
 # lmssl imports and trains without them.
 EXTRA = {"torch", "transformers", "safetensors", "tokenizers"}
-# The benchmark's PyTorch peers exist for the extra: it imports it at the top, and is itself
-# imported only inside functions.
+# The benchmark's PyTorch peers exist for the extra: they may import it at the top (hf_peer
+# does; hf_train imports it in its functions), and are themselves imported only inside functions.
 EXTRA_FILES = {"bench/hf_peer", "bench/hf_train"}
 # Prepare's Apache Beam runner, the one module of the optional `beam` extra.
 BEAM_FILE = "data/beam_prepare.py"
